@@ -1,0 +1,318 @@
+//! The system generation state machine: a counter, the watchers, and the
+//! barrier question "is everyone caught up?". Nothing else.
+//!
+//! This crate is the seed driver's ~300 lines of state (`sysgenid.c`) turned
+//! into a pure value: no I/O, no clocks, no threads, no `unsafe`. Every
+//! frontend of the daemon (the socket, the `/dev/sysgenid` device) owns no
+//! generation logic of its own; it translates requests into calls on
+//! [`Core`] and turns the answers into replies and wake-ups. That is what
+//! makes the semantics testable exhaustively (see the property test at the
+//! bottom of this file) and identical on every interface.
+//!
+//! # The rules, as in the seed
+//! * The generation is a `u32`. It only ever increases.
+//! * A watcher is *outdated* while the generation it acknowledged differs
+//!   from the current one (the seed's `!equals_gen_counter(acked)`).
+//! * A bump moves to `max(min_generation, current + 1)`; every watcher
+//!   registered at that moment becomes outdated. A bump past `u32::MAX` is
+//!   refused and changes nothing.
+//! * An ack must name the current generation, else it is refused and changes
+//!   nothing.
+//! * The barrier is satisfied when no *tracked* watcher is outdated; it is
+//!   interrupted when the caller's own watcher is outdated.
+//!
+//! Bumps are two-phase ([`Core::next_generation`], then
+//! [`Core::commit_generation`]) so the daemon can make the new value durable
+//! between the two steps: a generation is never shown to anyone before it
+//! would survive a crash.
+
+use slab::Slab;
+
+/// The system generation counter, `u32` on every interface.
+pub type Generation = u32;
+
+/// Names one registered watcher. Valid until [`Core::unregister`]; the
+/// number may be reused afterwards, like a file descriptor.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct WatcherId(usize);
+
+impl WatcherId {
+    /// The raw index, for logs and for frontends that key tables by it.
+    pub fn index(self) -> usize {
+        self.0
+    }
+}
+
+/// Whether a watcher counts for the barrier.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Tracking {
+    /// Counted by [`Core::barrier`] (the seed's only kind, and the default).
+    Tracked,
+    /// Never holds a barrier up: for lazy adjusters that check the
+    /// generation when they next need it.
+    Untracked,
+}
+
+/// Why a request was refused. Refusals never change the state.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum CoreError {
+    /// The acknowledged value is not the current generation (seed: `EINVAL`).
+    #[error("generation {acked} is not the current generation {current}")]
+    WrongGeneration {
+        /// The value the watcher tried to acknowledge.
+        acked: Generation,
+        /// The generation it should have acknowledged.
+        current: Generation,
+    },
+    /// The bump would pass `u32::MAX` (`EOVERFLOW`).
+    #[error("generation {current} cannot be bumped: it would pass u32::MAX")]
+    Overflow {
+        /// The generation that stays in force.
+        current: Generation,
+    },
+    /// A commit that does not move the generation forward.
+    #[error("generation {proposed} is not greater than the current generation {current}")]
+    NotIncreasing {
+        /// The value proposed.
+        proposed: Generation,
+        /// The generation that stays in force.
+        current: Generation,
+    },
+    /// The watcher id is not registered (a frontend bug, never a user error).
+    #[error("unknown watcher {0}")]
+    UnknownWatcher(usize),
+}
+
+/// What the barrier (the seed's `SYSGENID_WAIT_WATCHERS`) would answer now.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Barrier {
+    /// No tracked watcher is outdated: return success.
+    Satisfied,
+    /// The caller's own watcher is outdated: it must handle the new
+    /// generation and retry (seed: `EINTR`).
+    Interrupted {
+        /// The generation the caller has to handle.
+        generation: Generation,
+    },
+    /// Still waiting on this many tracked outdated watchers.
+    Pending {
+        /// Tracked watchers that have not acknowledged the current generation.
+        outdated: u32,
+    },
+}
+
+/// Counts at one instant. Advisory: stale as soon as it is read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Counts {
+    /// The current generation.
+    pub generation: Generation,
+    /// All registered watchers.
+    pub watchers: u32,
+    /// Watchers that count for the barrier.
+    pub tracked: u32,
+    /// Tracked watchers that have not acknowledged the current generation.
+    pub outdated: u32,
+    /// Untracked watchers that have not acknowledged the current generation.
+    pub outdated_untracked: u32,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Watcher {
+    acked: Generation,
+    tracking: Tracking,
+}
+
+/// The generation counter and its watchers. See the crate docs for the rules.
+#[derive(Debug, Default)]
+pub struct Core {
+    generation: Generation,
+    watchers: Slab<Watcher>,
+    tracked: u32,
+    outdated_tracked: u32,
+    outdated_untracked: u32,
+}
+
+impl Core {
+    /// A core at `generation` (0 on a fresh system, the saved value after a
+    /// restart) with no watchers.
+    pub fn new(generation: Generation) -> Core {
+        Core {
+            generation,
+            ..Core::default()
+        }
+    }
+
+    /// The current generation.
+    pub fn generation(&self) -> Generation {
+        self.generation
+    }
+
+    /// Registers a watcher. It is up to date with the current generation,
+    /// unless `acked` names the generation it acknowledged before (a client
+    /// reconnecting after a daemon restart): if that differs from the
+    /// current one, the watcher starts outdated, so a change it missed while
+    /// away is still delivered.
+    pub fn register(&mut self, tracking: Tracking, acked: Option<Generation>) -> WatcherId {
+        let acked = acked.unwrap_or(self.generation);
+        let watcher = Watcher { acked, tracking };
+        if tracking == Tracking::Tracked {
+            self.tracked += 1;
+        }
+        if acked != self.generation {
+            *self.outdated_counter(tracking) += 1;
+        }
+        WatcherId(self.watchers.insert(watcher))
+    }
+
+    /// Removes a watcher. If it was outdated it no longer counts, which may
+    /// satisfy the barrier. Returns the tracking it had.
+    pub fn unregister(&mut self, id: WatcherId) -> Result<Tracking, CoreError> {
+        let watcher = self
+            .watchers
+            .try_remove(id.0)
+            .ok_or(CoreError::UnknownWatcher(id.0))?;
+        if watcher.tracking == Tracking::Tracked {
+            self.tracked -= 1;
+        }
+        if watcher.acked != self.generation {
+            *self.outdated_counter(watcher.tracking) -= 1;
+        }
+        Ok(watcher.tracking)
+    }
+
+    /// The seed's `read()` test: `Some(current)` while the watcher has not
+    /// acknowledged the current generation (and on every call until it
+    /// does), `None` when there is nothing new (block, or `EAGAIN`).
+    pub fn poll_read(&self, id: WatcherId) -> Result<Option<Generation>, CoreError> {
+        let watcher = self.watcher(id)?;
+        Ok((watcher.acked != self.generation).then_some(self.generation))
+    }
+
+    /// Whether the watcher is outdated (its descriptor should be readable).
+    pub fn is_outdated(&self, id: WatcherId) -> Result<bool, CoreError> {
+        Ok(self.poll_read(id)?.is_some())
+    }
+
+    /// The seed's `write()`: acknowledges `generation`, which must be the
+    /// current one. Acknowledging again when already up to date succeeds and
+    /// changes nothing. Returns whether the watcher went from outdated to up
+    /// to date (the barrier may now be satisfied).
+    pub fn ack(&mut self, id: WatcherId, generation: Generation) -> Result<bool, CoreError> {
+        let current = self.generation;
+        let watcher = self
+            .watchers
+            .get_mut(id.0)
+            .ok_or(CoreError::UnknownWatcher(id.0))?;
+        if generation != current {
+            return Err(CoreError::WrongGeneration {
+                acked: generation,
+                current,
+            });
+        }
+        if watcher.acked == current {
+            return Ok(false);
+        }
+        watcher.acked = current;
+        let tracking = watcher.tracking;
+        *self.outdated_counter(tracking) -= 1;
+        Ok(true)
+    }
+
+    /// First half of a bump: the generation a bump with `min_generation`
+    /// would move to, `max(min_generation, current + 1)`, or
+    /// [`CoreError::Overflow`]. Changes nothing.
+    pub fn next_generation(&self, min_generation: Generation) -> Result<Generation, CoreError> {
+        let next = self.generation.checked_add(1).ok_or(CoreError::Overflow {
+            current: self.generation,
+        })?;
+        Ok(next.max(min_generation))
+    }
+
+    /// Second half of a bump: moves to `generation` (which must be greater
+    /// than the current one) and marks every registered watcher outdated.
+    pub fn commit_generation(&mut self, generation: Generation) -> Result<(), CoreError> {
+        if generation <= self.generation {
+            return Err(CoreError::NotIncreasing {
+                proposed: generation,
+                current: self.generation,
+            });
+        }
+        self.generation = generation;
+        // A watcher can never have acknowledged a generation that did not
+        // exist yet, so after moving forward every watcher is outdated.
+        // Reconnected watchers may claim any past value; those claims are
+        // all below the new generation as well.
+        self.recount();
+        Ok(())
+    }
+
+    /// Bumps in one step (tests and callers that need no durability step).
+    pub fn bump(&mut self, min_generation: Generation) -> Result<Generation, CoreError> {
+        let next = self.next_generation(min_generation)?;
+        self.commit_generation(next)?;
+        Ok(next)
+    }
+
+    /// The barrier, for a caller with (`Some`) or without its own watcher:
+    /// interrupted if the caller is outdated, satisfied if no tracked
+    /// watcher is outdated, pending otherwise. Waiting frontends ask again
+    /// after every ack, unregister and bump.
+    pub fn barrier(&self, caller: Option<WatcherId>) -> Result<Barrier, CoreError> {
+        if let Some(id) = caller {
+            if self.is_outdated(id)? {
+                return Ok(Barrier::Interrupted {
+                    generation: self.generation,
+                });
+            }
+        }
+        Ok(match self.outdated_tracked {
+            0 => Barrier::Satisfied,
+            outdated => Barrier::Pending { outdated },
+        })
+    }
+
+    /// The counts at this instant.
+    pub fn counts(&self) -> Counts {
+        Counts {
+            generation: self.generation,
+            watchers: self.watchers.len() as u32,
+            tracked: self.tracked,
+            outdated: self.outdated_tracked,
+            outdated_untracked: self.outdated_untracked,
+        }
+    }
+
+    /// The tracking of a registered watcher.
+    pub fn tracking(&self, id: WatcherId) -> Result<Tracking, CoreError> {
+        Ok(self.watcher(id)?.tracking)
+    }
+
+    fn watcher(&self, id: WatcherId) -> Result<&Watcher, CoreError> {
+        self.watchers
+            .get(id.0)
+            .ok_or(CoreError::UnknownWatcher(id.0))
+    }
+
+    fn outdated_counter(&mut self, tracking: Tracking) -> &mut u32 {
+        match tracking {
+            Tracking::Tracked => &mut self.outdated_tracked,
+            Tracking::Untracked => &mut self.outdated_untracked,
+        }
+    }
+
+    fn recount(&mut self) {
+        let (tracked, untracked) = self
+            .watchers
+            .iter()
+            .filter(|(_, w)| w.acked != self.generation)
+            .fold((0, 0), |(t, u), (_, w)| match w.tracking {
+                Tracking::Tracked => (t + 1, u),
+                Tracking::Untracked => (t, u + 1),
+            });
+        self.outdated_tracked = tracked;
+        self.outdated_untracked = untracked;
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,271 @@
+//! The core's promises, one test each, then a property test against a
+//! deliberately naive reference model.
+
+use super::*;
+use proptest::prelude::*;
+
+#[test]
+fn fresh_core_starts_at_given_generation_with_nobody() {
+    let core = Core::new(0);
+    assert_eq!(core.generation(), 0);
+    assert_eq!(core.counts(), Counts::default());
+}
+
+#[test]
+fn new_watcher_is_up_to_date() {
+    let mut core = Core::new(7);
+    let w = core.register(Tracking::Tracked, None);
+    assert_eq!(core.poll_read(w), Ok(None));
+    assert_eq!(core.counts().outdated, 0);
+}
+
+#[test]
+fn read_returns_new_generation_until_acked() {
+    let mut core = Core::new(0);
+    let w = core.register(Tracking::Tracked, None);
+    assert_eq!(core.bump(0), Ok(1));
+    assert_eq!(core.poll_read(w), Ok(Some(1)));
+    assert_eq!(core.poll_read(w), Ok(Some(1)), "repeats until acked");
+    assert_eq!(core.ack(w, 1), Ok(true));
+    assert_eq!(core.poll_read(w), Ok(None));
+    assert_eq!(core.ack(w, 1), Ok(false), "second ack is a no-op");
+}
+
+#[test]
+fn wrong_ack_is_refused_and_changes_nothing() {
+    let mut core = Core::new(0);
+    let w = core.register(Tracking::Tracked, None);
+    core.bump(0).unwrap();
+    let before = core.counts();
+    assert_eq!(
+        core.ack(w, 0),
+        Err(CoreError::WrongGeneration {
+            acked: 0,
+            current: 1
+        })
+    );
+    assert_eq!(
+        core.ack(w, 2).unwrap_err(),
+        CoreError::WrongGeneration {
+            acked: 2,
+            current: 1
+        }
+    );
+    assert_eq!(core.counts(), before);
+    assert_eq!(core.poll_read(w), Ok(Some(1)));
+}
+
+#[test]
+fn bump_honours_minimum_and_outdates_everyone() {
+    let mut core = Core::new(5);
+    let a = core.register(Tracking::Tracked, None);
+    let b = core.register(Tracking::Untracked, None);
+    assert_eq!(core.bump(8), Ok(8), "seed example: 5 with min 8 -> 8");
+    assert_eq!(core.bump(3), Ok(9), "a minimum below current+1 is ignored");
+    assert_eq!(core.poll_read(a), Ok(Some(9)));
+    assert_eq!(core.poll_read(b), Ok(Some(9)));
+    let c = core.counts();
+    assert_eq!((c.outdated, c.outdated_untracked), (1, 1));
+}
+
+#[test]
+fn bump_past_u32_max_is_refused_and_changes_nothing() {
+    let mut core = Core::new(u32::MAX - 1);
+    let w = core.register(Tracking::Tracked, None);
+    assert_eq!(core.bump(0), Ok(u32::MAX));
+    core.ack(w, u32::MAX).unwrap();
+    assert_eq!(core.bump(0), Err(CoreError::Overflow { current: u32::MAX }));
+    assert_eq!(core.generation(), u32::MAX);
+    assert_eq!(core.poll_read(w), Ok(None));
+    let mut core = Core::new(3);
+    assert_eq!(
+        core.bump(u32::MAX),
+        Ok(u32::MAX),
+        "min may reach MAX exactly"
+    );
+}
+
+#[test]
+fn commit_must_increase() {
+    let mut core = Core::new(4);
+    assert_eq!(
+        core.commit_generation(4),
+        Err(CoreError::NotIncreasing {
+            proposed: 4,
+            current: 4
+        })
+    );
+    assert_eq!(core.generation(), 4);
+}
+
+#[test]
+fn barrier_waits_for_tracked_only() {
+    let mut core = Core::new(0);
+    let t = core.register(Tracking::Tracked, None);
+    let u = core.register(Tracking::Untracked, None);
+    let me = core.register(Tracking::Tracked, None);
+    assert_eq!(core.barrier(Some(me)), Ok(Barrier::Satisfied));
+    core.bump(0).unwrap();
+    assert_eq!(
+        core.barrier(Some(me)),
+        Ok(Barrier::Interrupted { generation: 1 }),
+        "caller outdated: handle it first"
+    );
+    core.ack(me, 1).unwrap();
+    assert_eq!(core.barrier(Some(me)), Ok(Barrier::Pending { outdated: 1 }));
+    core.ack(t, 1).unwrap();
+    assert_eq!(
+        core.barrier(Some(me)),
+        Ok(Barrier::Satisfied),
+        "the untracked watcher {u:?} does not hold it up"
+    );
+    assert_eq!(core.barrier(None), Ok(Barrier::Satisfied));
+}
+
+#[test]
+fn closing_an_outdated_watcher_releases_the_barrier() {
+    let mut core = Core::new(0);
+    let w = core.register(Tracking::Tracked, None);
+    core.bump(0).unwrap();
+    assert_eq!(core.barrier(None), Ok(Barrier::Pending { outdated: 1 }));
+    assert_eq!(core.unregister(w), Ok(Tracking::Tracked));
+    assert_eq!(core.barrier(None), Ok(Barrier::Satisfied));
+    assert_eq!(core.counts().watchers, 0);
+    assert_eq!(
+        core.unregister(w),
+        Err(CoreError::UnknownWatcher(w.index()))
+    );
+}
+
+#[test]
+fn reconnecting_watcher_with_old_ack_starts_outdated() {
+    let mut core = Core::new(3);
+    let stale = core.register(Tracking::Tracked, Some(2));
+    let fresh = core.register(Tracking::Tracked, Some(3));
+    assert_eq!(core.poll_read(stale), Ok(Some(3)));
+    assert_eq!(core.poll_read(fresh), Ok(None));
+    assert_eq!(core.counts().outdated, 1);
+}
+
+#[test]
+fn unknown_watcher_is_an_error_not_a_panic() {
+    let core = Core::new(0);
+    let mut other = Core::new(0);
+    let w = other.register(Tracking::Tracked, None);
+    assert_eq!(core.poll_read(w), Err(CoreError::UnknownWatcher(w.index())));
+    assert!(core.barrier(Some(w)).is_err());
+}
+
+// ---------------------------------------------------------------------
+// Property test: random operation sequences against a reference model.
+
+#[derive(Debug, Clone)]
+enum Op {
+    Register { tracked: bool, acked: Option<u32> },
+    Read(usize),
+    Ack(usize, Option<u32>),
+    Close(usize),
+    Bump(u32),
+    Barrier(Option<usize>),
+}
+
+fn op() -> impl Strategy<Value = Op> {
+    prop_oneof![
+        (any::<bool>(), proptest::option::weighted(0.2, 0u32..12))
+            .prop_map(|(tracked, acked)| Op::Register { tracked, acked }),
+        (0usize..8).prop_map(Op::Read),
+        (0usize..8, proptest::option::weighted(0.3, 0u32..12)).prop_map(|(i, g)| Op::Ack(i, g)),
+        (0usize..8).prop_map(Op::Close),
+        prop_oneof![Just(0u32), 0u32..15, Just(u32::MAX - 1), Just(u32::MAX)].prop_map(Op::Bump),
+        proptest::option::of(0usize..8).prop_map(Op::Barrier),
+    ]
+}
+
+/// The reference: a list of (acked, tracked) with everything recomputed by
+/// brute force on each question.
+#[derive(Default)]
+struct Model {
+    generation: u64,
+    watchers: Vec<(u32, bool)>,
+}
+
+impl Model {
+    fn outdated(&self, tracked: bool) -> u32 {
+        self.watchers
+            .iter()
+            .filter(|(a, t)| *t == tracked && u64::from(*a) != self.generation)
+            .count() as u32
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(512))]
+    #[test]
+    fn core_matches_reference_model(start in prop_oneof![Just(0u32), 0u32..5, Just(u32::MAX - 3)],
+                                    ops in proptest::collection::vec(op(), 1..80)) {
+        let mut core = Core::new(start);
+        let mut model = Model { generation: u64::from(start), ..Model::default() };
+        let mut ids: Vec<WatcherId> = Vec::new();
+        for op in ops {
+            match op {
+                Op::Register { tracked, acked } => {
+                    let tracking = if tracked { Tracking::Tracked } else { Tracking::Untracked };
+                    ids.push(core.register(tracking, acked));
+                    model.watchers.push((acked.unwrap_or(model.generation as u32), tracked));
+                }
+                Op::Read(i) if i < ids.len() => {
+                    let expect = (u64::from(model.watchers[i].0) != model.generation)
+                        .then_some(model.generation as u32);
+                    prop_assert_eq!(core.poll_read(ids[i]), Ok(expect));
+                }
+                Op::Ack(i, value) if i < ids.len() => {
+                    let value = value.unwrap_or(model.generation as u32);
+                    let result = core.ack(ids[i], value);
+                    if u64::from(value) == model.generation {
+                        let was_outdated = u64::from(model.watchers[i].0) != model.generation;
+                        prop_assert_eq!(result, Ok(was_outdated));
+                        model.watchers[i].0 = value;
+                    } else {
+                        prop_assert_eq!(result, Err(CoreError::WrongGeneration {
+                            acked: value, current: model.generation as u32 }));
+                    }
+                }
+                Op::Close(i) if i < ids.len() => {
+                    let id = ids.remove(i);
+                    let (_, tracked) = model.watchers.remove(i);
+                    let expect = if tracked { Tracking::Tracked } else { Tracking::Untracked };
+                    prop_assert_eq!(core.unregister(id), Ok(expect));
+                }
+                Op::Bump(min) => {
+                    let next = (model.generation + 1).max(u64::from(min));
+                    let result = core.bump(min);
+                    if next > u64::from(u32::MAX) {
+                        prop_assert_eq!(result, Err(CoreError::Overflow { current: model.generation as u32 }));
+                    } else {
+                        prop_assert_eq!(result, Ok(next as u32));
+                        model.generation = next;
+                    }
+                }
+                Op::Barrier(caller) => {
+                    let caller = caller.filter(|i| *i < ids.len());
+                    let expect = match caller {
+                        Some(i) if u64::from(model.watchers[i].0) != model.generation =>
+                            Barrier::Interrupted { generation: model.generation as u32 },
+                        _ => match model.outdated(true) {
+                            0 => Barrier::Satisfied,
+                            outdated => Barrier::Pending { outdated },
+                        },
+                    };
+                    prop_assert_eq!(core.barrier(caller.map(|i| ids[i])), Ok(expect));
+                }
+                _ => {}
+            }
+            let counts = core.counts();
+            prop_assert_eq!(u64::from(counts.generation), model.generation);
+            prop_assert_eq!(counts.watchers as usize, model.watchers.len());
+            prop_assert_eq!(counts.tracked as usize, model.watchers.iter().filter(|w| w.1).count());
+            prop_assert_eq!(counts.outdated, model.outdated(true));
+            prop_assert_eq!(counts.outdated_untracked, model.outdated(false));
+        }
+    }
+}

@@ -1,0 +1,387 @@
+//! The generation page: a 4096-byte file that the daemon updates in place
+//! and that anyone may map read-only to check the generation with no system
+//! call. This is the seed's `mmap()` interface, and bytes 0..4 are exactly
+//! what AWS-LC reads (`AWSLC_SYSGENID_PATH`): it stats the file, opens it
+//! `O_RDONLY`, maps 4 bytes `PROT_READ, MAP_SHARED` and loads a volatile u32.
+//!
+//! # Layout (all fields native-endian, naturally aligned)
+//! | offset | size | field |
+//! |---|---|---|
+//! | 0  | 4  | `generation`: the current generation (`u32`) |
+//! | 4  | 4  | `seq`: seqlock sequence, odd while a record is being written |
+//! | 8  | 4  | `magic`: [`PAGE_MAGIC`] (`"SGID"`) |
+//! | 12 | 4  | `layout`: [`PAGE_LAYOUT_VERSION`] |
+//! | 16 | 16 | `epoch`: 128-bit id drawn at every change (differs across clones) |
+//! | 32 | 8  | `changed_unix_ns`: wall-clock time of the last change |
+//! | 40 | .. | zero, reserved |
+//!
+//! # Memory ordering
+//! The writer ([`PageWriter::publish`]) is the only writer; it runs on the
+//! daemon's event loop thread. It makes `seq` odd, stores the record fields,
+//! stores `generation` with `Release`, then makes `seq` even with `Release`.
+//! * A reader that loads `generation` with `Acquire` ([`PageReader::generation`])
+//!   and sees value *n* also sees the epoch and time written for *n* or later
+//!   (the `Release` store of `generation` pairs with that `Acquire` load).
+//! * A reader that needs the whole record consistently uses the seqlock
+//!   ([`PageReader::record`]): `Acquire` load of `seq`, field loads, an
+//!   `Acquire` fence, then `seq` again; retry if it was odd or changed.
+//! * The daemon publishes the page *before* it notifies any watcher, so a
+//!   watcher woken for generation *n* that then reads the page sees at least
+//!   *n*.
+//!
+//! The file is never replaced, only rewritten in place, so a mapping made at
+//! any time stays valid and current across bumps and daemon restarts.
+
+use std::fs::File;
+use std::path::Path;
+use std::sync::atomic::{fence, AtomicU32, AtomicU64, Ordering};
+
+/// Size of the page file and of the mapping.
+pub const PAGE_SIZE: usize = 4096;
+/// `"SGID"` read as a little-endian u32.
+pub const PAGE_MAGIC: u32 = u32::from_le_bytes(*b"SGID");
+/// Version of the layout above.
+pub const PAGE_LAYOUT_VERSION: u32 = 1;
+
+const OFF_GENERATION: usize = 0;
+const OFF_SEQ: usize = 4;
+const OFF_MAGIC: usize = 8;
+const OFF_LAYOUT: usize = 12;
+const OFF_EPOCH: usize = 16;
+const OFF_CHANGED: usize = 32;
+
+/// One consistent view of the page's record.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct PageRecord {
+    /// The generation.
+    pub generation: u32,
+    /// The epoch id of that generation.
+    pub epoch: [u8; 16],
+    /// Wall-clock time of the change, nanoseconds since the Unix epoch (0
+    /// if the generation never changed).
+    pub changed_unix_ns: u64,
+}
+
+/// Errors opening or validating a page.
+#[derive(Debug, thiserror::Error)]
+pub enum PageError {
+    /// The file could not be opened, sized or mapped.
+    #[error("{path}: {source}")]
+    Io {
+        /// The page file.
+        path: String,
+        /// What failed.
+        source: std::io::Error,
+    },
+    /// The file is not a generation page.
+    #[error("{path} is not a sysgenid generation page: {why}")]
+    Invalid {
+        /// The page file.
+        path: String,
+        /// What is wrong with it.
+        why: String,
+    },
+}
+
+fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> PageError + '_ {
+    move |source| PageError::Io {
+        path: path.display().to_string(),
+        source,
+    }
+}
+
+/// Atomic views into a mapped page. Constructed only over a live mapping of
+/// at least `PAGE_SIZE` bytes, page-aligned, which outlives it.
+struct Fields {
+    base: *const u8,
+}
+
+impl Fields {
+    fn u32_at(&self, off: usize) -> &AtomicU32 {
+        debug_assert!(off % 4 == 0 && off + 4 <= PAGE_SIZE);
+        // SAFETY: `base` is the start of a page-aligned mapping of PAGE_SIZE
+        // bytes that outlives `self` (see the type's invariant); `off` is
+        // 4-aligned and in bounds. Every access to the shared page goes
+        // through atomics, so concurrent access from other processes is not
+        // a data race from this process's point of view.
+        unsafe { &*(self.base.add(off) as *const AtomicU32) }
+    }
+
+    fn u64_at(&self, off: usize) -> &AtomicU64 {
+        debug_assert!(off % 8 == 0 && off + 8 <= PAGE_SIZE);
+        // SAFETY: as in `u32_at`, with an 8-aligned offset.
+        unsafe { &*(self.base.add(off) as *const AtomicU64) }
+    }
+
+    fn load_epoch(&self) -> [u8; 16] {
+        let mut epoch = [0u8; 16];
+        for (i, chunk) in epoch.chunks_exact_mut(4).enumerate() {
+            let word = self.u32_at(OFF_EPOCH + 4 * i).load(Ordering::Relaxed);
+            chunk.copy_from_slice(&word.to_ne_bytes());
+        }
+        epoch
+    }
+
+    fn record(&self) -> PageRecord {
+        let seq = self.u32_at(OFF_SEQ);
+        loop {
+            let before = seq.load(Ordering::Acquire);
+            if before & 1 == 1 {
+                std::hint::spin_loop();
+                continue;
+            }
+            let record = PageRecord {
+                generation: self.u32_at(OFF_GENERATION).load(Ordering::Relaxed),
+                epoch: self.load_epoch(),
+                changed_unix_ns: self.u64_at(OFF_CHANGED).load(Ordering::Relaxed),
+            };
+            fence(Ordering::Acquire);
+            if seq.load(Ordering::Relaxed) == before {
+                return record;
+            }
+        }
+    }
+}
+
+/// The daemon's handle on the page: the only writer.
+pub struct PageWriter {
+    map: memmap2::MmapMut,
+    _file: File,
+}
+
+impl PageWriter {
+    /// Wraps an open, writable page file owned by the daemon (the daemon
+    /// creates it safely, see `sysgenidd`'s runtime directory module). The
+    /// file is extended to [`PAGE_SIZE`] if shorter. Existing content is
+    /// kept until the first [`publish`](Self::publish).
+    pub fn new(file: File, path: &Path) -> Result<PageWriter, PageError> {
+        let len = file.metadata().map_err(io_err(path))?.len();
+        if len < PAGE_SIZE as u64 {
+            file.set_len(PAGE_SIZE as u64).map_err(io_err(path))?;
+        }
+        // SAFETY: mapping a regular file the daemon owns. Other processes
+        // only map it read-only; the daemon is its only writer and accesses
+        // the bytes exclusively through atomics (`Fields`). The file is
+        // never truncated while mapped.
+        let map = unsafe { memmap2::MmapOptions::new().len(PAGE_SIZE).map_mut(&file) }
+            .map_err(io_err(path))?;
+        Ok(PageWriter { map, _file: file })
+    }
+
+    fn fields(&self) -> Fields {
+        Fields {
+            base: self.map.as_ptr(),
+        }
+    }
+
+    /// What the page holds now (after a restart: what the previous daemon
+    /// last published), if it carries the magic.
+    pub fn existing(&self) -> Option<PageRecord> {
+        let f = self.fields();
+        (f.u32_at(OFF_MAGIC).load(Ordering::Relaxed) == PAGE_MAGIC).then(|| f.record())
+    }
+
+    /// Publishes a record. See the module docs for the ordering.
+    pub fn publish(&mut self, record: &PageRecord) {
+        let f = self.fields();
+        let seq = f.u32_at(OFF_SEQ);
+        let s = seq.load(Ordering::Relaxed);
+        // A crash between the two stores can leave `seq` odd; make it even
+        // first so the odd value below is always a fresh one.
+        let s = s.wrapping_add(s & 1);
+        seq.store(s.wrapping_add(1), Ordering::Relaxed);
+        fence(Ordering::Release);
+        f.u32_at(OFF_MAGIC).store(PAGE_MAGIC, Ordering::Relaxed);
+        f.u32_at(OFF_LAYOUT)
+            .store(PAGE_LAYOUT_VERSION, Ordering::Relaxed);
+        for (i, chunk) in record.epoch.chunks_exact(4).enumerate() {
+            let word = u32::from_ne_bytes(chunk.try_into().expect("4-byte chunk"));
+            f.u32_at(OFF_EPOCH + 4 * i).store(word, Ordering::Relaxed);
+        }
+        f.u64_at(OFF_CHANGED)
+            .store(record.changed_unix_ns, Ordering::Relaxed);
+        // The single atomic store readers of bytes 0..4 depend on.
+        f.u32_at(OFF_GENERATION)
+            .store(record.generation, Ordering::Release);
+        seq.store(s.wrapping_add(2), Ordering::Release);
+    }
+
+    /// Flushes the page to its file (tmpfs: a no-op; elsewhere: durability).
+    pub fn flush(&self) -> std::io::Result<()> {
+        self.map.flush()
+    }
+}
+
+/// A read-only mapping of the page for zero-syscall checks.
+pub struct PageReader {
+    map: memmap2::Mmap,
+}
+
+impl PageReader {
+    /// Maps the page at `path` read-only and checks that it is one. The
+    /// file descriptor is closed on return; the mapping stays valid for the
+    /// life of the reader, across bumps and daemon restarts.
+    pub fn open(path: &Path) -> Result<PageReader, PageError> {
+        let file = File::open(path).map_err(io_err(path))?;
+        let len = file.metadata().map_err(io_err(path))?.len();
+        if len < PAGE_SIZE as u64 {
+            return Err(PageError::Invalid {
+                path: path.display().to_string(),
+                why: format!("{len} bytes, expected {PAGE_SIZE}"),
+            });
+        }
+        // SAFETY: a read-only shared mapping of a file that its writer
+        // never truncates; all reads go through atomics (`Fields`).
+        let map = unsafe { memmap2::MmapOptions::new().len(PAGE_SIZE).map(&file) }
+            .map_err(io_err(path))?;
+        let reader = PageReader { map };
+        let f = reader.fields();
+        let magic = f.u32_at(OFF_MAGIC).load(Ordering::Acquire);
+        if magic != PAGE_MAGIC {
+            return Err(PageError::Invalid {
+                path: path.display().to_string(),
+                why: format!("magic {magic:#010x}, expected {PAGE_MAGIC:#010x}"),
+            });
+        }
+        Ok(reader)
+    }
+
+    fn fields(&self) -> Fields {
+        Fields {
+            base: self.map.as_ptr(),
+        }
+    }
+
+    /// The current generation: one `Acquire` load (a plain `mov` on
+    /// x86-64), no system call.
+    #[inline]
+    pub fn generation(&self) -> u32 {
+        self.generation_atomic().load(Ordering::Acquire)
+    }
+
+    /// The generation word itself, for callers that want to hold a
+    /// reference in a hot path (as AWS-LC holds its pointer).
+    #[inline]
+    pub fn generation_atomic(&self) -> &AtomicU32 {
+        // SAFETY: offset 0 of a live, page-aligned PAGE_SIZE mapping owned
+        // by `self`; the returned reference borrows `self`.
+        unsafe { &*(self.map.as_ptr() as *const AtomicU32) }
+    }
+
+    /// A consistent copy of the whole record (seqlock read).
+    pub fn record(&self) -> PageRecord {
+        self.fields().record()
+    }
+}
+
+// SAFETY: the readers and writer hold only a mapping; all access to it goes
+// through atomics, so sharing or sending them between threads is sound.
+unsafe impl Send for PageReader {}
+// SAFETY: see above.
+unsafe impl Sync for PageReader {}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::fs::OpenOptions;
+
+    fn writer(dir: &Path) -> (PageWriter, std::path::PathBuf) {
+        let path = dir.join("generation");
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(&path)
+            .unwrap();
+        (PageWriter::new(file, &path).unwrap(), path)
+    }
+
+    #[test]
+    fn published_record_is_seen_through_a_separate_mapping() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut w, path) = writer(dir.path());
+        assert_eq!(w.existing(), None, "fresh file has no magic");
+        w.publish(&PageRecord::default());
+        let r = PageReader::open(&path).unwrap();
+        assert_eq!(r.generation(), 0);
+        let rec = PageRecord {
+            generation: 42,
+            epoch: *b"0123456789abcdef",
+            changed_unix_ns: 99,
+        };
+        w.publish(&rec);
+        assert_eq!(r.generation(), 42, "mapping held across the update");
+        assert_eq!(r.record(), rec);
+        assert_eq!(std::fs::metadata(&path).unwrap().len(), PAGE_SIZE as u64);
+        let raw = std::fs::read(&path).unwrap();
+        assert_eq!(u32::from_ne_bytes(raw[0..4].try_into().unwrap()), 42);
+        assert_eq!(&raw[8..12], b"SGID");
+    }
+
+    #[test]
+    fn a_new_writer_keeps_what_the_old_one_published() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut w, path) = writer(dir.path());
+        let rec = PageRecord {
+            generation: 7,
+            epoch: [1; 16],
+            changed_unix_ns: 5,
+        };
+        w.publish(&rec);
+        let reader = PageReader::open(&path).unwrap();
+        drop(w);
+        let (w2, _) = writer(dir.path());
+        assert_eq!(w2.existing(), Some(rec));
+        assert_eq!(reader.generation(), 7);
+    }
+
+    #[test]
+    fn non_pages_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let short = dir.path().join("short");
+        std::fs::write(&short, [0u8; 4]).unwrap();
+        assert!(matches!(
+            PageReader::open(&short),
+            Err(PageError::Invalid { .. })
+        ));
+        let zero = dir.path().join("zero");
+        std::fs::write(&zero, [0u8; PAGE_SIZE]).unwrap();
+        let err = PageReader::open(&zero).err().unwrap().to_string();
+        assert!(err.contains("magic"), "{err}");
+        assert!(PageReader::open(&dir.path().join("missing")).is_err());
+    }
+
+    #[test]
+    fn seqlock_reader_never_sees_a_torn_record() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut w, path) = writer(dir.path());
+        w.publish(&PageRecord::default());
+        let reader = PageReader::open(&path).unwrap();
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let t = {
+            let stop = stop.clone();
+            std::thread::spawn(move || {
+                let mut seen = 0u32;
+                while !stop.load(Ordering::Relaxed) {
+                    let r = reader.record();
+                    // The writer derives every field from the generation.
+                    assert_eq!(r.epoch, [r.generation as u8; 16]);
+                    assert_eq!(r.changed_unix_ns, u64::from(r.generation) * 3);
+                    assert!(r.generation >= seen, "went backwards");
+                    seen = r.generation;
+                }
+                seen
+            })
+        };
+        for g in 1..=200_000u32 {
+            w.publish(&PageRecord {
+                generation: g,
+                epoch: [g as u8; 16],
+                changed_unix_ns: u64::from(g) * 3,
+            });
+        }
+        stop.store(true, Ordering::Relaxed);
+        t.join().unwrap();
+    }
+}

@@ -1,0 +1,484 @@
+//! The wire protocol between `sysgenidd` and its clients, one module so that
+//! the daemon and every client library agree by construction. The prose
+//! version, with byte layouts, is `docs/protocol.md`.
+//!
+//! The transport is an `AF_UNIX` `SOCK_SEQPACKET` socket: every frame is one
+//! datagram, so there is no length prefix and no partial frame to resume.
+//! A frame is a kind byte followed by fixed little-endian fields (and, for
+//! two kinds, UTF-8 or JSON text). Frames longer than [`MAX_FRAME`] are a
+//! protocol violation.
+//!
+//! # Versioning
+//! The first frame of a connection is [`Request::Hello`], whose first three
+//! bytes (kind, `u16` version) and the [`Reply::Error`] layout are frozen
+//! forever. A daemon that does not speak the client's version answers with
+//! an `Error` of code [`ErrorCode::VersionMismatch`] carrying its own
+//! version, so a newer client prints a clear message instead of decoding
+//! garbage.
+//!
+//! # Readiness
+//! A watcher connection carries one unsolicited frame, [`Reply::Changed`].
+//! The daemon keeps this invariant: *while the watcher is outdated, the last
+//! frame it has sent is a `Changed`*. It sends one on every bump, and again
+//! after every reply to a watcher that is still outdated. A client therefore
+//! waits for a change by peeking (`MSG_PEEK`) at its socket, and consumes
+//! frames only up to the reply of a request. The socket is readable exactly
+//! while the watcher is outdated, which is what makes it usable in
+//! poll/epoll/tokio like the seed's device file.
+
+use serde::{Deserialize, Serialize};
+
+/// The protocol version this crate speaks.
+pub const PROTOCOL_VERSION: u16 = 1;
+
+/// The largest frame either side sends or accepts.
+pub const MAX_FRAME: usize = 2048;
+
+/// File name of the socket inside the runtime directory.
+pub const SOCKET_NAME: &str = "sysgenid.sock";
+/// File name of the generation page inside the runtime directory.
+pub const PAGE_NAME: &str = "generation";
+/// Environment variable naming the runtime directory.
+pub const RUNTIME_DIR_ENV: &str = "SYSGENID_RUNTIME_DIR";
+
+mod codes {
+    pub const HELLO: u8 = 0x01;
+    pub const ACK: u8 = 0x02;
+    pub const WAIT_WATCHERS: u8 = 0x03;
+    pub const BUMP: u8 = 0x04;
+    pub const STATUS: u8 = 0x05;
+    pub const WELCOME: u8 = 0x81;
+    pub const CHANGED: u8 = 0x82;
+    pub const DONE: u8 = 0x83;
+    pub const STATUS_REPORT: u8 = 0x84;
+    pub const ERROR: u8 = 0xff;
+}
+
+/// What a connection is for, declared in its `Hello`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    /// Status, bumps and barrier waits only; not a watcher.
+    Control,
+    /// A watcher, as one open handle of the seed's `/dev/sysgenid`.
+    Watcher {
+        /// Untracked watchers never hold up `WaitWatchers`.
+        untracked: bool,
+        /// The generation this client acknowledged on an earlier connection
+        /// (reconnect after a daemon restart); `None` for a new watcher.
+        acked: Option<u32>,
+    },
+}
+
+/// A frame sent by a client.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Request {
+    /// First frame of every connection.
+    Hello {
+        /// The client's protocol version.
+        version: u16,
+        /// What the connection is for.
+        role: Role,
+    },
+    /// Acknowledge `generation` (the seed's `write()`).
+    Ack {
+        /// Must equal the current generation.
+        generation: u32,
+    },
+    /// Wait until no tracked watcher is outdated (`SYSGENID_WAIT_WATCHERS`).
+    WaitWatchers {
+        /// Milliseconds; 0 waits forever.
+        timeout_ms: u32,
+    },
+    /// Forced update to at least `min_generation` (`SYSGENID_FORCE_GEN_UPDATE`).
+    Bump {
+        /// The new generation is `max(min_generation, current + 1)`.
+        min_generation: u32,
+    },
+    /// Ask for a [`StatusReport`].
+    Status,
+}
+
+/// A frame sent by the daemon.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Reply {
+    /// Answer to `Hello`.
+    Welcome {
+        /// The daemon's protocol version.
+        version: u16,
+        /// The current generation.
+        generation: u32,
+    },
+    /// Unsolicited, watchers only: the watcher is outdated; `generation` is
+    /// current as of sending.
+    Changed {
+        /// The generation to handle and acknowledge.
+        generation: u32,
+    },
+    /// Success of `Ack`, `WaitWatchers` or `Bump`, with the generation in
+    /// force when it completed (for `Bump`, the new one).
+    Done {
+        /// The current generation.
+        generation: u32,
+    },
+    /// Answer to `Status`.
+    Status(StatusReport),
+    /// A refused request. Nothing changed.
+    Error(ErrorReply),
+}
+
+/// Why a request failed; each maps to the errno the seed's device would
+/// have returned.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[repr(u16)]
+pub enum ErrorCode {
+    /// Ack of a generation that is not current (`EINVAL`); value = current.
+    WrongGeneration = 1,
+    /// The caller's watcher is outdated (`EINTR`); value = generation.
+    Interrupted = 2,
+    /// Barrier timeout (`ETIMEDOUT`); value = outdated watchers.
+    TimedOut = 3,
+    /// Unprivileged bump (`EACCES`).
+    PermissionDenied = 4,
+    /// The bump would pass `u32::MAX` (`EOVERFLOW`); value = current.
+    Overflow = 5,
+    /// Unsupported protocol version (`EPROTONOSUPPORT`); value = the
+    /// daemon's version.
+    VersionMismatch = 6,
+    /// Malformed or out-of-order frame (`EPROTO`); the daemon hangs up.
+    ProtocolViolation = 7,
+    /// A watcher-only request on a control connection (`ENOTCONN`).
+    NotAWatcher = 8,
+    /// A watcher limit was reached (`EUSERS`); value = the limit.
+    TooManyWatchers = 9,
+    /// The daemon is shutting down (`ESHUTDOWN`).
+    ShuttingDown = 10,
+    /// The daemon could not make the change durable (`EIO`).
+    Internal = 11,
+}
+
+impl ErrorCode {
+    /// The errno a kernel implementation would return for this error.
+    pub fn errno(self) -> i32 {
+        match self {
+            ErrorCode::WrongGeneration => 22,   // EINVAL
+            ErrorCode::Interrupted => 4,        // EINTR
+            ErrorCode::TimedOut => 110,         // ETIMEDOUT
+            ErrorCode::PermissionDenied => 13,  // EACCES
+            ErrorCode::Overflow => 75,          // EOVERFLOW
+            ErrorCode::VersionMismatch => 93,   // EPROTONOSUPPORT
+            ErrorCode::ProtocolViolation => 71, // EPROTO
+            ErrorCode::NotAWatcher => 107,      // ENOTCONN
+            ErrorCode::TooManyWatchers => 87,   // EUSERS
+            ErrorCode::ShuttingDown => 108,     // ESHUTDOWN
+            ErrorCode::Internal => 5,           // EIO
+        }
+    }
+
+    fn from_u16(code: u16) -> Option<ErrorCode> {
+        use ErrorCode::*;
+        Some(match code {
+            1 => WrongGeneration,
+            2 => Interrupted,
+            3 => TimedOut,
+            4 => PermissionDenied,
+            5 => Overflow,
+            6 => VersionMismatch,
+            7 => ProtocolViolation,
+            8 => NotAWatcher,
+            9 => TooManyWatchers,
+            10 => ShuttingDown,
+            11 => Internal,
+            _ => return None,
+        })
+    }
+}
+
+/// A refusal: code, one number whose meaning the code defines, and a
+/// sentence for humans.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ErrorReply {
+    /// What went wrong.
+    pub code: ErrorCode,
+    /// Meaning depends on `code` (see [`ErrorCode`]).
+    pub value: u32,
+    /// A message written for the person reading the log or terminal.
+    pub message: String,
+}
+
+/// One restore-signal source as shown by `sysgenidctl status`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+pub struct SourceStatus {
+    /// Source name (`vmfork`, `vmclock`, `uevent`, `manual`).
+    pub name: String,
+    /// Whether it is running.
+    pub active: bool,
+    /// What it watches, or why it is inactive.
+    pub detail: String,
+    /// Events it reported.
+    pub events: u64,
+    /// Unix time in milliseconds of its last event.
+    pub last_event_unix_ms: Option<u64>,
+}
+
+/// The daemon's state as reported by `Status`. Counts are advisory: they
+/// are stale as soon as they are read (see `docs/design.md`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+pub struct StatusReport {
+    /// The current generation.
+    pub generation: u32,
+    /// The 128-bit epoch id drawn at the last change, as 32 hex digits.
+    pub epoch: String,
+    /// All watchers (socket and device).
+    pub watchers: u32,
+    /// Watchers counted by the barrier.
+    pub tracked: u32,
+    /// Tracked watchers that have not acknowledged the current generation.
+    pub outdated: u32,
+    /// Untracked watchers that have not acknowledged it.
+    pub outdated_untracked: u32,
+    /// Milliseconds since the daemon started.
+    pub uptime_ms: u64,
+    /// Unix time in milliseconds of the last generation change.
+    pub last_change_unix_ms: Option<u64>,
+    /// The sources that reported the last change (several when coalesced).
+    pub last_change_sources: Vec<String>,
+    /// Restore-signal sources.
+    pub sources: Vec<SourceStatus>,
+    /// The runtime directory.
+    pub runtime_dir: String,
+    /// The device path served through FUSE, if any.
+    pub device: Option<String>,
+    /// The daemon's package version.
+    pub daemon_version: String,
+}
+
+/// A frame that could not be decoded.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum DecodeError {
+    /// Zero-length frame.
+    #[error("empty frame")]
+    Empty,
+    /// Unknown kind byte.
+    #[error("unknown frame kind {0:#04x}")]
+    UnknownKind(u8),
+    /// Length does not match the kind.
+    #[error("frame of kind {kind:#04x} has {len} bytes, expected {expected}")]
+    BadLength {
+        /// The kind byte.
+        kind: u8,
+        /// Bytes received.
+        len: usize,
+        /// Bytes this kind has.
+        expected: usize,
+    },
+    /// Longer than [`MAX_FRAME`].
+    #[error("frame of {0} bytes exceeds the {MAX_FRAME}-byte limit")]
+    TooLong(usize),
+    /// A field holds a value the protocol does not define.
+    #[error("invalid field: {0}")]
+    Invalid(&'static str),
+}
+
+fn u16_at(b: &[u8], at: usize) -> u16 {
+    u16::from_le_bytes([b[at], b[at + 1]])
+}
+
+fn u32_at(b: &[u8], at: usize) -> u32 {
+    u32::from_le_bytes([b[at], b[at + 1], b[at + 2], b[at + 3]])
+}
+
+fn expect_len(frame: &[u8], expected: usize) -> Result<(), DecodeError> {
+    if frame.len() == expected {
+        Ok(())
+    } else {
+        Err(DecodeError::BadLength {
+            kind: frame[0],
+            len: frame.len(),
+            expected,
+        })
+    }
+}
+
+fn check_frame(frame: &[u8]) -> Result<u8, DecodeError> {
+    if frame.len() > MAX_FRAME {
+        return Err(DecodeError::TooLong(frame.len()));
+    }
+    frame.first().copied().ok_or(DecodeError::Empty)
+}
+
+const HELLO_WATCHER: u8 = 1;
+const HELLO_UNTRACKED: u8 = 1 << 0;
+const HELLO_HAS_ACKED: u8 = 1 << 1;
+
+impl Request {
+    /// Encodes into a fresh frame.
+    pub fn encode(&self) -> Vec<u8> {
+        let scalar = |kind: u8, v: u32| {
+            let mut f = vec![kind];
+            f.extend_from_slice(&v.to_le_bytes());
+            f
+        };
+        match *self {
+            Request::Hello { version, role } => {
+                let mut f = vec![codes::HELLO];
+                f.extend_from_slice(&version.to_le_bytes());
+                let (kind, flags, acked) = match role {
+                    Role::Control => (0, 0, 0),
+                    Role::Watcher { untracked, acked } => {
+                        let mut flags = 0;
+                        if untracked {
+                            flags |= HELLO_UNTRACKED;
+                        }
+                        if acked.is_some() {
+                            flags |= HELLO_HAS_ACKED;
+                        }
+                        (HELLO_WATCHER, flags, acked.unwrap_or(0))
+                    }
+                };
+                f.push(kind);
+                f.push(flags);
+                f.extend_from_slice(&acked.to_le_bytes());
+                f
+            }
+            Request::Ack { generation } => scalar(codes::ACK, generation),
+            Request::WaitWatchers { timeout_ms } => scalar(codes::WAIT_WATCHERS, timeout_ms),
+            Request::Bump { min_generation } => scalar(codes::BUMP, min_generation),
+            Request::Status => vec![codes::STATUS],
+        }
+    }
+
+    /// The version a `Hello` frame announces, readable even when the rest of
+    /// the frame is from a future version. `None` if not a `Hello`.
+    pub fn peek_hello_version(frame: &[u8]) -> Option<u16> {
+        (frame.len() >= 3 && frame[0] == codes::HELLO).then(|| u16_at(frame, 1))
+    }
+
+    /// Decodes one frame.
+    pub fn decode(frame: &[u8]) -> Result<Request, DecodeError> {
+        let kind = check_frame(frame)?;
+        match kind {
+            codes::HELLO => {
+                expect_len(frame, 9)?;
+                let version = u16_at(frame, 1);
+                let flags = frame[4];
+                let role = match frame[3] {
+                    0 if flags == 0 => Role::Control,
+                    0 => return Err(DecodeError::Invalid("control hello with watcher flags")),
+                    HELLO_WATCHER => {
+                        if flags & !(HELLO_UNTRACKED | HELLO_HAS_ACKED) != 0 {
+                            return Err(DecodeError::Invalid("unknown hello flags"));
+                        }
+                        Role::Watcher {
+                            untracked: flags & HELLO_UNTRACKED != 0,
+                            acked: (flags & HELLO_HAS_ACKED != 0).then(|| u32_at(frame, 5)),
+                        }
+                    }
+                    _ => return Err(DecodeError::Invalid("unknown role")),
+                };
+                Ok(Request::Hello { version, role })
+            }
+            codes::ACK | codes::WAIT_WATCHERS | codes::BUMP => {
+                expect_len(frame, 5)?;
+                let v = u32_at(frame, 1);
+                Ok(match kind {
+                    codes::ACK => Request::Ack { generation: v },
+                    codes::WAIT_WATCHERS => Request::WaitWatchers { timeout_ms: v },
+                    _ => Request::Bump { min_generation: v },
+                })
+            }
+            codes::STATUS => {
+                expect_len(frame, 1)?;
+                Ok(Request::Status)
+            }
+            other => Err(DecodeError::UnknownKind(other)),
+        }
+    }
+}
+
+impl Reply {
+    /// Encodes into a fresh frame (messages are cut to fit [`MAX_FRAME`]).
+    pub fn encode(&self) -> Vec<u8> {
+        let scalar = |kind: u8, v: u32| {
+            let mut f = vec![kind];
+            f.extend_from_slice(&v.to_le_bytes());
+            f
+        };
+        match self {
+            Reply::Welcome {
+                version,
+                generation,
+            } => {
+                let mut f = vec![codes::WELCOME];
+                f.extend_from_slice(&version.to_le_bytes());
+                f.extend_from_slice(&generation.to_le_bytes());
+                f
+            }
+            Reply::Changed { generation } => scalar(codes::CHANGED, *generation),
+            Reply::Done { generation } => scalar(codes::DONE, *generation),
+            Reply::Status(report) => {
+                let mut f = vec![codes::STATUS_REPORT];
+                // Serialising plain structs of strings and integers to a Vec
+                // cannot fail.
+                serde_json::to_writer(&mut f, report).expect("status report serialises");
+                f
+            }
+            Reply::Error(e) => {
+                let mut f = vec![codes::ERROR];
+                f.extend_from_slice(&(e.code as u16).to_le_bytes());
+                f.extend_from_slice(&e.value.to_le_bytes());
+                let mut end = e.message.len().min(MAX_FRAME - f.len());
+                while !e.message.is_char_boundary(end) {
+                    end -= 1;
+                }
+                f.extend_from_slice(&e.message.as_bytes()[..end]);
+                f
+            }
+        }
+    }
+
+    /// Decodes one frame.
+    pub fn decode(frame: &[u8]) -> Result<Reply, DecodeError> {
+        let kind = check_frame(frame)?;
+        match kind {
+            codes::WELCOME => {
+                expect_len(frame, 7)?;
+                Ok(Reply::Welcome {
+                    version: u16_at(frame, 1),
+                    generation: u32_at(frame, 3),
+                })
+            }
+            codes::CHANGED | codes::DONE => {
+                expect_len(frame, 5)?;
+                let generation = u32_at(frame, 1);
+                Ok(if kind == codes::CHANGED {
+                    Reply::Changed { generation }
+                } else {
+                    Reply::Done { generation }
+                })
+            }
+            codes::STATUS_REPORT => serde_json::from_slice(&frame[1..])
+                .map(Reply::Status)
+                .map_err(|_| DecodeError::Invalid("status report is not valid JSON")),
+            codes::ERROR => {
+                if frame.len() < 7 {
+                    return Err(DecodeError::BadLength {
+                        kind,
+                        len: frame.len(),
+                        expected: 7,
+                    });
+                }
+                let code = ErrorCode::from_u16(u16_at(frame, 1))
+                    .ok_or(DecodeError::Invalid("unknown error code"))?;
+                Ok(Reply::Error(ErrorReply {
+                    code,
+                    value: u32_at(frame, 3),
+                    message: String::from_utf8_lossy(&frame[7..]).into_owned(),
+                }))
+            }
+            other => Err(DecodeError::UnknownKind(other)),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,160 @@
+use super::*;
+use proptest::prelude::*;
+
+fn role() -> impl Strategy<Value = Role> {
+    prop_oneof![
+        Just(Role::Control),
+        (any::<bool>(), any::<Option<u32>>())
+            .prop_map(|(untracked, acked)| Role::Watcher { untracked, acked }),
+    ]
+}
+
+fn request() -> impl Strategy<Value = Request> {
+    prop_oneof![
+        (any::<u16>(), role()).prop_map(|(version, role)| Request::Hello { version, role }),
+        any::<u32>().prop_map(|generation| Request::Ack { generation }),
+        any::<u32>().prop_map(|timeout_ms| Request::WaitWatchers { timeout_ms }),
+        any::<u32>().prop_map(|min_generation| Request::Bump { min_generation }),
+        Just(Request::Status),
+    ]
+}
+
+fn error_code() -> impl Strategy<Value = ErrorCode> {
+    (1u16..=11).prop_map(|c| ErrorCode::from_u16(c).unwrap())
+}
+
+fn reply() -> impl Strategy<Value = Reply> {
+    prop_oneof![
+        (any::<u16>(), any::<u32>()).prop_map(|(version, generation)| Reply::Welcome {
+            version,
+            generation
+        }),
+        any::<u32>().prop_map(|generation| Reply::Changed { generation }),
+        any::<u32>().prop_map(|generation| Reply::Done { generation }),
+        (any::<u32>(), ".{0,40}", any::<u32>()).prop_map(|(generation, epoch, watchers)| {
+            Reply::Status(StatusReport {
+                generation,
+                epoch,
+                watchers,
+                ..StatusReport::default()
+            })
+        }),
+        (error_code(), any::<u32>(), ".{0,60}").prop_map(|(code, value, message)| Reply::Error(
+            ErrorReply {
+                code,
+                value,
+                message
+            }
+        )),
+    ]
+}
+
+proptest! {
+    #[test]
+    fn requests_round_trip(r in request()) {
+        prop_assert_eq!(Request::decode(&r.encode()), Ok(r));
+    }
+
+    #[test]
+    fn replies_round_trip(r in reply()) {
+        prop_assert_eq!(Reply::decode(&r.encode()), Ok(r));
+    }
+
+    #[test]
+    fn arbitrary_bytes_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..64)) {
+        let _ = Request::decode(&bytes);
+        let _ = Reply::decode(&bytes);
+    }
+}
+
+#[test]
+fn hello_layout_is_frozen() {
+    let f = Request::Hello {
+        version: 1,
+        role: Role::Watcher {
+            untracked: true,
+            acked: Some(7),
+        },
+    }
+    .encode();
+    assert_eq!(f, [0x01, 1, 0, 1, 0b11, 7, 0, 0, 0]);
+    assert_eq!(Request::peek_hello_version(&f), Some(1));
+    // A future client's longer Hello still shows its version.
+    let future = [0x01, 9, 0, 1, 0, 0, 0, 0, 0, 0xaa, 0xbb];
+    assert_eq!(Request::peek_hello_version(&future), Some(9));
+    assert!(Request::decode(&future).is_err());
+}
+
+#[test]
+fn error_layout_is_frozen() {
+    let f = Reply::Error(ErrorReply {
+        code: ErrorCode::VersionMismatch,
+        value: 1,
+        message: "no".into(),
+    })
+    .encode();
+    assert_eq!(f, [0xff, 6, 0, 1, 0, 0, 0, b'n', b'o']);
+}
+
+#[test]
+fn bad_frames_are_refused_with_reasons() {
+    assert_eq!(Request::decode(&[]), Err(DecodeError::Empty));
+    assert_eq!(
+        Request::decode(&[0x42]),
+        Err(DecodeError::UnknownKind(0x42))
+    );
+    assert_eq!(
+        Request::decode(&[0x02, 1, 2]),
+        Err(DecodeError::BadLength {
+            kind: 2,
+            len: 3,
+            expected: 5
+        })
+    );
+    assert_eq!(
+        Request::decode(&vec![0x05; MAX_FRAME + 1]),
+        Err(DecodeError::TooLong(MAX_FRAME + 1))
+    );
+    assert!(
+        Request::decode(&[0x01, 1, 0, 0, 1, 0, 0, 0, 0]).is_err(),
+        "control with flags"
+    );
+    assert!(
+        Request::decode(&[0x01, 1, 0, 1, 0x80, 0, 0, 0, 0]).is_err(),
+        "unknown flag"
+    );
+}
+
+#[test]
+fn long_error_messages_are_cut_on_a_char_boundary() {
+    let message = "é".repeat(MAX_FRAME);
+    let f = Reply::Error(ErrorReply {
+        code: ErrorCode::Internal,
+        value: 0,
+        message,
+    })
+    .encode();
+    assert!(f.len() <= MAX_FRAME);
+    match Reply::decode(&f).unwrap() {
+        Reply::Error(e) => assert!(e.message.chars().all(|c| c == 'é')),
+        other => panic!("{other:?}"),
+    }
+}
+
+#[test]
+fn errnos_match_the_kernel() {
+    assert_eq!(ErrorCode::WrongGeneration.errno(), libc_like::EINVAL);
+    assert_eq!(ErrorCode::Interrupted.errno(), libc_like::EINTR);
+    assert_eq!(ErrorCode::TimedOut.errno(), libc_like::ETIMEDOUT);
+    assert_eq!(ErrorCode::PermissionDenied.errno(), libc_like::EACCES);
+    assert_eq!(ErrorCode::Overflow.errno(), libc_like::EOVERFLOW);
+}
+
+/// x86-64 / aarch64 Linux values, written out so this crate needs no libc.
+mod libc_like {
+    pub const EINTR: i32 = 4;
+    pub const EACCES: i32 = 13;
+    pub const EINVAL: i32 = 22;
+    pub const EOVERFLOW: i32 = 75;
+    pub const ETIMEDOUT: i32 = 110;
+}
