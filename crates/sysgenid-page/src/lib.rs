@@ -98,7 +98,7 @@ struct Fields {
 
 impl Fields {
     fn u32_at(&self, off: usize) -> &AtomicU32 {
-        debug_assert!(off % 4 == 0 && off + 4 <= PAGE_SIZE);
+        debug_assert!(off.is_multiple_of(4) && off + 4 <= PAGE_SIZE);
         // SAFETY: `base` is the start of a page-aligned mapping of PAGE_SIZE
         // bytes that outlives `self` (see the type's invariant); `off` is
         // 4-aligned and in bounds. Every access to the shared page goes
@@ -108,7 +108,7 @@ impl Fields {
     }
 
     fn u64_at(&self, off: usize) -> &AtomicU64 {
-        debug_assert!(off % 8 == 0 && off + 8 <= PAGE_SIZE);
+        debug_assert!(off.is_multiple_of(8) && off + 8 <= PAGE_SIZE);
         // SAFETY: as in `u32_at`, with an 8-aligned offset.
         unsafe { &*(self.base.add(off) as *const AtomicU64) }
     }

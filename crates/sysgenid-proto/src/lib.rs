@@ -41,6 +41,24 @@ pub const PAGE_NAME: &str = "generation";
 /// Environment variable naming the runtime directory.
 pub const RUNTIME_DIR_ENV: &str = "SYSGENID_RUNTIME_DIR";
 
+/// The runtime directory every binary and library uses unless told
+/// otherwise: `SYSGENID_RUNTIME_DIR` if set, else `/run/sysgenid` for root,
+/// else `$XDG_RUNTIME_DIR/sysgenid` (or `/tmp/sysgenid-<uid>` when that is
+/// unset). Part of the contract, so it lives with the protocol.
+pub fn default_runtime_dir() -> std::path::PathBuf {
+    if let Some(dir) = std::env::var_os(RUNTIME_DIR_ENV) {
+        return dir.into();
+    }
+    let uid = rustix::process::geteuid();
+    if uid.is_root() {
+        return "/run/sysgenid".into();
+    }
+    match std::env::var_os("XDG_RUNTIME_DIR") {
+        Some(xdg) => std::path::Path::new(&xdg).join("sysgenid"),
+        None => format!("/tmp/sysgenid-{}", uid.as_raw()).into(),
+    }
+}
+
 mod codes {
     pub const HELLO: u8 = 0x01;
     pub const ACK: u8 = 0x02;

@@ -1,0 +1,203 @@
+//! Shared scaffolding for the process-level tests: find the built binaries,
+//! start a daemon in a private runtime directory, run the CLI.
+//!
+//! The binaries come from the same target directory as the test executable
+//! (`cargo build --workspace --bins` first; the README's test command does
+//! that).
+
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+/// Path of a workspace binary next to the running test executable.
+pub fn bin(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().expect("current_exe");
+    // target/<profile>/deps/<test> -> target/<profile>/<name>
+    let dir = exe.parent().and_then(Path::parent).expect("target dir");
+    let path = dir.join(name);
+    assert!(
+        path.exists(),
+        "{} not found: run `cargo build --workspace --bins` before the tests",
+        path.display()
+    );
+    path
+}
+
+/// A temporary runtime directory that other users can traverse (so tests
+/// can run clients as `nobody`).
+pub fn runtime_dir() -> tempfile::TempDir {
+    let dir = tempfile::Builder::new()
+        .prefix("sysgenid-test-")
+        .tempdir()
+        .expect("tempdir");
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    dir
+}
+
+/// Polls `cond` every 5 ms until it holds or `limit` passes.
+pub fn wait_until(limit: Duration, mut cond: impl FnMut() -> bool) -> bool {
+    let start = Instant::now();
+    while start.elapsed() < limit {
+        if cond() {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    cond()
+}
+
+/// A running `sysgenidd` on a private runtime directory.
+pub struct Daemon {
+    pub child: Child,
+    pub dir: PathBuf,
+    pub log: PathBuf,
+    extra: Vec<String>,
+}
+
+impl Daemon {
+    /// Starts `sysgenidd --source none` on `dir` and waits until it answers.
+    pub fn start(dir: &Path) -> Daemon {
+        Daemon::start_with(dir, &[])
+    }
+
+    /// Starts with extra flags.
+    pub fn start_with(dir: &Path, extra: &[&str]) -> Daemon {
+        let extra: Vec<String> = extra.iter().map(|s| s.to_string()).collect();
+        let child = Daemon::spawn(dir, &extra);
+        let mut d = Daemon {
+            child,
+            dir: dir.to_path_buf(),
+            log: dir.with_extension("log"),
+            extra,
+        };
+        d.wait_ready();
+        d
+    }
+
+    fn spawn(dir: &Path, extra: &[String]) -> Child {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(dir.with_extension("log"))
+            .unwrap();
+        Command::new(bin("sysgenidd"))
+            .arg("--runtime-dir")
+            .arg(dir)
+            .args(["--source", "none"])
+            .args(extra)
+            .env("RUST_LOG", "debug")
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("spawn sysgenidd")
+    }
+
+    fn wait_ready(&mut self) {
+        let dir = self.dir.clone();
+        let ok = wait_until(Duration::from_secs(10), || {
+            sysgenid::Control::connect(Some(&dir)).is_ok()
+        });
+        if !ok {
+            let status = self.child.try_wait().unwrap();
+            panic!(
+                "sysgenidd did not come up ({status:?}); log:\n{}",
+                std::fs::read_to_string(&self.log).unwrap_or_default()
+            );
+        }
+    }
+
+    /// A control connection.
+    pub fn control(&self) -> sysgenid::Control {
+        sysgenid::Control::connect(Some(&self.dir)).expect("control connection")
+    }
+
+    /// A tracked, blocking watcher.
+    pub fn watcher(&self) -> sysgenid::Watcher {
+        sysgenid::Watcher::builder()
+            .runtime_dir(&self.dir)
+            .open()
+            .expect("watcher")
+    }
+
+    /// The current generation (via status).
+    pub fn generation(&self) -> u32 {
+        self.control().status().unwrap().generation
+    }
+
+    /// The status report.
+    pub fn status(&self) -> sysgenid::StatusReport {
+        self.control().status().unwrap()
+    }
+
+    /// Waits until the daemon reports `n` watchers.
+    pub fn wait_watchers_registered(&self, n: u32) {
+        assert!(
+            wait_until(Duration::from_secs(10), || self.status().watchers == n),
+            "daemon never reached {n} watchers (has {})",
+            self.status().watchers
+        );
+    }
+
+    /// Sends `signal` and waits for the process to exit.
+    pub fn signal_and_wait(&mut self, signal: i32) -> std::process::ExitStatus {
+        // SAFETY: kill(2) on our own child's pid has no memory-safety
+        // preconditions.
+        unsafe { libc::kill(self.child.id() as i32, signal) };
+        self.child.wait().unwrap()
+    }
+
+    /// SIGKILL, as a crash.
+    pub fn kill9(&mut self) {
+        self.signal_and_wait(libc::SIGKILL);
+    }
+
+    /// Starts the daemon again on the same directory (after a stop/kill).
+    pub fn restart(&mut self) {
+        self.child = Daemon::spawn(&self.dir, &self.extra);
+        self.wait_ready();
+    }
+
+    /// Starts again with different extra flags.
+    pub fn extra_restart(&mut self, extra: &[&str]) {
+        self.extra = extra.iter().map(|s| s.to_string()).collect();
+        self.restart();
+    }
+
+    /// Runs `sysgenidctl` against this daemon.
+    pub fn ctl(&self, args: &[&str]) -> Output {
+        ctl(&self.dir, args)
+    }
+
+    /// The daemon's log so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Runs `sysgenidctl --runtime-dir dir ARGS`.
+pub fn ctl(dir: &Path, args: &[&str]) -> Output {
+    Command::new(bin("sysgenidctl"))
+        .arg("--runtime-dir")
+        .arg(dir)
+        .args(args)
+        .output()
+        .expect("run sysgenidctl")
+}
+
+/// Stdout as a trimmed string.
+pub fn stdout(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stdout).trim().to_string()
+}
+
+/// Stderr as a string.
+pub fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).to_string()
+}

@@ -1,0 +1,179 @@
+//! The daemon's own promises: start-up, refusal to go backwards, the
+//! runtime directory's safety, protocol versioning, shutdown.
+
+use std::io::Write;
+use std::os::unix::net::UnixDatagram;
+use std::time::Duration;
+
+use sysgenid_proto::{ErrorCode, Reply, Request, Role};
+use sysgenid_tests::*;
+
+#[test]
+fn fresh_directory_starts_at_zero_with_the_documented_modes() {
+    let dir = runtime_dir();
+    let rt = dir.path().join("rt");
+    let d = Daemon::start(&rt);
+    assert_eq!(d.generation(), 0);
+    use std::os::unix::fs::PermissionsExt;
+    let mode = |p: &str| std::fs::metadata(rt.join(p)).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode(""), 0o755);
+    assert_eq!(mode("generation"), 0o444);
+    assert_eq!(mode("sysgenid.sock"), 0o666);
+    assert!(d.log().contains("ready: runtime dir"), "{}", d.log());
+}
+
+#[test]
+fn a_second_daemon_on_the_same_directory_is_refused() {
+    let dir = runtime_dir();
+    let _d = Daemon::start(dir.path());
+    let out = std::process::Command::new(bin("sysgenidd"))
+        .arg("--runtime-dir")
+        .arg(dir.path())
+        .args(["--source", "none"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(stderr(&out).contains("already running"), "{}", stderr(&out));
+}
+
+#[test]
+fn corrupt_state_stops_the_daemon_with_instructions() {
+    let dir = runtime_dir();
+    let mut d = Daemon::start(dir.path());
+    d.control().bump(5).unwrap();
+    d.signal_and_wait(libc::SIGTERM);
+    std::fs::write(dir.path().join("state"), "sysgenid-state 1\ngeneration 0\n").unwrap();
+    let out = std::process::Command::new(bin("sysgenidd"))
+        .arg("--runtime-dir")
+        .arg(dir.path())
+        .args(["--source", "none"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = stderr(&out);
+    assert!(
+        err.contains("corrupt") && err.contains("--recover"),
+        "{err}"
+    );
+    // --recover continues from the page, never from 0.
+    d.extra_restart(&["--recover"]);
+    assert_eq!(d.generation(), 5);
+}
+
+#[test]
+fn sigterm_is_a_clean_exit_that_removes_the_socket() {
+    let dir = runtime_dir();
+    let mut d = Daemon::start(dir.path());
+    let status = d.signal_and_wait(libc::SIGTERM);
+    assert!(status.success(), "{status:?}");
+    assert!(!dir.path().join("sysgenid.sock").exists());
+    assert!(dir.path().join("generation").exists(), "the page stays");
+}
+
+#[test]
+fn sigterm_answers_barrier_waiters_with_an_error() {
+    let dir = runtime_dir();
+    let mut d = Daemon::start(dir.path());
+    let _w = d.watcher();
+    d.control().bump(0).unwrap();
+    let waiter = {
+        let dir = dir.path().to_path_buf();
+        std::thread::spawn(move || {
+            sysgenid::Control::connect(Some(&dir))
+                .unwrap()
+                .wait_watchers(None)
+        })
+    };
+    std::thread::sleep(Duration::from_millis(200));
+    d.signal_and_wait(libc::SIGTERM);
+    let e = waiter.join().unwrap().unwrap_err();
+    assert!(
+        matches!(
+            e,
+            sysgenid::Error::Refused {
+                code: ErrorCode::ShuttingDown,
+                ..
+            }
+        ),
+        "{e:?}"
+    );
+}
+
+#[test]
+fn a_newer_client_gets_a_clear_version_error() {
+    let dir = runtime_dir();
+    let _d = Daemon::start(dir.path());
+    let sock = seqpacket_connect(&dir.path().join("sysgenid.sock"));
+    let mut hello = Request::Hello {
+        version: 99,
+        role: Role::Control,
+    }
+    .encode();
+    hello.extend_from_slice(b"future fields");
+    sock.send(&hello).unwrap();
+    let mut buf = [0u8; 4096];
+    let n = sock.recv(&mut buf).unwrap();
+    match Reply::decode(&buf[..n]).unwrap() {
+        Reply::Error(e) => {
+            assert_eq!(e.code, ErrorCode::VersionMismatch);
+            assert_eq!(e.value, 1);
+            assert!(e.message.contains("protocol 99"), "{}", e.message);
+        }
+        other => panic!("{other:?}"),
+    }
+}
+
+#[test]
+fn garbage_frames_get_an_error_and_a_hang_up() {
+    let dir = runtime_dir();
+    let d = Daemon::start(dir.path());
+    let sock = seqpacket_connect(&dir.path().join("sysgenid.sock"));
+    sock.send(&[0x42, 1, 2, 3]).unwrap();
+    let mut buf = [0u8; 4096];
+    let n = sock.recv(&mut buf).unwrap();
+    assert!(matches!(
+        Reply::decode(&buf[..n]).unwrap(),
+        Reply::Error(e) if e.code == ErrorCode::ProtocolViolation
+    ));
+    assert_eq!(sock.recv(&mut buf).unwrap(), 0, "then closed");
+    assert_eq!(d.generation(), 0, "daemon still fine");
+}
+
+#[test]
+fn planted_symlink_at_the_socket_path_is_refused() {
+    let dir = runtime_dir();
+    let rt = dir.path().join("rt");
+    std::fs::create_dir(&rt).unwrap();
+    let target = dir.path().join("elsewhere");
+    std::fs::File::create(&target)
+        .unwrap()
+        .write_all(b"precious")
+        .unwrap();
+    std::os::unix::fs::symlink(&target, rt.join("sysgenid.sock")).unwrap();
+    let out = std::process::Command::new(bin("sysgenidd"))
+        .arg("--runtime-dir")
+        .arg(&rt)
+        .args(["--source", "none"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(stderr(&out).contains("refusing"), "{}", stderr(&out));
+    assert_eq!(std::fs::read(&target).unwrap(), b"precious");
+}
+
+/// A raw SOCK_SEQPACKET connection (std has none): rustix socket, wrapped
+/// as a UnixDatagram for send/recv, which work on any connected socket.
+fn seqpacket_connect(path: &std::path::Path) -> UnixDatagram {
+    use rustix::net::{AddressFamily, SocketAddrUnix, SocketFlags, SocketType};
+    let fd = rustix::net::socket_with(
+        AddressFamily::UNIX,
+        SocketType::SEQPACKET,
+        SocketFlags::CLOEXEC,
+        None,
+    )
+    .unwrap();
+    rustix::net::connect(&fd, &SocketAddrUnix::new(path).unwrap()).unwrap();
+    let sock = UnixDatagram::from(fd);
+    sock.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    sock
+}

@@ -1,0 +1,116 @@
+//! The watcher for tokio programs (feature `tokio`): the same socket,
+//! driven by tokio's reactor instead of `poll(2)`.
+
+use std::time::Duration;
+
+use tokio::io::unix::AsyncFd;
+use tokio::io::Interest;
+
+use sysgenid_proto::{Reply, Request, Role, SOCKET_NAME};
+
+use crate::conn::{Conn, Try};
+use crate::{expect_done, Error, WatcherBuilder};
+
+/// An async [`Watcher`](crate::Watcher). `read().await` completes when the
+/// watcher is outdated; reconnects when the daemon restarts (if the builder
+/// asked for it, the default).
+pub struct AsyncWatcher {
+    fd: AsyncFd<Conn>,
+    opts: WatcherBuilder,
+    acked: u32,
+}
+
+impl WatcherBuilder {
+    /// Opens an [`AsyncWatcher`]; must be called inside a tokio runtime.
+    pub async fn open_async(self) -> Result<AsyncWatcher, Error> {
+        let (fd, acked) = connect(&self, None).await?;
+        Ok(AsyncWatcher {
+            fd,
+            opts: self,
+            acked,
+        })
+    }
+}
+
+async fn connect(opts: &WatcherBuilder, acked: Option<u32>) -> Result<(AsyncFd<Conn>, u32), Error> {
+    let conn = Conn::connect(
+        &opts.runtime_dir.join(SOCKET_NAME),
+        Role::Watcher {
+            untracked: opts.untracked,
+            acked,
+        },
+    )?;
+    // SAFETY: `Conn` owns its socket descriptor and returns that same
+    // descriptor from `as_raw_fd` for as long as it lives; the `AsyncFd`
+    // owns the `Conn`, so the descriptor stays open while registered.
+    let fd = unsafe { AsyncFd::register_with_interest(conn, Interest::READABLE) }
+        .map_err(|e| Error::Io(e.into()))?;
+    match next_reply(&fd).await? {
+        Reply::Welcome { generation, .. } => Ok((fd, acked.unwrap_or(generation))),
+        Reply::Error(e) => Err(Error::from_reply(e)),
+        other => Err(Error::Protocol(format!("expected Welcome, got {other:?}"))),
+    }
+}
+
+async fn next_reply(fd: &AsyncFd<Conn>) -> Result<Reply, Error> {
+    loop {
+        let mut guard = fd.readable().await?;
+        match guard.get_inner().try_recv()? {
+            Try::Ready(Reply::Changed { .. }) => continue,
+            Try::Ready(reply) => return Ok(reply),
+            Try::WouldBlock => guard.clear_ready(),
+        }
+    }
+}
+
+impl AsyncWatcher {
+    /// Completes with the current generation once this watcher is outdated
+    /// (immediately, until acknowledged).
+    pub async fn read(&mut self) -> Result<u32, Error> {
+        loop {
+            let mut guard = self.fd.readable().await?;
+            match guard.get_inner().try_changed() {
+                Ok(Try::Ready(g)) => return Ok(g),
+                Ok(Try::WouldBlock) => guard.clear_ready(),
+                Err(Error::Disconnected) if self.opts.reconnect => {
+                    drop(guard);
+                    self.reconnect().await?;
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    /// Acknowledges `generation` (must be current).
+    pub async fn ack(&mut self, generation: u32) -> Result<(), Error> {
+        self.fd.get_ref().send(&Request::Ack { generation })?;
+        expect_done(next_reply(&self.fd).await?)?;
+        self.acked = generation;
+        Ok(())
+    }
+
+    /// Barrier wait; see [`Watcher::wait_watchers`](crate::Watcher::wait_watchers).
+    pub async fn wait_watchers(&mut self, timeout: Option<Duration>) -> Result<(), Error> {
+        self.fd.get_ref().send(&Request::WaitWatchers {
+            timeout_ms: crate::timeout_ms(timeout),
+        })?;
+        expect_done(next_reply(&self.fd).await?).map(drop)
+    }
+
+    async fn reconnect(&mut self) -> Result<(), Error> {
+        let mut delay = Duration::from_millis(10);
+        loop {
+            match connect(&self.opts, Some(self.acked)).await {
+                Ok((fd, _)) => {
+                    self.fd = fd;
+                    return Ok(());
+                }
+                Err(Error::NotRunning { .. } | Error::Disconnected) => {
+                    tokio::time::sleep(delay).await;
+                    delay = (delay * 2).min(Duration::from_secs(1));
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    }
+}

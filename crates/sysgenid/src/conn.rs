@@ -1,0 +1,191 @@
+//! One non-blocking `SOCK_SEQPACKET` connection to the daemon and the frame
+//! operations both the blocking and the async API are built from.
+
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::path::Path;
+
+use rustix::event::{PollFd, PollFlags};
+use rustix::net::{AddressFamily, RecvFlags, SendFlags, SocketAddrUnix, SocketFlags, SocketType};
+use sysgenid_proto::{Reply, Request, Role, MAX_FRAME, PROTOCOL_VERSION};
+
+use crate::Error;
+
+pub(crate) struct Conn {
+    fd: OwnedFd,
+}
+
+/// Result of a non-blocking attempt.
+pub(crate) enum Try<T> {
+    Ready(T),
+    WouldBlock,
+}
+
+impl Conn {
+    /// Connects and sends `Hello` (the `Welcome` is read by [`Conn::handshake`]).
+    pub(crate) fn connect(socket: &Path, role: Role) -> Result<Conn, Error> {
+        let not_running = |e: rustix::io::Errno| Error::NotRunning {
+            socket: socket.to_path_buf(),
+            source: e.into(),
+        };
+        let fd = rustix::net::socket_with(
+            AddressFamily::UNIX,
+            SocketType::SEQPACKET,
+            SocketFlags::CLOEXEC | SocketFlags::NONBLOCK,
+            None,
+        )
+        .map_err(not_running)?;
+        let addr = SocketAddrUnix::new(socket).map_err(not_running)?;
+        match rustix::net::connect(&fd, &addr) {
+            Ok(()) => {}
+            // Non-blocking AF_UNIX connect only fails this way when the
+            // backlog is full; wait until it is accepted.
+            Err(rustix::io::Errno::AGAIN | rustix::io::Errno::INPROGRESS) => {
+                wait_fd(fd.as_fd(), PollFlags::OUT, None)?;
+            }
+            Err(e) => return Err(not_running(e)),
+        }
+        let conn = Conn { fd };
+        conn.send(&Request::Hello {
+            version: PROTOCOL_VERSION,
+            role,
+        })?;
+        Ok(conn)
+    }
+
+    pub(crate) fn fd(&self) -> BorrowedFd<'_> {
+        self.fd.as_fd()
+    }
+
+    pub(crate) fn send(&self, request: &Request) -> Result<(), Error> {
+        let frame = request.encode();
+        loop {
+            match rustix::net::send(&self.fd, &frame, SendFlags::NOSIGNAL | SendFlags::DONTWAIT) {
+                Ok(_) => return Ok(()),
+                Err(rustix::io::Errno::AGAIN) => {
+                    wait_fd(self.fd(), PollFlags::OUT, None)?;
+                }
+                Err(rustix::io::Errno::INTR) => continue,
+                Err(e) => return Err(Error::from_io(e)),
+            }
+        }
+    }
+
+    /// Receives one frame without blocking.
+    pub(crate) fn try_recv(&self) -> Result<Try<Reply>, Error> {
+        self.try_recv_flags(RecvFlags::empty())
+    }
+
+    /// Peeks at the first frame without consuming it.
+    pub(crate) fn try_peek(&self) -> Result<Try<Reply>, Error> {
+        self.try_recv_flags(RecvFlags::PEEK)
+    }
+
+    fn try_recv_flags(&self, flags: RecvFlags) -> Result<Try<Reply>, Error> {
+        let mut buf = [0u8; MAX_FRAME];
+        loop {
+            match rustix::net::recv(&self.fd, &mut buf, flags | RecvFlags::DONTWAIT) {
+                Ok((0, _)) => return Err(Error::Disconnected),
+                Ok((n, _)) => {
+                    return Reply::decode(&buf[..n])
+                        .map(Try::Ready)
+                        .map_err(|e| Error::Protocol(e.to_string()))
+                }
+                Err(rustix::io::Errno::AGAIN) => return Ok(Try::WouldBlock),
+                Err(rustix::io::Errno::INTR) => continue,
+                Err(e) => return Err(Error::from_io(e)),
+            }
+        }
+    }
+
+    /// Bytes queued for reading (all frames).
+    pub(crate) fn queued_bytes(&self) -> usize {
+        rustix::io::ioctl_fionread(&self.fd).unwrap_or(0) as usize
+    }
+
+    /// Blocking: the reply to the request just sent. `Changed` frames
+    /// before it are consumed: the daemon re-sends one after the reply while
+    /// the watcher is still outdated.
+    pub(crate) fn reply(&self) -> Result<Reply, Error> {
+        self.reply_noting_changes().map(|(reply, _)| reply)
+    }
+
+    /// Like [`reply`](Self::reply), also returning the newest generation
+    /// announced by the `Changed` frames consumed on the way.
+    pub(crate) fn reply_noting_changes(&self) -> Result<(Reply, Option<u32>), Error> {
+        let mut newest = None;
+        loop {
+            match self.try_recv()? {
+                Try::Ready(Reply::Changed { generation }) => {
+                    newest = Some(newest.map_or(generation, |n: u32| n.max(generation)));
+                }
+                Try::Ready(reply) => return Ok((reply, newest)),
+                Try::WouldBlock => {
+                    wait_fd(self.fd(), PollFlags::IN, None)?;
+                }
+            }
+        }
+    }
+
+    /// After a reply to a watcher that is still outdated, the daemon sends a
+    /// `Changed` right behind it; wait for it so the descriptor is readable
+    /// again before the caller looks (bounded, in case the daemon died).
+    pub(crate) fn await_trailing_changed(&self) -> Result<(), Error> {
+        wait_fd(
+            self.fd(),
+            PollFlags::IN,
+            Some(std::time::Duration::from_secs(1)),
+        )
+        .map(drop)
+    }
+
+    /// Non-blocking read of the newest pending change, leaving one `Changed`
+    /// frame queued so the socket stays readable.
+    pub(crate) fn try_changed(&self) -> Result<Try<u32>, Error> {
+        loop {
+            match self.try_peek()? {
+                Try::WouldBlock => return Ok(Try::WouldBlock),
+                Try::Ready(Reply::Changed { generation }) => {
+                    // Older Changed frames ahead of the newest are redundant.
+                    if self.queued_bytes() > (Reply::Changed { generation }).encode().len() {
+                        let _ = self.try_recv()?;
+                        continue;
+                    }
+                    return Ok(Try::Ready(generation));
+                }
+                Try::Ready(Reply::Error(e)) => {
+                    let _ = self.try_recv();
+                    return Err(Error::from_reply(e));
+                }
+                Try::Ready(other) => {
+                    return Err(Error::Protocol(format!("unexpected frame {other:?}")))
+                }
+            }
+        }
+    }
+}
+
+/// Waits until `fd` has `flags` (or hangs up). `timeout` None = forever.
+pub(crate) fn wait_fd(
+    fd: BorrowedFd<'_>,
+    flags: PollFlags,
+    timeout: Option<std::time::Duration>,
+) -> Result<bool, Error> {
+    let mut fds = [PollFd::new(&fd, flags)];
+    let ts = timeout.map(|d| rustix::time::Timespec {
+        tv_sec: d.as_secs() as i64,
+        tv_nsec: i64::from(d.subsec_nanos()),
+    });
+    loop {
+        match rustix::event::poll(&mut fds, ts.as_ref()) {
+            Ok(n) => return Ok(n > 0),
+            Err(rustix::io::Errno::INTR) => continue,
+            Err(e) => return Err(Error::from_io(e)),
+        }
+    }
+}
+
+impl std::os::fd::AsRawFd for Conn {
+    fn as_raw_fd(&self) -> std::os::fd::RawFd {
+        std::os::fd::AsRawFd::as_raw_fd(&self.fd)
+    }
+}

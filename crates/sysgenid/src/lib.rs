@@ -1,0 +1,552 @@
+//! Client library for `sysgenidd`, the System Generation ID daemon.
+//!
+//! The system generation is a `u32` that increases every time this machine
+//! is restored from a snapshot or cloned. Code that holds state which must
+//! be unique (RNG seeds, UUID generators, keys, leases) watches it, renews
+//! that state when it changes, and acknowledges the new value, so an
+//! orchestrator can wait until everyone has caught up.
+//!
+//! * [`Watcher`]: one watcher, as one open handle of the seed's
+//!   `/dev/sysgenid`: [`read`](Watcher::read) blocks for a *new*
+//!   generation, [`ack`](Watcher::ack) confirms it, its descriptor is
+//!   readable exactly while it is outdated (drop it into poll/epoll), and it
+//!   survives daemon restarts.
+//! * [`Control`]: status, forced updates and barrier waits without being a
+//!   watcher.
+//! * [`Probe`]: the mapped page, for a zero-syscall check in hot paths.
+//! * `tokio` feature: [`AsyncWatcher`](asyncio::AsyncWatcher).
+//!
+//! ```no_run
+//! let mut watcher = sysgenid::Watcher::open()?;
+//! loop {
+//!     let generation = watcher.read()?;      // blocks until a restore
+//!     // ... reseed, regenerate ids, drop leases ...
+//!     watcher.ack(generation)?;              // tell the system we are done
+//! }
+//! # Ok::<(), sysgenid::Error>(())
+//! ```
+
+#[cfg(feature = "tokio")]
+pub mod asyncio;
+mod conn;
+
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, RawFd};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use rustix::event::PollFlags;
+pub use sysgenid_proto::{ErrorCode, SourceStatus, StatusReport, PROTOCOL_VERSION};
+use sysgenid_proto::{Reply, Request, Role, PAGE_NAME, SOCKET_NAME};
+
+use conn::{wait_fd, Conn, Try};
+pub use sysgenid_proto::default_runtime_dir;
+
+/// Everything that can go wrong. [`Error::errno`] gives the errno a kernel
+/// implementation of the seed would have returned.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The daemon's socket could not be reached.
+    #[error("cannot reach sysgenidd at {}: {source}. Is the daemon running? Start it with `sysgenidd` (as root) or point SYSGENID_RUNTIME_DIR at its runtime directory", socket.display())]
+    NotRunning {
+        /// The socket path tried.
+        socket: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// Non-blocking read with nothing new (`EAGAIN`).
+    #[error("no new generation (would block)")]
+    WouldBlock,
+    /// The acknowledged value is not current (`EINVAL`).
+    #[error("{message}")]
+    WrongGeneration {
+        /// The current generation.
+        current: u32,
+        /// The daemon's message.
+        message: String,
+    },
+    /// The caller's watcher is outdated (`EINTR`): handle, ack, retry.
+    #[error("{message}")]
+    Interrupted {
+        /// The generation to handle.
+        generation: u32,
+        /// The daemon's message.
+        message: String,
+    },
+    /// Barrier timeout (`ETIMEDOUT`).
+    #[error("{message}")]
+    TimedOut {
+        /// Tracked watchers still outdated when it expired.
+        outdated: u32,
+        /// The daemon's message.
+        message: String,
+    },
+    /// Not privileged to bump (`EACCES`).
+    #[error("{0}")]
+    PermissionDenied(String),
+    /// Bump past `u32::MAX` (`EOVERFLOW`).
+    #[error("{message}")]
+    Overflow {
+        /// The generation that stays.
+        current: u32,
+        /// The daemon's message.
+        message: String,
+    },
+    /// The daemon speaks another protocol version (`EPROTONOSUPPORT`).
+    #[error("{message}")]
+    VersionMismatch {
+        /// The daemon's version.
+        daemon: u16,
+        /// The daemon's message.
+        message: String,
+    },
+    /// Any other refusal by the daemon.
+    #[error("sysgenidd refused: {message} ({code:?})")]
+    Refused {
+        /// The code.
+        code: ErrorCode,
+        /// The daemon's message.
+        message: String,
+    },
+    /// The daemon closed the connection (it stopped or restarted).
+    #[error("sysgenidd closed the connection (stopped or restarting)")]
+    Disconnected,
+    /// The daemon sent something this client does not understand.
+    #[error("protocol error: {0}")]
+    Protocol(String),
+    /// A system call failed.
+    #[error(transparent)]
+    Io(#[from] std::io::Error),
+}
+
+impl Error {
+    fn from_io(e: rustix::io::Errno) -> Error {
+        match e {
+            rustix::io::Errno::CONNRESET | rustix::io::Errno::PIPE => Error::Disconnected,
+            e => Error::Io(e.into()),
+        }
+    }
+
+    fn from_reply(e: sysgenid_proto::ErrorReply) -> Error {
+        let message = e.message;
+        match e.code {
+            ErrorCode::WrongGeneration => Error::WrongGeneration {
+                current: e.value,
+                message,
+            },
+            ErrorCode::Interrupted => Error::Interrupted {
+                generation: e.value,
+                message,
+            },
+            ErrorCode::TimedOut => Error::TimedOut {
+                outdated: e.value,
+                message,
+            },
+            ErrorCode::PermissionDenied => Error::PermissionDenied(message),
+            ErrorCode::Overflow => Error::Overflow {
+                current: e.value,
+                message,
+            },
+            ErrorCode::VersionMismatch => Error::VersionMismatch {
+                daemon: e.value as u16,
+                message,
+            },
+            code => Error::Refused { code, message },
+        }
+    }
+
+    /// The errno the seed's device would have returned (positive).
+    pub fn errno(&self) -> i32 {
+        match self {
+            Error::NotRunning { source, .. } => source.raw_os_error().unwrap_or(libc_errno::ENOENT),
+            Error::WouldBlock => libc_errno::EAGAIN,
+            Error::WrongGeneration { .. } => ErrorCode::WrongGeneration.errno(),
+            Error::Interrupted { .. } => ErrorCode::Interrupted.errno(),
+            Error::TimedOut { .. } => ErrorCode::TimedOut.errno(),
+            Error::PermissionDenied(_) => ErrorCode::PermissionDenied.errno(),
+            Error::Overflow { .. } => ErrorCode::Overflow.errno(),
+            Error::VersionMismatch { .. } => ErrorCode::VersionMismatch.errno(),
+            Error::Refused { code, .. } => code.errno(),
+            Error::Disconnected => libc_errno::ECONNRESET,
+            Error::Protocol(_) => ErrorCode::ProtocolViolation.errno(),
+            Error::Io(e) => e.raw_os_error().unwrap_or(libc_errno::EIO),
+        }
+    }
+}
+
+mod libc_errno {
+    pub const ENOENT: i32 = 2;
+    pub const EIO: i32 = 5;
+    pub const EAGAIN: i32 = 11;
+    pub const ECONNRESET: i32 = 104;
+}
+
+fn expect_done(reply: Reply) -> Result<u32, Error> {
+    match reply {
+        Reply::Done { generation } => Ok(generation),
+        Reply::Error(e) => Err(Error::from_reply(e)),
+        other => Err(Error::Protocol(format!("unexpected reply {other:?}"))),
+    }
+}
+
+fn expect_welcome(conn: &Conn) -> Result<u32, Error> {
+    match conn.reply()? {
+        Reply::Welcome { generation, .. } => Ok(generation),
+        Reply::Error(e) => Err(Error::from_reply(e)),
+        other => Err(Error::Protocol(format!("expected Welcome, got {other:?}"))),
+    }
+}
+
+/// How to open a [`Watcher`].
+#[derive(Debug, Clone)]
+pub struct WatcherBuilder {
+    runtime_dir: PathBuf,
+    untracked: bool,
+    nonblocking: bool,
+    reconnect: bool,
+}
+
+impl Default for WatcherBuilder {
+    fn default() -> Self {
+        WatcherBuilder {
+            runtime_dir: default_runtime_dir(),
+            untracked: false,
+            nonblocking: false,
+            reconnect: true,
+        }
+    }
+}
+
+impl WatcherBuilder {
+    /// The daemon's runtime directory (default: [`default_runtime_dir`]).
+    pub fn runtime_dir(mut self, dir: impl Into<PathBuf>) -> Self {
+        self.runtime_dir = dir.into();
+        self
+    }
+
+    /// Untracked watchers never hold up [`Watcher::wait_watchers`].
+    pub fn untracked(mut self, untracked: bool) -> Self {
+        self.untracked = untracked;
+        self
+    }
+
+    /// [`Watcher::read`] returns [`Error::WouldBlock`] instead of blocking
+    /// (the seed's `O_NONBLOCK`).
+    pub fn nonblocking(mut self, nonblocking: bool) -> Self {
+        self.nonblocking = nonblocking;
+        self
+    }
+
+    /// Reconnect by itself when the daemon restarts (default: on). A
+    /// blocked read then survives the restart and returns any change it
+    /// missed.
+    pub fn reconnect(mut self, reconnect: bool) -> Self {
+        self.reconnect = reconnect;
+        self
+    }
+
+    /// Connects and registers the watcher.
+    pub fn open(self) -> Result<Watcher, Error> {
+        let socket = self.runtime_dir.join(SOCKET_NAME);
+        let conn = Conn::connect(
+            &socket,
+            Role::Watcher {
+                untracked: self.untracked,
+                acked: None,
+            },
+        )?;
+        let acked = expect_welcome(&conn)?;
+        Ok(Watcher {
+            conn,
+            socket,
+            opts: self,
+            acked,
+        })
+    }
+}
+
+/// One watcher of the system generation (see the crate docs).
+///
+/// Not `Sync`: use it from one thread at a time, as the seed's examples use
+/// their file descriptor. Dropping it unregisters the watcher.
+pub struct Watcher {
+    conn: Conn,
+    socket: PathBuf,
+    opts: WatcherBuilder,
+    /// The generation this watcher last acknowledged (or registered at).
+    acked: u32,
+}
+
+impl Watcher {
+    /// A tracked, blocking, reconnecting watcher on the default runtime dir.
+    pub fn open() -> Result<Watcher, Error> {
+        WatcherBuilder::default().open()
+    }
+
+    /// Options for opening a watcher.
+    pub fn builder() -> WatcherBuilder {
+        WatcherBuilder::default()
+    }
+
+    /// The generation this watcher last acknowledged, or registered at.
+    pub fn acked(&self) -> u32 {
+        self.acked
+    }
+
+    /// Blocks until this watcher is outdated and returns the current
+    /// generation; returns it again on every call until acknowledged. In
+    /// non-blocking mode returns [`Error::WouldBlock`] when there is nothing
+    /// new. Survives daemon restarts when reconnecting is on.
+    pub fn read(&mut self) -> Result<u32, Error> {
+        loop {
+            match self.conn.try_changed() {
+                Ok(Try::Ready(generation)) => return Ok(generation),
+                Ok(Try::WouldBlock) if self.opts.nonblocking => return Err(Error::WouldBlock),
+                Ok(Try::WouldBlock) => {
+                    wait_fd(self.conn.fd(), PollFlags::IN, None)?;
+                }
+                Err(Error::Disconnected) if self.opts.reconnect && !self.opts.nonblocking => {
+                    self.reconnect()?;
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    /// Like [`read`](Self::read) but never blocks: `Ok(None)` when there is
+    /// nothing new.
+    pub fn try_read(&mut self) -> Result<Option<u32>, Error> {
+        match self.conn.try_changed() {
+            Ok(Try::Ready(g)) => Ok(Some(g)),
+            Ok(Try::WouldBlock) => Ok(None),
+            Err(Error::Disconnected) if self.opts.reconnect => {
+                self.reconnect()?;
+                self.try_read_once()
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    fn try_read_once(&mut self) -> Result<Option<u32>, Error> {
+        match self.conn.try_changed()? {
+            Try::Ready(g) => Ok(Some(g)),
+            Try::WouldBlock => Ok(None),
+        }
+    }
+
+    /// Waits up to `timeout` for the watcher to become outdated; `Ok(true)`
+    /// if it is.
+    pub fn wait_readable(&self, timeout: Duration) -> Result<bool, Error> {
+        wait_fd(self.conn.fd(), PollFlags::IN, Some(timeout))
+    }
+
+    /// Acknowledges `generation`, which must be the current one
+    /// ([`Error::WrongGeneration`] otherwise; nothing changes).
+    pub fn ack(&mut self, generation: u32) -> Result<(), Error> {
+        self.request(&Request::Ack { generation })?;
+        self.acked = generation;
+        Ok(())
+    }
+
+    /// The seed's `SYSGENID_WAIT_WATCHERS`: returns when no tracked watcher
+    /// is outdated, [`Error::Interrupted`] if this watcher is or becomes
+    /// outdated (handle, ack, retry), [`Error::TimedOut`] after `timeout`
+    /// (`None` = forever).
+    pub fn wait_watchers(&mut self, timeout: Option<Duration>) -> Result<(), Error> {
+        self.request(&Request::WaitWatchers {
+            timeout_ms: timeout_ms(timeout),
+        })
+        .map(drop)
+    }
+
+    /// The seed's `SYSGENID_FORCE_GEN_UPDATE`: privileged; returns the new
+    /// generation, `max(min_generation, current + 1)`.
+    pub fn trigger_update(&mut self, min_generation: u32) -> Result<u32, Error> {
+        self.request(&Request::Bump { min_generation })
+    }
+
+    /// The daemon's status.
+    pub fn status(&mut self) -> Result<StatusReport, Error> {
+        self.conn.send(&Request::Status)?;
+        match self.watcher_reply()? {
+            Reply::Status(s) => Ok(s),
+            Reply::Error(e) => Err(Error::from_reply(e)),
+            other => Err(Error::Protocol(format!("expected Status, got {other:?}"))),
+        }
+    }
+
+    /// The reply to the request just sent, keeping the readiness invariant
+    /// visible to the caller: if the frames consumed show this watcher is
+    /// still outdated, the daemon's trailing `Changed` is awaited.
+    fn watcher_reply(&mut self) -> Result<Reply, Error> {
+        let (reply, newest) = self.conn.reply_noting_changes()?;
+        let acked_now = match (&reply, newest) {
+            (Reply::Done { generation }, Some(n)) if *generation == n => Some(n),
+            _ => None,
+        };
+        if let Some(newest) = newest {
+            let still_outdated = match acked_now {
+                Some(_) => false,
+                None => newest != self.acked,
+            };
+            if still_outdated && !matches!(self.conn.try_peek()?, Try::Ready(_)) {
+                self.conn.await_trailing_changed()?;
+            }
+        }
+        Ok(reply)
+    }
+
+    fn request(&mut self, request: &Request) -> Result<u32, Error> {
+        let result = self
+            .conn
+            .send(request)
+            .and_then(|()| self.watcher_reply())
+            .and_then(expect_done);
+        match result {
+            Err(Error::Disconnected) if self.opts.reconnect => {
+                self.reconnect()?;
+                self.conn.send(request)?;
+                let reply = self.watcher_reply()?;
+                expect_done(reply)
+            }
+            other => other,
+        }
+    }
+
+    /// Reconnects with backoff (10 ms doubling to 1 s), telling the daemon
+    /// the generation last acknowledged so a change missed while away is
+    /// delivered.
+    fn reconnect(&mut self) -> Result<(), Error> {
+        let mut delay = Duration::from_millis(10);
+        loop {
+            let attempt = Conn::connect(
+                &self.socket,
+                Role::Watcher {
+                    untracked: self.opts.untracked,
+                    acked: Some(self.acked),
+                },
+            )
+            .and_then(|conn| expect_welcome(&conn).map(|_| conn));
+            match attempt {
+                Ok(conn) => {
+                    self.conn = conn;
+                    return Ok(());
+                }
+                Err(Error::NotRunning { .. } | Error::Disconnected) => {
+                    std::thread::sleep(delay);
+                    delay = (delay * 2).min(Duration::from_secs(1));
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    }
+}
+
+impl AsFd for Watcher {
+    /// Readable exactly while the watcher is outdated. Changes after a
+    /// reconnect: re-register it in your event loop if `read` reconnected.
+    fn as_fd(&self) -> BorrowedFd<'_> {
+        self.conn.fd()
+    }
+}
+
+impl AsRawFd for Watcher {
+    fn as_raw_fd(&self) -> RawFd {
+        self.conn.fd().as_raw_fd()
+    }
+}
+
+fn timeout_ms(timeout: Option<Duration>) -> u32 {
+    timeout.map_or(0, |d| d.as_millis().clamp(1, u128::from(u32::MAX)) as u32)
+}
+
+fn status_reply(conn: &Conn) -> Result<StatusReport, Error> {
+    match conn.reply()? {
+        Reply::Status(s) => Ok(s),
+        Reply::Error(e) => Err(Error::from_reply(e)),
+        other => Err(Error::Protocol(format!("expected Status, got {other:?}"))),
+    }
+}
+
+/// A connection for status, forced updates and barrier waits, without
+/// being a watcher.
+pub struct Control {
+    conn: Conn,
+    generation: u32,
+}
+
+impl Control {
+    /// Connects to the daemon in `runtime_dir` (`None`: the default).
+    pub fn connect(runtime_dir: Option<&Path>) -> Result<Control, Error> {
+        let dir = runtime_dir.map_or_else(default_runtime_dir, Path::to_path_buf);
+        let conn = Conn::connect(&dir.join(SOCKET_NAME), Role::Control)?;
+        let generation = expect_welcome(&conn)?;
+        Ok(Control { conn, generation })
+    }
+
+    /// The generation when this connection was made.
+    pub fn generation_at_connect(&self) -> u32 {
+        self.generation
+    }
+
+    /// The daemon's status.
+    pub fn status(&mut self) -> Result<StatusReport, Error> {
+        self.conn.send(&Request::Status)?;
+        status_reply(&self.conn)
+    }
+
+    /// Forced update (privileged): returns the new generation.
+    pub fn bump(&mut self, min_generation: u32) -> Result<u32, Error> {
+        self.conn.send(&Request::Bump { min_generation })?;
+        expect_done(self.conn.reply()?)
+    }
+
+    /// Waits until no tracked watcher is outdated (never interrupted: this
+    /// connection is not a watcher). `None` waits forever.
+    pub fn wait_watchers(&mut self, timeout: Option<Duration>) -> Result<(), Error> {
+        self.conn.send(&Request::WaitWatchers {
+            timeout_ms: timeout_ms(timeout),
+        })?;
+        expect_done(self.conn.reply()?).map(drop)
+    }
+}
+
+/// The mapped generation page: [`Probe::generation`] is one memory load.
+///
+/// The mapping stays valid and current across bumps and daemon restarts.
+pub struct Probe {
+    page: sysgenid_page::PageReader,
+}
+
+impl Probe {
+    /// Maps the page in `runtime_dir` (`None`: the default).
+    pub fn open(runtime_dir: Option<&Path>) -> Result<Probe, Error> {
+        let dir = runtime_dir.map_or_else(default_runtime_dir, Path::to_path_buf);
+        let path = dir.join(PAGE_NAME);
+        let page = sysgenid_page::PageReader::open(&path).map_err(|e| match e {
+            sysgenid_page::PageError::Io { source, .. } => Error::NotRunning {
+                socket: path.clone(),
+                source,
+            },
+            e => Error::Protocol(e.to_string()),
+        })?;
+        Ok(Probe { page })
+    }
+
+    /// The current generation, with no system call.
+    #[inline]
+    pub fn generation(&self) -> u32 {
+        self.page.generation()
+    }
+
+    /// The generation word, for callers that keep a pointer (as the C
+    /// probe does).
+    #[inline]
+    pub fn generation_word(&self) -> &std::sync::atomic::AtomicU32 {
+        self.page.generation_atomic()
+    }
+
+    /// Generation, epoch id and change time, read consistently.
+    pub fn record(&self) -> sysgenid_page::PageRecord {
+        self.page.record()
+    }
+}

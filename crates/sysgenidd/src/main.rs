@@ -1,0 +1,156 @@
+//! `sysgenidd`: flags, logging, start-up, and the event loop.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::Parser;
+use sysgenid_proto::SourceStatus;
+use sysgenidd::runtime_dir::{default_runtime_dir, RuntimeDir};
+use sysgenidd::server::{Command, Limits, Server};
+use sysgenidd::service::Service;
+
+/// The System Generation ID daemon.
+///
+/// Owns the system generation counter: a u32 that increases every time this
+/// machine (VM or container) is restored from a snapshot or cloned, so that
+/// programs holding random seeds, UUID state, keys or leases know to renew
+/// them. Clients watch it through the socket (the `sysgenid` library,
+/// `sysgenidctl watch`) or map the page file for zero-syscall checks.
+///
+/// Runs in the foreground and logs to stderr (set RUST_LOG=debug for more).
+/// SIGTERM or SIGINT stops it cleanly; the generation is saved after every
+/// change and survives restarts and crashes.
+///
+/// Examples:
+///   sysgenidd                              # defaults: /run/sysgenid, every source found
+///   sysgenidd --runtime-dir /tmp/sg --source none   # development, manual bumps only
+#[derive(Parser, Debug)]
+#[command(version, verbatim_doc_comment)]
+struct Args {
+    /// Directory holding the socket (sysgenid.sock), the page (generation),
+    /// the saved state and a lock. Default: /run/sysgenid as root, else
+    /// $XDG_RUNTIME_DIR/sysgenid.
+    #[arg(long, env = "SYSGENID_RUNTIME_DIR", value_name = "DIR")]
+    runtime_dir: Option<PathBuf>,
+
+    /// Restore-signal sources: `auto` (every source whose device exists),
+    /// `none`, or a comma-separated list of vmfork, vmclock, uevent.
+    /// Privileged bump requests (`sysgenidctl bump`) are always accepted.
+    #[arg(long, default_value = "auto", value_name = "LIST")]
+    source: String,
+
+    /// Kernel log device followed by the vmfork source.
+    #[arg(long, default_value = "/dev/kmsg", value_name = "PATH")]
+    kmsg: PathBuf,
+
+    /// vmclock device read by the vmclock source.
+    #[arg(long, default_value = "/dev/vmclock0", value_name = "PATH")]
+    vmclock: PathBuf,
+
+    /// Signals from different sources within this window are one restore
+    /// and cause one bump.
+    #[arg(long, default_value_t = 2000, value_name = "MS")]
+    coalesce_ms: u64,
+
+    /// Most watchers in total; further watchers are refused with EUSERS.
+    #[arg(long, default_value_t = Limits::default().max_watchers, value_name = "N")]
+    max_watchers: u32,
+
+    /// Most watchers per user id.
+    #[arg(long, default_value_t = Limits::default().max_watchers_per_uid, value_name = "N")]
+    max_watchers_per_uid: u32,
+
+    /// Continue from the generation shown in the page file when the saved
+    /// state is missing or corrupt (the daemon refuses to start otherwise).
+    #[arg(long)]
+    recover: bool,
+}
+
+fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .init();
+    let args = Args::parse();
+    match run(args) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(message) => {
+            tracing::error!("{message}");
+            eprintln!("sysgenidd: {message}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(args: Args) -> Result<(), String> {
+    let dir_path = args.runtime_dir.clone().unwrap_or_else(default_runtime_dir);
+    let dir = RuntimeDir::prepare(&dir_path).map_err(|e| e.to_string())?;
+    let listener = dir.bind_socket().map_err(|e| e.to_string())?;
+    let service = Service::start(dir, args.recover).map_err(|e| e.to_string())?;
+    let limits = Limits {
+        max_watchers: args.max_watchers,
+        max_watchers_per_uid: args.max_watchers_per_uid,
+    };
+    let coalescer = sysgenid_sources::Coalescer::new(Duration::from_millis(args.coalesce_ms));
+    let mut server = Server::new(service, listener, limits, coalescer)
+        .map_err(|e| format!("cannot start the event loop: {e}"))?;
+
+    let config = sysgenid_sources::SourceConfig {
+        kmsg_path: args.kmsg.clone(),
+        vmclock_path: args.vmclock.clone(),
+        ..sysgenid_sources::SourceConfig::default()
+    };
+    let selection = sysgenid_sources::select(&args.source, &config).map_err(|e| e.to_string())?;
+    let mut active_names = Vec::new();
+    for (name, why) in &selection.inactive {
+        server.add_source_status(SourceStatus {
+            name: name.to_string(),
+            active: false,
+            detail: why.clone(),
+            ..SourceStatus::default()
+        });
+    }
+    for source in selection.active {
+        let name = source.name();
+        active_names.push(name);
+        server.add_source_status(SourceStatus {
+            name: name.to_string(),
+            active: true,
+            detail: source.describe(),
+            ..SourceStatus::default()
+        });
+        let handle = server.handle();
+        std::thread::Builder::new()
+            .name(format!("source-{name}"))
+            .spawn(move || {
+                let mut emit = |ev| {
+                    let _ = handle.send(Command::SourceEvent(ev));
+                };
+                let error = match source.run(&mut emit) {
+                    Ok(()) => "ended".to_string(),
+                    Err(e) => e.to_string(),
+                };
+                let _ = handle.send(Command::SourceStopped { name, error });
+            })
+            .map_err(|e| format!("cannot start source {name}: {e}"))?;
+    }
+
+    let record = server.service().record();
+    tracing::info!(
+        "sysgenidd {} ready: runtime dir {}, generation {}, epoch {}, sources: {}",
+        env!("CARGO_PKG_VERSION"),
+        dir_path.display(),
+        record.generation,
+        sysgenidd::state::epoch_hex(&record.epoch),
+        if active_names.is_empty() {
+            "none (manual bumps only)".to_string()
+        } else {
+            active_names.join(", ")
+        }
+    );
+    server.run().map_err(|e| format!("event loop failed: {e}"))
+}

@@ -1,0 +1,223 @@
+//! The generation service: the pure [`Core`] plus the two things that make a
+//! generation real, the saved state and the published page, kept in the one
+//! order that makes crashes harmless.
+//!
+//! A bump is: compute the next generation (nothing changes if it would
+//! overflow) → draw a fresh epoch id from the kernel RNG → save the state
+//! durably (if that fails, nothing changes) → publish the page → commit to
+//! the core. Only then does the server notify watchers. So a value is never
+//! visible (page, socket, device) before it would survive `kill -9`, and the
+//! page is always current before any watcher wakes up.
+
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
+
+use sysgenid_core::{Core, CoreError, Generation};
+use sysgenid_page::{PageRecord, PageWriter};
+
+use crate::runtime_dir::RuntimeDir;
+use crate::state::{SavedState, StateError};
+
+/// Why the daemon cannot start from what is on disk. Each message says what
+/// to do.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    /// The state file could not be read or is corrupt.
+    #[error("{source}. The generation must never go backwards, so sysgenidd will not start from 0. If the page {page} is intact, run `sysgenidd --recover` to continue from the generation it shows; otherwise restore the state file from a backup")]
+    State {
+        /// What is wrong.
+        source: StateError,
+        /// The page path.
+        page: String,
+    },
+    /// No state file, but the page shows a generation above 0.
+    #[error("the state file {state} is missing but the page {page} shows generation {generation}. Run `sysgenidd --recover` to continue from {generation}, or remove the page to start again from 0 (clients will see the generation go backwards)")]
+    MissingState {
+        /// The state path.
+        state: String,
+        /// The page path.
+        page: String,
+        /// What the page shows.
+        generation: u32,
+    },
+    /// The page is ahead of the state, which the write order never produces.
+    #[error("the page {page} shows generation {page_generation}, ahead of the saved generation {saved}: the files were edited or mixed up. Run `sysgenidd --recover` to continue from the page's generation")]
+    PageAhead {
+        /// The page path.
+        page: String,
+        /// What the page shows.
+        page_generation: u32,
+        /// What the state holds.
+        saved: u32,
+    },
+    /// `--recover` was given but the page has no valid record.
+    #[error("--recover needs a valid page at {0}, and there is none")]
+    NothingToRecover(String),
+    /// Saving or mapping failed.
+    #[error("{0}")]
+    Io(String),
+}
+
+/// Why a bump was refused. Nothing changed.
+#[derive(Debug, thiserror::Error)]
+pub enum BumpError {
+    /// Refused by the core (overflow).
+    #[error(transparent)]
+    Core(#[from] CoreError),
+    /// The new state could not be saved.
+    #[error("could not save the new generation: {0}")]
+    Save(#[from] StateError),
+    /// The kernel RNG failed.
+    #[error("could not draw an epoch id: {0}")]
+    Random(String),
+}
+
+fn now_unix_ns() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_nanos() as u64)
+        .unwrap_or(0)
+}
+
+fn random_epoch() -> Result<[u8; 16], BumpError> {
+    let mut epoch = [0u8; 16];
+    getrandom::fill(&mut epoch).map_err(|e| BumpError::Random(e.to_string()))?;
+    Ok(epoch)
+}
+
+/// The live generation state of the daemon.
+pub struct Service {
+    /// The state machine.
+    pub core: Core,
+    dir: RuntimeDir,
+    page: PageWriter,
+    record: PageRecord,
+    started: Instant,
+    last_change_sources: Vec<String>,
+}
+
+impl Service {
+    /// Loads the saved state (or starts fresh at 0), checks it against the
+    /// page and publishes it. With `recover`, continues from the page.
+    pub fn start(dir: RuntimeDir, recover: bool) -> Result<Service, StartError> {
+        let page_path = dir.page_path().display().to_string();
+        let dir_path = dir.path().display().to_string();
+        let page_file = dir.open_page().map_err(|e| StartError::Io(e.to_string()))?;
+        let page = PageWriter::new(page_file, &dir.page_path())
+            .map_err(|e| StartError::Io(e.to_string()))?;
+        let on_page = page.existing();
+        let saved = if recover {
+            let rec = on_page.ok_or_else(|| StartError::NothingToRecover(page_path.clone()))?;
+            tracing::warn!(
+                generation = rec.generation,
+                "recovering from the page as asked (--recover)"
+            );
+            Some(SavedState {
+                generation: rec.generation,
+                epoch: rec.epoch,
+                changed_unix_ns: rec.changed_unix_ns,
+            })
+        } else {
+            SavedState::load(dir.fd(), &dir_path).map_err(|source| StartError::State {
+                source,
+                page: page_path.clone(),
+            })?
+        };
+        let state = match (saved, on_page) {
+            (Some(s), Some(p)) if p.generation > s.generation => {
+                return Err(StartError::PageAhead {
+                    page: page_path,
+                    page_generation: p.generation,
+                    saved: s.generation,
+                })
+            }
+            (Some(s), _) => s,
+            (None, Some(p)) if p.generation > 0 => {
+                return Err(StartError::MissingState {
+                    state: format!("{dir_path}/{}", crate::state::STATE_NAME),
+                    page: page_path,
+                    generation: p.generation,
+                })
+            }
+            (None, _) => SavedState {
+                generation: 0,
+                epoch: random_epoch().map_err(|e| StartError::Io(e.to_string()))?,
+                changed_unix_ns: 0,
+            },
+        };
+        state
+            .save(dir.fd(), &dir_path)
+            .map_err(|e| StartError::Io(e.to_string()))?;
+        let record = PageRecord {
+            generation: state.generation,
+            epoch: state.epoch,
+            changed_unix_ns: state.changed_unix_ns,
+        };
+        let mut service = Service {
+            core: Core::new(state.generation),
+            dir,
+            page,
+            record,
+            started: Instant::now(),
+            last_change_sources: Vec::new(),
+        };
+        service.page.publish(&record);
+        Ok(service)
+    }
+
+    /// The runtime directory.
+    pub fn dir(&self) -> &RuntimeDir {
+        &self.dir
+    }
+
+    /// The current generation.
+    pub fn generation(&self) -> Generation {
+        self.core.generation()
+    }
+
+    /// The published record (generation, epoch, time).
+    pub fn record(&self) -> &PageRecord {
+        &self.record
+    }
+
+    /// Bumps (see the module docs for the order). `source` names what
+    /// caused it, for status.
+    pub fn bump(
+        &mut self,
+        min_generation: Generation,
+        source: &str,
+    ) -> Result<Generation, BumpError> {
+        let next = self.core.next_generation(min_generation)?;
+        let state = SavedState {
+            generation: next,
+            epoch: random_epoch()?,
+            changed_unix_ns: now_unix_ns(),
+        };
+        state.save(self.dir.fd(), &self.dir.path().display().to_string())?;
+        self.record = PageRecord {
+            generation: state.generation,
+            epoch: state.epoch,
+            changed_unix_ns: state.changed_unix_ns,
+        };
+        self.page.publish(&self.record);
+        self.core.commit_generation(next)?;
+        self.last_change_sources = vec![source.to_string()];
+        Ok(next)
+    }
+
+    /// Records that another source reported the same change (coalesced).
+    pub fn note_agreeing_source(&mut self, source: &str) {
+        if !self.last_change_sources.iter().any(|s| s == source) {
+            self.last_change_sources.push(source.to_string());
+        }
+    }
+
+    /// The sources behind the last change.
+    pub fn last_change_sources(&self) -> &[String] {
+        &self.last_change_sources
+    }
+
+    /// Time since start.
+    pub fn uptime(&self) -> std::time::Duration {
+        self.started.elapsed()
+    }
+}
