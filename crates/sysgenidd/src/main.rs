@@ -65,6 +65,12 @@ struct Args {
     /// state is missing or corrupt (the daemon refuses to start otherwise).
     #[arg(long)]
     recover: bool,
+
+    /// Serve the seed's device ABI at PATH through FUSE (an empty regular
+    /// file, created if missing and removed on exit), or `off`. Default:
+    /// /dev/sysgenid when running as root and that path is free, else off.
+    #[arg(long, env = "SYSGENID_DEVICE", value_name = "PATH|off")]
+    device: Option<String>,
 }
 
 fn main() -> ExitCode {
@@ -86,7 +92,21 @@ fn main() -> ExitCode {
     }
 }
 
+/// Each watcher is a descriptor: raise the soft open-file limit to the hard
+/// limit so the daemon serves as many watchers as the system allows.
+fn raise_nofile_limit() {
+    use rustix::process::{getrlimit, setrlimit, Resource};
+    let mut limit = getrlimit(Resource::Nofile);
+    if limit.current < limit.maximum {
+        limit.current = limit.maximum;
+        if let Err(e) = setrlimit(Resource::Nofile, limit) {
+            tracing::warn!("cannot raise the open-file limit: {e}");
+        }
+    }
+}
+
 fn run(args: Args) -> Result<(), String> {
+    raise_nofile_limit();
     let dir_path = args.runtime_dir.clone().unwrap_or_else(default_runtime_dir);
     let dir = RuntimeDir::prepare(&dir_path).map_err(|e| e.to_string())?;
     let listener = dir.bind_socket().map_err(|e| e.to_string())?;
@@ -139,13 +159,27 @@ fn run(args: Args) -> Result<(), String> {
             .map_err(|e| format!("cannot start source {name}: {e}"))?;
     }
 
+    let device = match sysgenidd::device::Device::start(
+        &sysgenidd::device::Setting::parse(args.device.as_deref()),
+        &server.service().dir().page_path(),
+        server.handle(),
+    )? {
+        Ok(device) => {
+            let description = device.describe();
+            server.attach_device(device);
+            description
+        }
+        Err(why) => why,
+    };
+
     let record = server.service().record();
     tracing::info!(
-        "sysgenidd {} ready: runtime dir {}, generation {}, epoch {}, sources: {}",
+        "sysgenidd {} ready: runtime dir {}, generation {}, epoch {}, device: {}, sources: {}",
         env!("CARGO_PKG_VERSION"),
         dir_path.display(),
         record.generation,
         sysgenidd::state::epoch_hex(&record.epoch),
+        device,
         if active_names.is_empty() {
             "none (manual bumps only)".to_string()
         } else {

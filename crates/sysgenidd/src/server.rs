@@ -81,6 +81,8 @@ pub enum Command {
         /// Why.
         error: String,
     },
+    /// A request on the `/dev/sysgenid` FUSE device (see `device`).
+    Device(crate::device::DeviceRequest),
 }
 
 /// A handle other threads use to reach the loop.
@@ -132,6 +134,8 @@ pub struct Server {
     sources: Vec<SourceStatus>,
     coalescer: sysgenid_sources::Coalescer,
     shutting_down: bool,
+    /// The FUSE device frontend, when serving one.
+    device: Option<crate::device::Device>,
 }
 
 fn unix_ms_now() -> u64 {
@@ -196,6 +200,7 @@ impl Server {
             }],
             coalescer,
             shutting_down: false,
+            device: None,
         })
     }
 
@@ -207,6 +212,11 @@ impl Server {
     /// Registers a source for status reporting.
     pub fn add_source_status(&mut self, status: SourceStatus) {
         self.sources.push(status);
+    }
+
+    /// Serves the device's requests from now on (see `device`).
+    pub fn attach_device(&mut self, device: crate::device::Device) {
+        self.device = Some(device);
     }
 
     /// The service (for the startup line).
@@ -267,12 +277,16 @@ impl Server {
             );
         }
         self.service.dir().remove_socket();
+        if let Some(device) = &mut self.device {
+            device.shutdown();
+        }
     }
 
     fn next_deadline(&self) -> Option<Instant> {
         self.waiters
             .iter()
             .filter_map(|&k| self.conns.get(k).and_then(|c| c.waiting.flatten()))
+            .chain(self.device.as_ref().and_then(|d| d.next_deadline()))
             .min()
     }
 
@@ -327,6 +341,7 @@ impl Server {
         while let Ok(command) = self.commands.try_recv() {
             match command {
                 Command::SourceEvent(ev) => self.on_source_event(ev),
+                Command::Device(request) => self.on_device(request),
                 Command::SourceStopped { name, error } => {
                     tracing::error!(source = name, "source stopped: {error}");
                     if let Some(s) = self.sources.iter_mut().find(|s| s.name == name) {
@@ -366,6 +381,9 @@ impl Server {
     fn bump(&mut self, min: u32, source: &str) -> Result<u32, BumpError> {
         let generation = self.service.bump(min, source)?;
         tracing::info!(generation, source, "generation changed");
+        if let Some(device) = &mut self.device {
+            device.on_bump(&self.service.core);
+        }
         let changed = Reply::Changed { generation }.encode();
         let keys: Vec<usize> = self
             .conns
@@ -374,7 +392,7 @@ impl Server {
             .map(|(k, _)| k)
             .collect();
         for key in keys {
-            self.send_frame(key, changed.clone());
+            self.send_frame(key, &changed);
         }
         self.settle_waits();
         Ok(generation)
@@ -591,6 +609,9 @@ impl Server {
 
     /// Answers every pending wait whose barrier is no longer pending.
     fn settle_waits(&mut self) {
+        if let Some(device) = &mut self.device {
+            device.settle(&self.service.core);
+        }
         let mut i = 0;
         while i < self.waiters.len() {
             let key = self.waiters[i];
@@ -616,6 +637,9 @@ impl Server {
 
     fn expire_waits(&mut self) {
         let now = Instant::now();
+        if let Some(device) = &mut self.device {
+            device.expire(now);
+        }
         let mut i = 0;
         while i < self.waiters.len() {
             let key = self.waiters[i];
@@ -669,7 +693,7 @@ impl Server {
             last_change_sources: self.service.last_change_sources().to_vec(),
             sources: self.sources.clone(),
             runtime_dir: self.service.dir().path().display().to_string(),
-            device: None,
+            device: self.device.as_ref().map(|d| d.describe()),
             daemon_version: env!("CARGO_PKG_VERSION").to_string(),
         }
     }
@@ -677,12 +701,12 @@ impl Server {
     /// Sends a reply and, if the connection is a still-outdated watcher, the
     /// `Changed` frame that keeps its socket readable.
     fn send_reply(&mut self, key: usize, reply: Reply) {
-        self.send_frame(key, reply.encode());
+        self.send_frame(key, &reply.encode());
         let Some(id) = self.conns.get(key).and_then(|c| c.watcher) else {
             return;
         };
         if let Ok(Some(generation)) = self.service.core.poll_read(id) {
-            self.send_frame(key, Reply::Changed { generation }.encode());
+            self.send_frame(key, &Reply::Changed { generation }.encode());
         }
     }
 
@@ -692,7 +716,7 @@ impl Server {
         tracing::debug!(conn = key, "closing connection: {message}");
         self.send_frame(
             key,
-            error(
+            &error(
                 code,
                 if code == ErrorCode::VersionMismatch {
                     u32::from(PROTOCOL_VERSION)
@@ -712,7 +736,9 @@ impl Server {
         }
     }
 
-    fn send_frame(&mut self, key: usize, frame: Vec<u8>) {
+    /// Sends one frame now, or queues it (allocating only then) when the
+    /// socket buffer is full.
+    fn send_frame(&mut self, key: usize, frame: &[u8]) {
         let Some(conn) = self.conns.get_mut(key) else {
             return;
         };
@@ -720,7 +746,7 @@ impl Server {
             return;
         }
         if conn.outbox.is_empty() {
-            match rustix::net::send(&conn.fd, &frame, SendFlags::DONTWAIT | SendFlags::NOSIGNAL) {
+            match rustix::net::send(&conn.fd, frame, SendFlags::DONTWAIT | SendFlags::NOSIGNAL) {
                 Ok(_) => return,
                 Err(rustix::io::Errno::AGAIN) => {}
                 Err(_) => {
@@ -731,11 +757,11 @@ impl Server {
             }
         }
         let is_changed = |f: &[u8]| matches!(Reply::decode(f), Ok(Reply::Changed { .. }));
-        if is_changed(&frame) && conn.outbox.back().is_some_and(|f| is_changed(f)) {
+        if is_changed(frame) && conn.outbox.back().is_some_and(|f| is_changed(f)) {
             // Only the newest Changed matters.
-            *conn.outbox.back_mut().expect("checked non-empty") = frame;
+            *conn.outbox.back_mut().expect("checked non-empty") = frame.to_vec();
         } else {
-            conn.outbox.push_back(frame);
+            conn.outbox.push_back(frame.to_vec());
         }
         if conn.outbox.len() > MAX_OUTBOX {
             tracing::warn!(
@@ -822,6 +848,38 @@ impl Server {
             self.waiters.retain(|&k| k != key);
         }
         if released {
+            self.settle_waits();
+        }
+    }
+}
+
+impl Server {
+    /// A request on the FUSE device: the device frontend answers it; a
+    /// forced update goes through the same bump as the socket's.
+    fn on_device(&mut self, request: crate::device::DeviceRequest) {
+        let Some(device) = &mut self.device else {
+            return;
+        };
+        let effect = device.handle(
+            request,
+            &mut self.service.core,
+            &mut self.per_uid,
+            &self.limits,
+        );
+        if let Some((unique, min)) = effect.bump {
+            if let Some(s) = self.sources.iter_mut().find(|s| s.name == "manual") {
+                s.events += 1;
+                s.last_event_unix_ms = Some(unix_ms_now());
+            }
+            let result = self.bump(min, "manual");
+            if let Err(e) = &result {
+                tracing::error!("forced update on the device failed: {e}");
+            }
+            if let Some(device) = &self.device {
+                device.answer_bump(unique, &result);
+            }
+        }
+        if effect.settle {
             self.settle_waits();
         }
     }
