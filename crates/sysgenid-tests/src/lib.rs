@@ -61,7 +61,8 @@ impl Daemon {
         Daemon::start_with(dir, &[])
     }
 
-    /// Starts with extra flags.
+    /// Starts with extra flags (`--source LIST` replaces the default
+    /// `--source none`).
     pub fn start_with(dir: &Path, extra: &[&str]) -> Daemon {
         let extra: Vec<String> = extra.iter().map(|s| s.to_string()).collect();
         let child = Daemon::spawn(dir, &extra);
@@ -81,10 +82,28 @@ impl Daemon {
             .append(true)
             .open(dir.with_extension("log"))
             .unwrap();
+        // `--source none` unless the caller chose sources (`start_with(dir,
+        // &["--source", "uevent"])`): clap refuses the flag twice.
+        let chose_sources = extra
+            .iter()
+            .any(|a| a == "--source" || a.starts_with("--source="));
+        let default_sources: &[&str] = if chose_sources {
+            &[]
+        } else {
+            &["--source", "none"]
+        };
+        // `--device off` unless the caller asked for a device: tests run
+        // as root, where the default would mount /dev/sysgenid.
+        let device_default: &[&str] = if extra.iter().any(|a| a.starts_with("--device")) {
+            &[]
+        } else {
+            &["--device", "off"]
+        };
         Command::new(bin("sysgenidd"))
             .arg("--runtime-dir")
             .arg(dir)
-            .args(["--source", "none"])
+            .args(default_sources)
+            .args(device_default)
             .args(extra)
             .env("RUST_LOG", "debug")
             .stdout(Stdio::null())

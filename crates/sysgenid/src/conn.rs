@@ -35,14 +35,24 @@ impl Conn {
         )
         .map_err(not_running)?;
         let addr = SocketAddrUnix::new(socket).map_err(not_running)?;
-        match rustix::net::connect(&fd, &addr) {
-            Ok(()) => {}
-            // Non-blocking AF_UNIX connect only fails this way when the
-            // backlog is full; wait until it is accepted.
-            Err(rustix::io::Errno::AGAIN | rustix::io::Errno::INPROGRESS) => {
-                wait_fd(fd.as_fd(), PollFlags::OUT, None)?;
+        // A non-blocking AF_UNIX connect fails with EAGAIN when the
+        // daemon's listen backlog is full; the connection is then *not*
+        // queued (sending would fail with ENOTCONN), so retry with backoff.
+        let mut delay = std::time::Duration::from_millis(1);
+        loop {
+            match rustix::net::connect(&fd, &addr) {
+                Ok(()) => break,
+                Err(rustix::io::Errno::AGAIN) => {
+                    std::thread::sleep(delay);
+                    delay = (delay * 2).min(std::time::Duration::from_millis(100));
+                }
+                Err(rustix::io::Errno::INTR) => {}
+                Err(rustix::io::Errno::INPROGRESS) => {
+                    wait_fd(fd.as_fd(), PollFlags::OUT, None)?;
+                    break;
+                }
+                Err(e) => return Err(not_running(e)),
             }
-            Err(e) => return Err(not_running(e)),
         }
         let conn = Conn { fd };
         conn.send(&Request::Hello {

@@ -7,6 +7,8 @@
 //! * [`server`]: the socket frontend and the single-threaded event loop;
 //! * [`runtime_dir`]: where the socket, page, state and lock live, created
 //!   without following anyone's symlinks;
+//! * [`device`]: `/dev/sysgenid`, the seed's device ABI served through
+//!   FUSE, its handles watchers in the same core;
 //! * [`peer`]: who is on the other end, and whether they may bump;
 //! * restore-signal sources come from the `sysgenid-sources` crate and run
 //!   in their own threads, feeding the loop through a channel.
@@ -14,6 +16,7 @@
 //! May depend on: `sysgenid-core`, `sysgenid-proto`, `sysgenid-page`,
 //! `sysgenid-sources`. Nothing depends on it but its binary.
 
+pub mod device;
 pub mod peer;
 pub mod runtime_dir;
 pub mod server;

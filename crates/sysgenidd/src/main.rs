@@ -161,7 +161,8 @@ fn run(args: Args) -> Result<(), String> {
 
     let device = match sysgenidd::device::Device::start(
         &sysgenidd::device::Setting::parse(args.device.as_deref()),
-        &server.service().dir().page_path(),
+        server.service().dir(),
+        server.service().record(),
         server.handle(),
     )? {
         Ok(device) => {

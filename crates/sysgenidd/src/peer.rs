@@ -92,6 +92,22 @@ impl Peer {
         })
     }
 
+    /// A process (or thread) named by the kernel rather than by a socket:
+    /// the caller of a request on the FUSE device (`fuse_in_header` pid
+    /// and uid). The caller is blocked in that request while we check, so
+    /// its id cannot be reused meanwhile; the pidfd (opened for the thread,
+    /// as FUSE names threads) makes [`Peer::may_bump`] check that again.
+    pub fn of_process(pid: i32, uid: u32) -> Peer {
+        // PIDFD_THREAD (Linux 6.9) is O_EXCL: FUSE reports thread ids.
+        let thread = rustix::process::PidfdFlags::from_bits_retain(libc::O_EXCL as _);
+        let pidfd = rustix::process::Pid::from_raw(pid).and_then(|p| {
+            rustix::process::pidfd_open(p, thread)
+                .or_else(|_| rustix::process::pidfd_open(p, rustix::process::PidfdFlags::empty()))
+                .ok()
+        });
+        Peer { uid, pid, pidfd }
+    }
+
     /// Whether the peer may force a generation update (see module docs).
     pub fn may_bump(&self) -> bool {
         let daemon_euid = rustix::process::geteuid();

@@ -382,7 +382,7 @@ impl Server {
         let generation = self.service.bump(min, source)?;
         tracing::info!(generation, source, "generation changed");
         if let Some(device) = &mut self.device {
-            device.on_bump(&self.service.core);
+            device.on_bump(&self.service.core, self.service.record());
         }
         let changed = Reply::Changed { generation }.encode();
         let keys: Vec<usize> = self
@@ -850,6 +850,10 @@ impl Server {
         if released {
             self.settle_waits();
         }
+        // Descriptors were freed: accept what may have waited in the
+        // backlog since an accept failed with EMFILE (the listener is
+        // edge-triggered and would not report those connections again).
+        self.accept_all();
     }
 }
 
