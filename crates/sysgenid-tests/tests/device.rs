@@ -372,7 +372,7 @@ fn outdated_count_and_poll_follow_the_core() {
 }
 
 #[test]
-fn a_non_root_process_reads_but_may_not_force_an_update() {
+fn a_non_root_process_watches_read_only_but_may_not_write_open_or_force_an_update() {
     require_fuse!();
     let s = setup();
     use std::os::unix::process::CommandExt;
@@ -384,10 +384,24 @@ fn a_non_root_process_reads_but_may_not_force_an_update() {
             .uid(65534)
             .gid(65534),
     );
+    c.expect("open-rdwr-error EACCES");
     c.expect("force-error EACCES");
     c.expect("read-error EAGAIN");
     c.wait_success();
     assert_eq!(s.daemon.generation(), 0);
+    // The read-only handle still watches: it sees the next change.
+    let mut watcher = Client::spawn_with(
+        Command::new(sgdev())
+            .arg("read")
+            .arg(&s.dev)
+            .arg("")
+            .uid(65534)
+            .gid(65534),
+    );
+    watcher.expect("ready");
+    s.daemon.wait_watchers_registered(1);
+    s.daemon.control().bump(0).unwrap();
+    watcher.expect("generation 1");
 }
 
 #[test]

@@ -149,6 +149,8 @@ fn flood_until_dropped(path: &Path, c: &Counters, stop: &AtomicBool) {
         match sock.recv(&mut buf) {
             Ok(0) => break,
             Ok(_) => {}
+            // Closed with our unread requests still queued on its side.
+            Err(e) if e.raw_os_error() == Some(libc::ECONNRESET) => break,
             Err(e) => {
                 note_unexpected(c, format!("flood drain: {e}"));
                 return;

@@ -11,11 +11,13 @@
 
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
+use rustix::fs::AtFlags;
+
 use sysgenid_core::{Core, CoreError, Generation};
 use sysgenid_page::{PageRecord, PageWriter};
 
 use crate::runtime_dir::RuntimeDir;
-use crate::state::{SavedState, StateError};
+use crate::state::{SavedState, StateError, StateFile};
 
 /// Why the daemon cannot start from what is on disk. Each message says what
 /// to do.
@@ -89,6 +91,7 @@ pub struct Service {
     /// The state machine.
     pub core: Core,
     dir: RuntimeDir,
+    state_file: StateFile,
     page: PageWriter,
     record: PageRecord,
     started: Instant,
@@ -105,22 +108,44 @@ impl Service {
         let page = PageWriter::new(page_file, &dir.page_path())
             .map_err(|e| StartError::Io(e.to_string()))?;
         let on_page = page.existing();
-        let saved = if recover {
+        let from_page = || -> Result<SavedState, StartError> {
             let rec = on_page.ok_or_else(|| StartError::NothingToRecover(page_path.clone()))?;
             tracing::warn!(
                 generation = rec.generation,
                 "recovering from the page as asked (--recover)"
             );
-            Some(SavedState {
+            Ok(SavedState {
                 generation: rec.generation,
                 epoch: rec.epoch,
                 changed_unix_ns: rec.changed_unix_ns,
             })
-        } else {
-            SavedState::load(dir.fd(), &dir_path).map_err(|source| StartError::State {
-                source,
-                page: page_path.clone(),
-            })?
+        };
+        let (mut state_file, saved) = match StateFile::open(dir.fd(), &dir_path) {
+            Ok((file, saved)) if recover => {
+                // Never below what was saved: the page can lag the state
+                // by one bump (crash between save and publish).
+                let page = from_page()?;
+                let best = match saved {
+                    Some(s) if s.generation >= page.generation => s,
+                    _ => page,
+                };
+                (file, Some(best))
+            }
+            Ok((file, saved)) => (file, saved),
+            Err(StateError::Corrupt { .. }) if recover => {
+                // Replace the corrupt file: --recover was asked for.
+                rustix::fs::unlinkat(dir.fd(), crate::state::STATE_NAME, AtFlags::empty())
+                    .map_err(|e| StartError::Io(format!("removing the corrupt state file: {e}")))?;
+                let (file, _) = StateFile::open(dir.fd(), &dir_path)
+                    .map_err(|e| StartError::Io(e.to_string()))?;
+                (file, Some(from_page()?))
+            }
+            Err(source) => {
+                return Err(StartError::State {
+                    source,
+                    page: page_path.clone(),
+                })
+            }
         };
         let state = match (saved, on_page) {
             (Some(s), Some(p)) if p.generation > s.generation => {
@@ -144,8 +169,8 @@ impl Service {
                 changed_unix_ns: 0,
             },
         };
-        state
-            .save(dir.fd(), &dir_path)
+        state_file
+            .save(&state)
             .map_err(|e| StartError::Io(e.to_string()))?;
         let record = PageRecord {
             generation: state.generation,
@@ -155,6 +180,7 @@ impl Service {
         let mut service = Service {
             core: Core::new(state.generation),
             dir,
+            state_file,
             page,
             record,
             started: Instant::now(),
@@ -192,7 +218,7 @@ impl Service {
             epoch: random_epoch()?,
             changed_unix_ns: now_unix_ns(),
         };
-        state.save(self.dir.fd(), &self.dir.path().display().to_string())?;
+        self.state_file.save(&state)?;
         self.record = PageRecord {
             generation: state.generation,
             epoch: state.epoch,

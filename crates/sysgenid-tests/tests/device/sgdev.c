@@ -228,7 +228,13 @@ int main(int argc, char **argv) {
         return 0;
     }
     if (!strcmp(cmd, "force")) {
-        int fd = open_dev(path, O_RDWR);
+        /* Write opens are for privileged callers (a writer could map the
+           page writable); everyone else watches through a read-only open. */
+        int fd = open(path, O_RDWR | O_CLOEXEC);
+        if (fd < 0) {
+            out("open-rdwr-error %s", ename(errno));
+            fd = open_dev(path, O_RDONLY);
+        }
         int rc = ioctl(fd, SYSGENID_FORCE_GEN_UPDATE, arg);
         if (rc == 0) out("force ok"); else out("force-error %s", ename(errno));
         /* Reading and watching stay open to all. */

@@ -316,9 +316,30 @@ impl Device {
                     ch.error(unique, libc::EUSERS);
                     return effect;
                 }
+                let read_only = flags & libc::O_ACCMODE as u32 == libc::O_RDONLY as u32;
+                // A handle opened for writing can map the shared page
+                // writable (the kernel checks only the FUSE file's mode; with
+                // passthrough the backing file is reopened read-write, and
+                // without it the page cache is shared by every mapper). An
+                // unprivileged writer could then hide a restore from every
+                // program that maps /dev/sysgenid, so write opens are for
+                // privileged callers; everyone may open read-only, which
+                // reads, polls and maps but cannot acknowledge.
+                if !read_only {
+                    let pid = header.pid as i32;
+                    if pid <= 0 || !crate::peer::Peer::of_process(pid, header.uid).may_bump() {
+                        tracing::info!(
+                            uid = header.uid,
+                            pid,
+                            "device: refused a write open by an unprivileged process (open it read-only, or use the socket client to acknowledge)"
+                        );
+                        ch.error(unique, libc::EACCES);
+                        return effect;
+                    }
+                }
                 // A read-only handle can never acknowledge (write(2) needs
                 // write access), so it never holds up the barrier.
-                let tracking = if flags & libc::O_ACCMODE as u32 == libc::O_RDONLY as u32 {
+                let tracking = if read_only {
                     Tracking::Untracked
                 } else {
                     Tracking::Tracked
