@@ -43,6 +43,10 @@ pub const PAGE_MAGIC: u32 = u32::from_le_bytes(*b"SGID");
 /// Version of the layout above.
 pub const PAGE_LAYOUT_VERSION: u32 = 1;
 
+/// Checks of an unchanging odd `seq` before a reader decides its writer
+/// died mid-publish.
+const STUCK_ODD_LIMIT: u32 = 20_000;
+
 const OFF_GENERATION: usize = 0;
 const OFF_SEQ: usize = 4;
 const OFF_MAGIC: usize = 8;
@@ -122,19 +126,47 @@ impl Fields {
         epoch
     }
 
+    /// The fields as they are, without the seqlock (for the writer itself).
+    fn raw_record(&self) -> PageRecord {
+        PageRecord {
+            generation: self.u32_at(OFF_GENERATION).load(Ordering::Acquire),
+            epoch: self.load_epoch(),
+            changed_unix_ns: self.u64_at(OFF_CHANGED).load(Ordering::Relaxed),
+        }
+    }
+
+    /// A consistent record. A writer killed between its two `seq` stores
+    /// leaves `seq` odd until the next daemon republishes; rather than wait
+    /// forever, a reader that sees the *same* odd `seq` for
+    /// [`STUCK_ODD_LIMIT`] checks (milliseconds, with yields in between)
+    /// takes the fields as they are: the generation word is always a whole
+    /// published value; only epoch and time could be from another
+    /// publication. A live writer moves `seq` on within nanoseconds, so a
+    /// busy writer never triggers this.
     fn record(&self) -> PageRecord {
         let seq = self.u32_at(OFF_SEQ);
+        let mut stuck = 0u32;
+        let mut last_odd = None;
         loop {
             let before = seq.load(Ordering::Acquire);
             if before & 1 == 1 {
-                std::hint::spin_loop();
+                if last_odd == Some(before) {
+                    stuck += 1;
+                    if stuck >= STUCK_ODD_LIMIT {
+                        return self.raw_record();
+                    }
+                } else {
+                    last_odd = Some(before);
+                    stuck = 0;
+                }
+                if stuck > 64 {
+                    std::thread::yield_now();
+                } else {
+                    std::hint::spin_loop();
+                }
                 continue;
             }
-            let record = PageRecord {
-                generation: self.u32_at(OFF_GENERATION).load(Ordering::Relaxed),
-                epoch: self.load_epoch(),
-                changed_unix_ns: self.u64_at(OFF_CHANGED).load(Ordering::Relaxed),
-            };
+            let record = self.raw_record();
             fence(Ordering::Acquire);
             if seq.load(Ordering::Relaxed) == before {
                 return record;
@@ -178,7 +210,9 @@ impl PageWriter {
     /// last published), if it carries the magic.
     pub fn existing(&self) -> Option<PageRecord> {
         let f = self.fields();
-        (f.u32_at(OFF_MAGIC).load(Ordering::Relaxed) == PAGE_MAGIC).then(|| f.record())
+        // No seqlock: we are the only writer, and a predecessor killed
+        // mid-publish may have left `seq` odd (publish repairs it).
+        (f.u32_at(OFF_MAGIC).load(Ordering::Relaxed) == PAGE_MAGIC).then(|| f.raw_record())
     }
 
     /// Publishes a record. See the module docs for the ordering.
@@ -334,6 +368,34 @@ mod tests {
         let (w2, _) = writer(dir.path());
         assert_eq!(w2.existing(), Some(rec));
         assert_eq!(reader.generation(), 7);
+    }
+
+    #[test]
+    fn a_writer_killed_mid_publish_does_not_hang_the_next_one_or_readers() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut w, path) = writer(dir.path());
+        let rec = PageRecord {
+            generation: 9,
+            epoch: [9; 16],
+            changed_unix_ns: 1,
+        };
+        w.publish(&rec);
+        // Leave seq odd, as a crash between the two seq stores would.
+        w.fields().u32_at(OFF_SEQ).fetch_add(1, Ordering::Relaxed);
+        drop(w);
+        let reader = PageReader::open(&path).unwrap();
+        assert_eq!(reader.record(), rec, "bounded wait, then the fields");
+        let (mut w2, _) = writer(dir.path());
+        assert_eq!(w2.existing(), Some(rec));
+        w2.publish(&PageRecord {
+            generation: 10,
+            ..rec
+        });
+        assert_eq!(reader.record().generation, 10);
+        assert_eq!(
+            reader.fields().u32_at(OFF_SEQ).load(Ordering::Relaxed) % 2,
+            0
+        );
     }
 
     #[test]

@@ -7,12 +7,13 @@
 //!
 //! Identity comes from the kernel, never from the client: `SO_PEERCRED`
 //! (uid, pid at `connect()` time) and, on Linux 6.5+, `SO_PEERPIDFD`, a
-//! pidfd for exactly that process. Capabilities are read from
-//! `/proc/<pid>/status` when a bump is requested, and the pidfd is checked
-//! *afterwards* to still name a live process with that pid: a pid cannot be
-//! reused while its process is alive, so what we read belonged to the peer.
-//! Without `SO_PEERPIDFD` (older kernels) the pidfd is opened with
-//! `pidfd_open` at accept time, which leaves a small window documented in
+//! pidfd for exactly that process, asked of the socket when a bump is
+//! requested (so a watcher holds no extra descriptor). Capabilities are read
+//! with `capget(2)`, and the pidfd is checked *afterwards* to still name a
+//! live process: a pid cannot be reused while its process is alive, so what
+//! we read belonged to the peer. Without `SO_PEERPIDFD` (kernels before 6.5)
+//! a pidfd is opened with `pidfd_open` at accept time instead, which leaves
+//! the small window between `connect` and `accept` documented in
 //! `docs/design.md`.
 //!
 //! When the daemon itself is not root (developer mode), peers with the
@@ -20,33 +21,43 @@
 //!
 //! # References
 //! `unix(7)` (`SO_PEERCRED`, `SO_PEERPIDFD`), `pidfd_open(2)`,
-//! `proc_pid_status(5)` (`CapEff`), `capabilities(7)`.
+//! `capget(2)`, `capabilities(7)`, `pidfd_send_signal(2)`.
 
-use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
 
 /// `SO_PEERPIDFD` from `<asm-generic/socket.h>` (Linux 6.5).
 const SO_PEERPIDFD: libc::c_int = 77;
 const CAP_SYS_ADMIN: u32 = 21;
 const CAP_CHECKPOINT_RESTORE: u32 = 40;
 
-/// A connected peer's identity.
+/// A connected peer's identity. Holds no descriptor: the peer's pidfd is
+/// asked of the socket only when the peer requests a bump (the socket keeps
+/// a reference to the process that connected), so a watcher costs the
+/// daemon one descriptor, not two.
 #[derive(Debug)]
 pub struct Peer {
     /// Effective uid at connect time.
     pub uid: u32,
     /// Pid at connect time.
     pub pid: i32,
-    pidfd: Option<OwnedFd>,
+    /// Only on kernels without `SO_PEERPIDFD`: a pidfd opened at accept.
+    fallback_pidfd: Option<OwnedFd>,
 }
 
-fn peer_pidfd(sock: &impl AsFd) -> Option<OwnedFd> {
+/// Whether this kernel has `SO_PEERPIDFD` (learned at the first accept).
+fn kernel_has_peerpidfd(sock: BorrowedFd<'_>) -> bool {
+    static HAS: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *HAS.get_or_init(|| peer_pidfd(sock).is_some())
+}
+
+fn peer_pidfd(sock: BorrowedFd<'_>) -> Option<OwnedFd> {
     let mut fd: libc::c_int = -1;
     let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
     // SAFETY: getsockopt writes at most `len` bytes into `fd`, a c_int we
     // own; the socket descriptor is valid for the call.
     let rc = unsafe {
         libc::getsockopt(
-            sock.as_fd().as_raw_fd(),
+            sock.as_raw_fd(),
             libc::SOL_SOCKET,
             SO_PEERPIDFD,
             (&mut fd as *mut libc::c_int).cast(),
@@ -58,70 +69,129 @@ fn peer_pidfd(sock: &impl AsFd) -> Option<OwnedFd> {
     (rc == 0 && fd >= 0).then(|| unsafe { OwnedFd::from_raw_fd(fd) })
 }
 
-fn pidfd_pid(pidfd: &OwnedFd) -> Option<i32> {
-    let info = std::fs::read_to_string(format!("/proc/self/fdinfo/{}", pidfd.as_raw_fd())).ok()?;
-    info.lines()
-        .find_map(|l| l.strip_prefix("Pid:"))
-        .and_then(|v| v.trim().parse().ok())
+/// Whether the process behind `pidfd` is still alive (signal 0 through the
+/// pidfd: `EPERM` still means it exists).
+fn pidfd_alive(pidfd: &OwnedFd) -> bool {
+    // SAFETY: pidfd_send_signal with signal 0 and a null siginfo only
+    // checks that the target exists; the descriptor is valid for the call.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_pidfd_send_signal,
+            pidfd.as_raw_fd(),
+            0,
+            std::ptr::null::<libc::siginfo_t>(),
+            0,
+        )
+    };
+    rc == 0 || std::io::Error::last_os_error().raw_os_error() == Some(libc::EPERM)
 }
 
-fn user_ns(pid: &str) -> Option<std::path::PathBuf> {
-    std::fs::read_link(format!("/proc/{pid}/ns/user")).ok()
+/// The user namespace of `pid` ("self" for ours) as (device, inode).
+fn user_ns(pid: &str) -> Option<(u64, u64)> {
+    let st = rustix::fs::stat(format!("/proc/{pid}/ns/user")).ok()?;
+    Some((st.st_dev, st.st_ino))
 }
 
+fn own_user_ns() -> Option<(u64, u64)> {
+    static OWN: std::sync::OnceLock<Option<(u64, u64)>> = std::sync::OnceLock::new();
+    *OWN.get_or_init(|| user_ns("self"))
+}
+
+/// Effective capabilities of `pid` through capget(2) (no /proc parsing).
 fn effective_caps(pid: i32) -> Option<u64> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("CapEff:"))
-        .and_then(|v| u64::from_str_radix(v.trim(), 16).ok())
+    #[repr(C)]
+    struct Header {
+        version: u32,
+        pid: libc::c_int,
+    }
+    #[repr(C)]
+    #[derive(Default, Clone, Copy)]
+    struct Data {
+        effective: u32,
+        permitted: u32,
+        inheritable: u32,
+    }
+    const LINUX_CAPABILITY_VERSION_3: u32 = 0x2008_0522;
+    let mut header = Header {
+        version: LINUX_CAPABILITY_VERSION_3,
+        pid,
+    };
+    let mut data = [Data::default(); 2];
+    // SAFETY: capget reads `header` and writes two `Data` structs (the
+    // version 3 layout) into `data`, both owned by this frame.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_capget,
+            &mut header as *mut Header,
+            data.as_mut_ptr(),
+        )
+    };
+    (rc == 0).then(|| u64::from(data[0].effective) | u64::from(data[1].effective) << 32)
+}
+
+/// The rule itself, for a process we hold a pidfd of: capable, in our user
+/// namespace, and still the same live process after we looked.
+fn capable(pid: i32, pidfd: Option<&OwnedFd>) -> bool {
+    let Some(pidfd) = pidfd else {
+        return false;
+    };
+    let same_ns = own_user_ns().is_some() && user_ns(&pid.to_string()) == own_user_ns();
+    let caps = effective_caps(pid).unwrap_or(0);
+    let capable = caps & (1 << CAP_SYS_ADMIN | 1 << CAP_CHECKPOINT_RESTORE) != 0;
+    // Checked last: a pid cannot be reused while its process lives, so if
+    // it is alive now, what we read belonged to it.
+    same_ns && capable && pidfd_alive(pidfd)
+}
+
+/// Developer mode: an unprivileged daemon trusts its own uid.
+fn same_uid_as_unprivileged_daemon(uid: u32) -> bool {
+    let daemon_euid = rustix::process::geteuid();
+    !daemon_euid.is_root() && uid == daemon_euid.as_raw()
 }
 
 impl Peer {
     /// Reads the peer of an accepted socket.
     pub fn of(sock: &impl AsFd) -> std::io::Result<Peer> {
         let cred = rustix::net::sockopt::socket_peercred(sock)?;
-        let pid = cred.pid.as_raw_nonzero().get();
-        let pidfd = peer_pidfd(sock).or_else(|| {
+        let fallback_pidfd = if kernel_has_peerpidfd(sock.as_fd()) {
+            None
+        } else {
             rustix::process::pidfd_open(cred.pid, rustix::process::PidfdFlags::empty()).ok()
-        });
+        };
         Ok(Peer {
             uid: cred.uid.as_raw(),
-            pid,
-            pidfd,
+            pid: cred.pid.as_raw_nonzero().get(),
+            fallback_pidfd,
         })
     }
 
-    /// A process (or thread) named by the kernel rather than by a socket:
-    /// the caller of a request on the FUSE device (`fuse_in_header` pid
-    /// and uid). The caller is blocked in that request while we check, so
-    /// its id cannot be reused meanwhile; the pidfd (opened for the thread,
-    /// as FUSE names threads) makes [`Peer::may_bump`] check that again.
-    pub fn of_process(pid: i32, uid: u32) -> Peer {
-        // PIDFD_THREAD (Linux 6.9) is O_EXCL: FUSE reports thread ids.
-        let thread = rustix::process::PidfdFlags::from_bits_retain(libc::O_EXCL as _);
-        let pidfd = rustix::process::Pid::from_raw(pid).and_then(|p| {
-            rustix::process::pidfd_open(p, thread)
-                .or_else(|_| rustix::process::pidfd_open(p, rustix::process::PidfdFlags::empty()))
-                .ok()
-        });
-        Peer { uid, pid, pidfd }
-    }
-
-    /// Whether the peer may force a generation update (see module docs).
-    pub fn may_bump(&self) -> bool {
-        let daemon_euid = rustix::process::geteuid();
-        if !daemon_euid.is_root() && self.uid == daemon_euid.as_raw() {
+    /// Whether the peer on `sock` may force a generation update (see the
+    /// module docs).
+    pub fn may_bump(&self, sock: &impl AsFd) -> bool {
+        if same_uid_as_unprivileged_daemon(self.uid) {
             return true;
         }
-        let Some(pidfd) = &self.pidfd else {
-            return false;
-        };
-        let same_ns = user_ns(&self.pid.to_string()) == user_ns("self");
-        let caps = effective_caps(self.pid).unwrap_or(0);
-        let capable = caps & (1 << CAP_SYS_ADMIN | 1 << CAP_CHECKPOINT_RESTORE) != 0;
-        // Checked last: the process we read about is still the peer.
-        let still_peer = pidfd_pid(pidfd) == Some(self.pid);
-        same_ns && capable && still_peer
+        match &self.fallback_pidfd {
+            Some(pidfd) => capable(self.pid, Some(pidfd)),
+            None => capable(self.pid, peer_pidfd(sock.as_fd()).as_ref()),
+        }
     }
+}
+
+/// Whether the caller of a FUSE device request (`fuse_in_header` pid and
+/// uid, a thread id) may force an update or open the device for writing.
+/// The caller is blocked in that request while we check, so its id cannot
+/// be reused meanwhile; the thread pidfd makes the check hold afterwards too.
+pub fn process_may_bump(pid: i32, uid: u32) -> bool {
+    if same_uid_as_unprivileged_daemon(uid) {
+        return true;
+    }
+    // PIDFD_THREAD (Linux 6.9) is O_EXCL: FUSE reports thread ids.
+    let thread = rustix::process::PidfdFlags::from_bits_retain(libc::O_EXCL as _);
+    let pidfd = rustix::process::Pid::from_raw(pid).and_then(|p| {
+        rustix::process::pidfd_open(p, thread)
+            .or_else(|_| rustix::process::pidfd_open(p, rustix::process::PidfdFlags::empty()))
+            .ok()
+    });
+    capable(pid, pidfd.as_ref())
 }

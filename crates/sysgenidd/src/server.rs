@@ -575,8 +575,9 @@ impl Server {
     }
 
     fn on_bump(&mut self, key: usize, min: u32) {
-        let peer = &self.conns[key].peer;
-        if !peer.may_bump() {
+        let conn = &self.conns[key];
+        let peer = &conn.peer;
+        if !peer.may_bump(&conn.fd) {
             let message = format!(
                 "permission denied: forcing a generation update needs CAP_SYS_ADMIN or CAP_CHECKPOINT_RESTORE (uid {}, pid {} has neither)",
                 peer.uid, peer.pid

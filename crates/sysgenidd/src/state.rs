@@ -162,8 +162,10 @@ impl StateFile {
                 None,
             ));
         }
-        let (state, sequence) =
-            decode_file(&bytes).map_err(|why| StateError::Corrupt { path: path.clone(), why })?;
+        let (state, sequence) = decode_file(&bytes).map_err(|why| StateError::Corrupt {
+            path: path.clone(),
+            why,
+        })?;
         Ok((StateFile { fd, path, sequence }, Some(state)))
     }
 

@@ -327,7 +327,7 @@ impl Device {
                 // reads, polls and maps but cannot acknowledge.
                 if !read_only {
                     let pid = header.pid as i32;
-                    if pid <= 0 || !crate::peer::Peer::of_process(pid, header.uid).may_bump() {
+                    if pid <= 0 || !crate::peer::process_may_bump(pid, header.uid) {
                         tracing::info!(
                             uid = header.uid,
                             pid,
@@ -446,7 +446,7 @@ impl Device {
                     },
                     SYSGENID_FORCE_GEN_UPDATE => {
                         let pid = header.pid as i32;
-                        if pid <= 0 || !crate::peer::Peer::of_process(pid, header.uid).may_bump() {
+                        if pid <= 0 || !crate::peer::process_may_bump(pid, header.uid) {
                             tracing::warn!(
                                 uid = header.uid,
                                 pid,
