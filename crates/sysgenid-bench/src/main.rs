@@ -52,6 +52,12 @@ struct Args {
     #[arg(long = "daemon-arg", value_name = "ARG", allow_hyphen_values = true)]
     daemon_args: Vec<String>,
 
+    /// Also serve the FUSE device (`sysgenidd --device <runtime dir>.dev`)
+    /// and time it (scenario 5). Without this the daemon runs with
+    /// `--device off`, so it never takes `/dev/sysgenid` from anyone.
+    #[arg(long)]
+    device: bool,
+
     /// Parent directory of the temporary runtime directory (default
     /// /dev/shm if it exists, else the system temp dir).
     #[arg(long, value_name = "DIR")]
@@ -188,7 +194,12 @@ struct Daemon {
 }
 
 impl Daemon {
-    fn start(bin: &Path, parent: &Path, extra: &[String]) -> Result<(Daemon, Duration), String> {
+    fn start(
+        bin: &Path,
+        parent: &Path,
+        extra: &[String],
+        device: bool,
+    ) -> Result<(Daemon, Duration), String> {
         let dir = tempfile::Builder::new()
             .prefix("sysgenid-bench-")
             .tempdir_in(parent)
@@ -208,6 +219,12 @@ impl Daemon {
             .arg("--runtime-dir")
             .arg(dir.path())
             .args(["--source", "none"])
+            .arg("--device")
+            .arg(if device {
+                dir.path().with_extension("dev").into_os_string()
+            } else {
+                "off".into()
+            })
             .args(extra)
             .env_remove("RUST_LOG")
             .stdin(Stdio::null())
@@ -250,9 +267,21 @@ impl Daemon {
 
 impl Drop for Daemon {
     fn drop(&mut self) {
+        // SIGTERM first: the daemon then unmounts its device and removes its
+        // socket; SIGKILL only if it does not stop within 2 s.
+        // SAFETY: kill(2) on our own child.
+        unsafe { libc::kill(self.child.id() as libc::pid_t, libc::SIGTERM) };
+        let start = Instant::now();
+        while start.elapsed() < Duration::from_secs(2) {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(2));
+        }
         let _ = self.child.kill();
         let _ = self.child.wait();
         let _ = std::fs::remove_file(self.dir.path().with_extension("log"));
+        let _ = std::fs::remove_file(self.dir.path().with_extension("dev"));
     }
 }
 
@@ -799,12 +828,13 @@ impl Echo {
         (now_ns() - t0) as f64
     }
 
-    /// `k` round trips, each after a 200 µs idle pause (the sample of a
-    /// bimodal distribution — same CPU or not — needs more than one per
-    /// round of the scenario it is compared with).
+    /// `k` round trips, each after a 4 ms idle pause: as long as the
+    /// barrier's waiter is parked before the last ack (3 ms + 1 ms), so both
+    /// wake equally idle CPUs. More than one sample per round: the
+    /// distribution is bimodal (same CPU or not).
     fn rtts(&self, k: usize, into: &mut Vec<f64>) {
         for _ in 0..k {
-            std::thread::sleep(Duration::from_micros(200));
+            std::thread::sleep(Duration::from_millis(4));
             into.push(self.rtt());
         }
     }
@@ -900,7 +930,7 @@ fn probe(ctx: &mut Ctx, daemon: &Daemon) -> Result<(), String> {
     );
     ctx.table.ratio(
         "1",
-        "probe: `Probe::record()` (seqlock, 32 B) per read",
+        "probe: `Probe::record()` (seqlock: generation, epoch, time) per read",
         rec,
         "hand-written seqlock read",
         raw_rec,
@@ -1270,24 +1300,26 @@ fn barrier(ctx: &mut Ctx, daemon: &Daemon, control: &mut sysgenid::Control) -> R
 }
 
 /// (5) the `/dev/sysgenid` device, when the daemon serves one.
-fn device(ctx: &mut Ctx, control: &mut sysgenid::Control) -> Result<(), String> {
+fn device(ctx: &mut Ctx, daemon: &Daemon, control: &mut sysgenid::Control) -> Result<(), String> {
     let status = control.status().map_err(|e| e.to_string())?;
-    let Some(path) = status.device.filter(|p| Path::new(p).exists()) else {
+    let path = daemon.dir().with_extension("dev").display().to_string();
+    let served = ctx.args.device && status.device.is_some() && Path::new(&path).exists();
+    if !served {
         ctx.table.value(
             "5",
             "/dev/sysgenid device round trips",
-            "skipped: the daemon serves no device".into(),
+            "skipped (run with --device)".into(),
             "—",
             None,
         );
         ctx.table.notes.push(
-            "(5) The daemon reported no device (`status.device` is empty): the FUSE device is not part of \
-             this build. Pass its option with `--daemon-arg` once it exists; the driver then times a \
-             non-blocking read (EAGAIN) and a poll on an up-to-date device handle against a socket round trip."
+            "(5) Run with `--device` to serve the FUSE device on a private path and time it: a \
+             non-blocking read (EAGAIN) and a poll on an up-to-date handle, each a FUSE round trip, against \
+             a socket round trip."
                 .into(),
         );
         return Ok(());
-    };
+    }
     let rounds = if ctx.quick() { 100 } else { 2000 };
     let c = std::ffi::CString::new(path.clone()).map_err(|e| e.to_string())?;
     // SAFETY: open(2) of a NUL-terminated path.
@@ -1355,7 +1387,7 @@ fn startup(ctx: &mut Ctx, idle_rss: u64) -> Result<(), String> {
     let mut ready = Vec::new();
     let mut version = Vec::new();
     for _ in 0..k {
-        let (d, t) = Daemon::start(&ctx.bin, &ctx.tmp, &ctx.args.daemon_args)?;
+        let (d, t) = Daemon::start(&ctx.bin, &ctx.tmp, &ctx.args.daemon_args, ctx.args.device)?;
         drop(d);
         ready.push(t.as_nanos() as f64);
         let t = Instant::now();
@@ -1580,7 +1612,7 @@ fn main() {
 }
 
 fn run(ctx: &mut Ctx, nofile: u64) -> Result<(), String> {
-    let (daemon, _) = Daemon::start(&ctx.bin, &ctx.tmp, &ctx.args.daemon_args)?;
+    let (daemon, _) = Daemon::start(&ctx.bin, &ctx.tmp, &ctx.args.daemon_args, ctx.args.device)?;
     std::thread::sleep(Duration::from_millis(50));
     let idle_rss = vm_rss(daemon.pid()).unwrap_or(0);
     let mut control = daemon.control();
@@ -1599,7 +1631,7 @@ fn run(ctx: &mut Ctx, nofile: u64) -> Result<(), String> {
         barrier(ctx, &daemon, &mut control)?;
     }
     if ctx.wants(5) {
-        device(ctx, &mut control)?;
+        device(ctx, &daemon, &mut control)?;
     }
     if ctx.wants(7) {
         eprintln!("(7) source latency");
