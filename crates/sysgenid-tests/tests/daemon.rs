@@ -177,3 +177,54 @@ fn seqpacket_connect(path: &std::path::Path) -> UnixDatagram {
     sock.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
     sock
 }
+
+#[test]
+fn one_user_cannot_take_every_connection() {
+    use std::os::unix::process::CommandExt;
+    if !rustix::process::geteuid().is_root() {
+        eprintln!("SKIPPED: needs root to run clients as nobody");
+        return;
+    }
+    let dir = runtime_dir();
+    let d = Daemon::start_with(dir.path(), &["--max-connections-per-uid", "3"]);
+    let nobody = |args: &[&str]| {
+        let mut c = std::process::Command::new(bin("sysgenidctl"));
+        c.arg("--runtime-dir")
+            .arg(dir.path())
+            .args(args)
+            .uid(65534)
+            .gid(65534);
+        c
+    };
+    /// Kills the held clients even if an assertion fails first.
+    struct Held(Vec<std::process::Child>);
+    impl Drop for Held {
+        fn drop(&mut self) {
+            for c in &mut self.0 {
+                let _ = c.kill();
+                let _ = c.wait();
+            }
+        }
+    }
+    let held = Held(
+        (0..3)
+            .map(|_| {
+                nobody(&["watch"])
+                    .stdout(std::process::Stdio::null())
+                    .stderr(std::process::Stdio::null())
+                    .spawn()
+                    .unwrap()
+            })
+            .collect(),
+    );
+    d.wait_watchers_registered(3);
+    let out = nobody(&["get"]).output().unwrap();
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    assert!(stderr(&out).contains("per-user limit"), "{}", stderr(&out));
+    // Root (and so bumps) still get through, and the held watchers work.
+    assert_eq!(d.control().bump(0).unwrap(), 1);
+    drop(held);
+    assert!(wait_until(Duration::from_secs(10), || d.status().watchers == 0));
+    let out = nobody(&["get"]).output().unwrap();
+    assert!(out.status.success(), "released on close: {}", stderr(&out));
+}

@@ -5,8 +5,8 @@
 //! well-behaved watcher beyond [`NOTIFY_BOUND`] (a generous liveness bound,
 //! not a performance claim; measured values are in docs/reliability.md).
 //!
-//! CI mode (default): 30 measured bumps plus a 400-bump storm. With
-//! `SYSGENID_FULL=1`: 300 measured bumps, a 2 000-bump storm, more hostile
+//! CI mode (default): 30 measured bumps plus a 390-bump storm. With
+//! `SYSGENID_FULL=1`: 300 measured bumps, a 1 800-bump storm, more hostile
 //! connections.
 
 use std::os::fd::OwnedFd;

@@ -514,8 +514,8 @@ fn planted_symlinks_at_the_state_and_lock_paths_are_not_followed() {
         assert!(!err.is_empty());
         assert_eq!(std::fs::read(&target).unwrap(), b"precious", "{name}");
     }
-    // state.tmp is ours to replace: a symlink there is removed, never
-    // written through, and the daemon starts.
+    // A symlink at an unused name (`state.tmp`, the temporary of the
+    // earlier rename-based state file) is never written through.
     let dir = runtime_dir();
     let rt = dir.path().join("rt");
     std::fs::create_dir(&rt).unwrap();

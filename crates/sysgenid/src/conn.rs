@@ -55,11 +55,18 @@ impl Conn {
             }
         }
         let conn = Conn { fd };
-        conn.send(&Request::Hello {
+        let hello = conn.send(&Request::Hello {
             version: PROTOCOL_VERSION,
             role,
-        })?;
-        Ok(conn)
+        });
+        if let Err(Error::Disconnected) = hello {
+            // The daemon may have refused us (a limit) and hung up before
+            // our Hello: its reason is still queued for us.
+            if let Ok(Try::Ready(Reply::Error(e))) = conn.try_recv() {
+                return Err(Error::from_reply(e));
+            }
+        }
+        hello.map(|()| conn)
     }
 
     pub(crate) fn fd(&self) -> BorrowedFd<'_> {
@@ -92,6 +99,7 @@ impl Conn {
 
     fn try_recv_flags(&self, flags: RecvFlags) -> Result<Try<Reply>, Error> {
         let mut buf = [0u8; MAX_FRAME];
+        let mut reset_seen = false;
         loop {
             match rustix::net::recv(&self.fd, &mut buf, flags | RecvFlags::DONTWAIT) {
                 Ok((0, _)) => return Err(Error::Disconnected),
@@ -102,6 +110,10 @@ impl Conn {
                 }
                 Err(rustix::io::Errno::AGAIN) => return Ok(Try::WouldBlock),
                 Err(rustix::io::Errno::INTR) => continue,
+                // The kernel reports a reset once, ahead of frames still
+                // queued (a daemon that refused us and closed with our Hello
+                // unread): read on, so its last error frame is not lost.
+                Err(rustix::io::Errno::CONNRESET) if !reset_seen => reset_seen = true,
                 Err(e) => return Err(Error::from_io(e)),
             }
         }

@@ -61,6 +61,11 @@ struct Args {
     #[arg(long, default_value_t = Limits::default().max_watchers_per_uid, value_name = "N")]
     max_watchers_per_uid: u32,
 
+    /// Most socket connections per non-root user id (watchers or not);
+    /// further connections get a clear error and are closed.
+    #[arg(long, default_value_t = Limits::default().max_connections_per_uid, value_name = "N")]
+    max_connections_per_uid: u32,
+
     /// Continue from the generation shown in the page file when the saved
     /// state is missing or corrupt (the daemon refuses to start otherwise).
     #[arg(long)]
@@ -114,6 +119,7 @@ fn run(args: Args) -> Result<(), String> {
     let limits = Limits {
         max_watchers: args.max_watchers,
         max_watchers_per_uid: args.max_watchers_per_uid,
+        max_connections_per_uid: args.max_connections_per_uid,
     };
     let coalescer = sysgenid_sources::Coalescer::new(Duration::from_millis(args.coalesce_ms));
     let mut server = Server::new(service, listener, limits, coalescer)

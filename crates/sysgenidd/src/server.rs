@@ -47,6 +47,10 @@ const LISTENER: Token = Token(usize::MAX - 1);
 const WAKER: Token = Token(usize::MAX - 2);
 const SIGNALS: Token = Token(usize::MAX - 3);
 
+/// Descriptors kept free of connections (pidfds for privilege checks,
+/// state and device work).
+const RESERVED_FDS: usize = 64;
+
 /// Frames a connection may have waiting for its socket buffer before it is
 /// considered not to be reading and dropped.
 const MAX_OUTBOX: usize = 64;
@@ -58,6 +62,9 @@ pub struct Limits {
     pub max_watchers: u32,
     /// Watchers per uid.
     pub max_watchers_per_uid: u32,
+    /// Socket connections (watchers or not) per non-root uid, so that one
+    /// user cannot take every descriptor the daemon has.
+    pub max_connections_per_uid: u32,
 }
 
 impl Default for Limits {
@@ -65,6 +72,7 @@ impl Default for Limits {
         Limits {
             max_watchers: 200_000,
             max_watchers_per_uid: 50_000,
+            max_connections_per_uid: 4_096,
         }
     }
 }
@@ -127,6 +135,12 @@ pub struct Server {
     /// Connections with a pending barrier wait.
     waiters: Vec<usize>,
     per_uid: HashMap<u32, u32>,
+    /// Socket connections per uid.
+    conns_per_uid: HashMap<u32, u32>,
+    /// Connections accepted at most: the descriptor limit less a reserve,
+    /// so a bump's privilege check (which needs a pidfd) and the device
+    /// always have descriptors left.
+    max_connections: usize,
     limits: Limits,
     service: Service,
     /// Connections marked for closing this turn.
@@ -189,6 +203,13 @@ impl Server {
             conns: Slab::new(),
             waiters: Vec::new(),
             per_uid: HashMap::new(),
+            conns_per_uid: HashMap::new(),
+            max_connections: {
+                let nofile = rustix::process::getrlimit(rustix::process::Resource::Nofile);
+                nofile
+                    .current
+                    .map_or(usize::MAX, |n| (n as usize).saturating_sub(RESERVED_FDS))
+            },
             limits,
             service,
             doomed: Vec::new(),
@@ -313,6 +334,37 @@ impl Server {
                     continue;
                 }
             };
+            let theirs = self.conns_per_uid.get(&peer.uid).copied().unwrap_or(0);
+            let refusal = if self.conns.len() >= self.max_connections {
+                Some(format!(
+                    "sysgenidd has {} connections, all its descriptors allow; try again later",
+                    self.conns.len()
+                ))
+            } else if peer.uid != 0 && theirs >= self.limits.max_connections_per_uid {
+                Some(format!(
+                    "uid {} already has {theirs} connections, the per-user limit (--max-connections-per-uid)",
+                    peer.uid
+                ))
+            } else {
+                None
+            };
+            if let Some(message) = refusal {
+                tracing::debug!(
+                    uid = peer.uid,
+                    pid = peer.pid,
+                    "refusing a connection: {message}"
+                );
+                let frame = error(ErrorCode::TooManyWatchers, 0, message).encode();
+                let _ = rustix::net::send(&fd, &frame, SendFlags::DONTWAIT | SendFlags::NOSIGNAL);
+                // Read what the client already sent: closing with unread
+                // data would report a reset to it ahead of our error frame.
+                let mut sink = [0u8; 64];
+                while rustix::net::recv(&fd, &mut sink, RecvFlags::DONTWAIT)
+                    .is_ok_and(|(n, _)| n > 0)
+                {}
+                continue;
+            }
+            *self.conns_per_uid.entry(peer.uid).or_insert(0) += 1;
             let entry = self.conns.vacant_entry();
             let key = entry.key();
             if let Err(e) = self.poll.registry().register(
@@ -837,6 +889,12 @@ impl Server {
                 .poll
                 .registry()
                 .deregister(&mut SourceFd(&conn.fd.as_fd().as_raw_fd()));
+            if let Some(n) = self.conns_per_uid.get_mut(&conn.peer.uid) {
+                *n -= 1;
+                if *n == 0 {
+                    self.conns_per_uid.remove(&conn.peer.uid);
+                }
+            }
             if let Some(id) = conn.watcher {
                 released |= self.service.core.unregister(id).is_ok();
                 if let Some(n) = self.per_uid.get_mut(&conn.peer.uid) {
