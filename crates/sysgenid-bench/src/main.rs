@@ -1122,11 +1122,12 @@ fn fanout(
     idle_rss: u64,
     nofile: u64,
 ) -> Result<(), String> {
-    // The daemon holds two descriptors per watcher (its socket and the
-    // peer's pidfd) under the RLIMIT_NOFILE it inherits from us; without
-    // CAP_SYS_RESOURCE the hard limit cannot be raised, so a size above
-    // what fits is measured at the largest size that does.
-    let capacity = (nofile.saturating_sub(400) / 2) as usize;
+    // The daemon holds one descriptor per watcher (its socket; the peer's
+    // pidfd is asked for only on a bump) under the RLIMIT_NOFILE it
+    // inherits from us, less its reserve; without CAP_SYS_RESOURCE the hard
+    // limit cannot be raised, so a size above what fits is measured at the
+    // largest size that does.
+    let capacity = nofile.saturating_sub(400) as usize;
     let sizes: Vec<usize> = fanout_sizes(ctx)
         .into_iter()
         .map(|n| n.min(capacity))
@@ -1134,8 +1135,8 @@ fn fanout(
     if fanout_sizes(ctx).iter().any(|&n| n > capacity) {
         ctx.table.notes.push(format!(
             "(3, 6) RLIMIT_NOFILE is {nofile} here (hard limit; raising it needs CAP_SYS_RESOURCE, which this \
-             machine's root lacks) and sysgenidd holds two descriptors per watcher (the socket and the peer's \
-             pidfd), so at most {capacity} watchers fit: the largest fan-out ran with {capacity} watchers."
+             machine's root lacks) and sysgenidd holds one descriptor per watcher (its socket), so at most \
+             {capacity} watchers fit: the largest fan-out ran with {capacity} watchers."
         ));
     }
     let max_n = sizes.iter().copied().max().unwrap_or(0);
