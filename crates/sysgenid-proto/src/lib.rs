@@ -297,6 +297,20 @@ pub enum DecodeError {
     Invalid(&'static str),
 }
 
+/// Cuts `text` to at most `limit` bytes on a character boundary, marking
+/// the cut with an ellipsis.
+fn clip(text: &mut String, limit: usize) {
+    if text.len() <= limit {
+        return;
+    }
+    let mut end = limit.saturating_sub(3);
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    text.truncate(end);
+    text.push_str("...");
+}
+
 fn u16_at(b: &[u8], at: usize) -> u16 {
     u16::from_le_bytes([b[at], b[at + 1]])
 }
@@ -434,11 +448,38 @@ impl Reply {
             Reply::Changed { generation } => scalar(codes::CHANGED, *generation),
             Reply::Done { generation } => scalar(codes::DONE, *generation),
             Reply::Status(report) => {
-                let mut f = vec![codes::STATUS_REPORT];
-                // Serialising plain structs of strings and integers to a Vec
-                // cannot fail.
-                serde_json::to_writer(&mut f, report).expect("status report serialises");
-                f
+                let encode = |r: &StatusReport| {
+                    let mut f = vec![codes::STATUS_REPORT];
+                    // Serialising plain structs of strings and integers to a
+                    // Vec cannot fail.
+                    serde_json::to_writer(&mut f, r).expect("status report serialises");
+                    f
+                };
+                let f = encode(report);
+                if f.len() <= MAX_FRAME {
+                    return f;
+                }
+                // Too long for one frame (long paths or details): shorten
+                // the free-text fields, keeping every number.
+                let mut short = report.clone();
+                for limit in [120, 40, 0] {
+                    for src in &mut short.sources {
+                        clip(&mut src.detail, limit);
+                    }
+                    for text in [&mut short.runtime_dir, &mut short.epoch]
+                        .into_iter()
+                        .chain(short.device.as_mut())
+                    {
+                        clip(text, limit.max(64));
+                    }
+                    let f = encode(&short);
+                    if f.len() <= MAX_FRAME {
+                        return f;
+                    }
+                }
+                short.sources.truncate(8);
+                short.last_change_sources.truncate(8);
+                encode(&short)
             }
             Reply::Error(e) => {
                 let mut f = vec![codes::ERROR];

@@ -158,3 +158,33 @@ mod libc_like {
     pub const EOVERFLOW: i32 = 75;
     pub const ETIMEDOUT: i32 = 110;
 }
+
+#[test]
+fn oversized_status_reports_are_shortened_to_fit_one_frame() {
+    let long = "x".repeat(3000);
+    let report = StatusReport {
+        generation: 42,
+        watchers: 7,
+        runtime_dir: long.clone(),
+        device: Some(long.clone()),
+        sources: (0..4)
+            .map(|i| SourceStatus {
+                name: format!("s{i}"),
+                detail: long.clone(),
+                events: i,
+                ..SourceStatus::default()
+            })
+            .collect(),
+        ..StatusReport::default()
+    };
+    let f = Reply::Status(report).encode();
+    assert!(f.len() <= MAX_FRAME, "{} bytes", f.len());
+    match Reply::decode(&f).unwrap() {
+        Reply::Status(s) => {
+            assert_eq!((s.generation, s.watchers, s.sources.len()), (42, 7, 4));
+            assert_eq!(s.sources[3].events, 3, "numbers are kept");
+            assert!(s.runtime_dir.ends_with("..."));
+        }
+        other => panic!("{other:?}"),
+    }
+}

@@ -101,8 +101,17 @@ impl Conn {
         let mut buf = [0u8; MAX_FRAME];
         let mut reset_seen = false;
         loop {
-            match rustix::net::recv(&self.fd, &mut buf, flags | RecvFlags::DONTWAIT) {
+            match rustix::net::recv(
+                &self.fd,
+                &mut buf,
+                flags | RecvFlags::DONTWAIT | RecvFlags::TRUNC,
+            ) {
                 Ok((0, _)) => return Err(Error::Disconnected),
+                Ok((_, len)) if len > MAX_FRAME => {
+                    return Err(Error::Protocol(format!(
+                        "a {len}-byte frame from the daemon exceeds the {MAX_FRAME}-byte limit"
+                    )))
+                }
                 Ok((n, _)) => {
                     return Reply::decode(&buf[..n])
                         .map(Try::Ready)
