@@ -201,11 +201,24 @@ impl Drop for Daemon {
     }
 }
 
+/// A `sysgenidctl --runtime-dir dir` command to add arguments to.
+pub fn ctl_command(dir: &Path) -> Command {
+    let mut c = Command::new(bin("sysgenidctl"));
+    c.arg("--runtime-dir").arg(dir);
+    c
+}
+
+/// A `sysgenidd --runtime-dir dir --source none` command (not started), for
+/// tests about start-up refusals.
+pub fn daemon_command(dir: &Path) -> Command {
+    let mut c = Command::new(bin("sysgenidd"));
+    c.arg("--runtime-dir").arg(dir).args(["--source", "none"]);
+    c
+}
+
 /// Runs `sysgenidctl --runtime-dir dir ARGS`.
 pub fn ctl(dir: &Path, args: &[&str]) -> Output {
-    Command::new(bin("sysgenidctl"))
-        .arg("--runtime-dir")
-        .arg(dir)
+    ctl_command(dir)
         .args(args)
         .output()
         .expect("run sysgenidctl")

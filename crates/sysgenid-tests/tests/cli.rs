@@ -36,9 +36,7 @@ fn watch_runs_the_command_with_the_generation_then_acks() {
     let d = Daemon::start(dir.path());
     let marker = dir.path().join("seen");
     let script = format!("echo $SYSGENID_GENERATION >> {}", marker.display());
-    let child = std::process::Command::new(bin("sysgenidctl"))
-        .arg("--runtime-dir")
-        .arg(dir.path())
+    let child = ctl_command(dir.path())
         .args(["watch", "--count", "2", "--exec", "sh", "-c", &script])
         .stdout(std::process::Stdio::piped())
         .spawn()

@@ -26,12 +26,7 @@ fn fresh_directory_starts_at_zero_with_the_documented_modes() {
 fn a_second_daemon_on_the_same_directory_is_refused() {
     let dir = runtime_dir();
     let _d = Daemon::start(dir.path());
-    let out = std::process::Command::new(bin("sysgenidd"))
-        .arg("--runtime-dir")
-        .arg(dir.path())
-        .args(["--source", "none"])
-        .output()
-        .unwrap();
+    let out = daemon_command(dir.path()).output().unwrap();
     assert!(!out.status.success());
     assert!(stderr(&out).contains("already running"), "{}", stderr(&out));
 }
@@ -43,12 +38,7 @@ fn corrupt_state_stops_the_daemon_with_instructions() {
     d.control().bump(5).unwrap();
     d.signal_and_wait(libc::SIGTERM);
     std::fs::write(dir.path().join("state"), "sysgenid-state 1\ngeneration 0\n").unwrap();
-    let out = std::process::Command::new(bin("sysgenidd"))
-        .arg("--runtime-dir")
-        .arg(dir.path())
-        .args(["--source", "none"])
-        .output()
-        .unwrap();
+    let out = daemon_command(dir.path()).output().unwrap();
     assert!(!out.status.success());
     let err = stderr(&out);
     assert!(
@@ -150,12 +140,7 @@ fn planted_symlink_at_the_socket_path_is_refused() {
         .write_all(b"precious")
         .unwrap();
     std::os::unix::fs::symlink(&target, rt.join("sysgenid.sock")).unwrap();
-    let out = std::process::Command::new(bin("sysgenidd"))
-        .arg("--runtime-dir")
-        .arg(&rt)
-        .args(["--source", "none"])
-        .output()
-        .unwrap();
+    let out = daemon_command(&rt).output().unwrap();
     assert!(!out.status.success());
     assert!(stderr(&out).contains("refusing"), "{}", stderr(&out));
     assert_eq!(std::fs::read(&target).unwrap(), b"precious");

@@ -2,7 +2,7 @@
 //! clients in this process and in child processes.
 
 use std::os::fd::AsFd;
-use std::process::{Command, Stdio};
+use std::process::Stdio;
 use std::time::Duration;
 
 use rustix::event::{PollFd, PollFlags};
@@ -23,9 +23,7 @@ fn readable(w: &Watcher, ms: i64) -> bool {
 fn blocking_read_in_another_process_is_woken_by_a_bump() {
     let dir = runtime_dir();
     let d = Daemon::start(dir.path());
-    let child = Command::new(bin("sysgenidctl"))
-        .arg("--runtime-dir")
-        .arg(dir.path())
+    let child = ctl_command(dir.path())
         .args(["watch", "--count", "1"])
         .stdout(Stdio::piped())
         .spawn()
@@ -182,9 +180,7 @@ fn closing_an_outdated_watcher_releases_the_barrier() {
     let dir = runtime_dir();
     let d = Daemon::start(dir.path());
     // The outdated watcher is another process that never acks.
-    let mut child = Command::new(bin("sysgenidctl"))
-        .arg("--runtime-dir")
-        .arg(dir.path())
+    let mut child = ctl_command(dir.path())
         .args(["watch", "--exec", "sleep", "1000"])
         .stdout(Stdio::null())
         .spawn()
@@ -277,9 +273,7 @@ fn reconnecting_watcher_gets_the_change_it_missed() {
     let mut d = Daemon::start(dir.path());
     let mut w = d.watcher();
     // A blocked reader in another process survives the restart too.
-    let child = Command::new(bin("sysgenidctl"))
-        .arg("--runtime-dir")
-        .arg(dir.path())
+    let child = ctl_command(dir.path())
         .args(["watch", "--count", "1"])
         .stdout(Stdio::piped())
         .spawn()
@@ -307,9 +301,7 @@ fn unprivileged_uid_cannot_bump() {
         eprintln!("SKIPPED: needs root to run a client as nobody");
         return;
     }
-    let out = Command::new(bin("sysgenidctl"))
-        .arg("--runtime-dir")
-        .arg(dir.path())
+    let out = ctl_command(dir.path())
         .arg("bump")
         .uid(65534)
         .gid(65534)
@@ -319,9 +311,7 @@ fn unprivileged_uid_cannot_bump() {
     assert!(stderr(&out).contains("CAP_SYS_ADMIN"), "{}", stderr(&out));
     assert_eq!(d.generation(), 0, "nothing changed");
     // The same uid may still watch and read.
-    let out = Command::new(bin("sysgenidctl"))
-        .arg("--runtime-dir")
-        .arg(dir.path())
+    let out = ctl_command(dir.path())
         .arg("get")
         .uid(65534)
         .gid(65534)
