@@ -109,7 +109,15 @@ pub fn parse_record(bytes: &[u8]) -> Result<KmsgRecord, ParseError> {
 
 /// True for the kernel's (facility 0) VM fork reseed record.
 pub fn is_vmfork_record(record: &KmsgRecord) -> bool {
-    record.facility == 0 && record.message.contains(VMFORK_TEXT)
+    // Exact match: many kernel messages echo user-controlled text (an
+    // unknown mount option in an unprivileged user namespace is logged at
+    // facility 0), so a substring match would let anyone trigger bumps.
+    record.facility == 0
+        && record
+            .message
+            .trim_end()
+            .strip_prefix("random: ")
+            .is_some_and(|rest| rest == VMFORK_TEXT)
 }
 
 /// Detail of the conservative event emitted when records were lost.
@@ -555,5 +563,26 @@ mod tests {
             let script = chunks.into_iter().filter(|c| !c.is_empty()).map(Ok).collect();
             let _ = follow_reader(Script(script), &mut |_| {});
         }
+    }
+}
+
+#[cfg(test)]
+mod exact_match_tests {
+    use super::*;
+
+    #[test]
+    fn kernel_records_that_echo_user_text_do_not_match() {
+        // What `unshare -Urm mount -t tmpfs -o '<text>' x /mnt` makes the
+        // kernel log, at facility 0, from an unprivileged user.
+        let echoed = parse_record(
+            b"3,901,5000000,-;tmpfs: Unknown parameter 'random: crng reseeded due to virtual machine fork'",
+        )
+        .unwrap();
+        assert_eq!(echoed.facility, 0);
+        assert!(!is_vmfork_record(&echoed));
+        let real =
+            parse_record(b"5,902,5000001,-;random: crng reseeded due to virtual machine fork")
+                .unwrap();
+        assert!(is_vmfork_record(&real));
     }
 }

@@ -322,3 +322,59 @@ fn unprivileged_uid_cannot_bump() {
 }
 
 use std::os::unix::process::CommandExt;
+
+/// An unprivileged process connects, hands the socket to a child, and
+/// execs a set-user-ID-root program (which has every capability while it
+/// runs); the child then asks for a bump on the inherited socket. The peer
+/// the kernel recorded at connect time is now privileged, but it is not the
+/// same user it was: refused.
+#[test]
+fn a_socket_carried_across_a_setuid_exec_cannot_bump() {
+    use std::os::unix::fs::PermissionsExt;
+    use std::os::unix::process::CommandExt;
+    if !rustix::process::geteuid().is_root() {
+        eprintln!("SKIPPED: needs root to make a set-user-ID program");
+        return;
+    }
+    let dir = runtime_dir();
+    let d = Daemon::start(dir.path());
+    let setuid_sleep = dir.path().join("setuid-sleep");
+    std::fs::copy("/bin/sleep", &setuid_sleep).unwrap();
+    std::fs::set_permissions(&setuid_sleep, std::fs::Permissions::from_mode(0o4755)).unwrap();
+    let script = r#"
+import os, socket, struct, sys, time
+sock_path, setuid_prog = sys.argv[1], sys.argv[2]
+s = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+s.connect(sock_path)
+s.send(b"\x01" + struct.pack("<H", 1) + b"\x00\x00" + struct.pack("<I", 0))
+assert s.recv(64)[0] == 0x81, "welcome"
+s.set_inheritable(True)
+if os.fork() == 0:
+    time.sleep(0.5)                      # the parent is now the setuid program
+    s.send(b"\x04" + struct.pack("<I", 0xFFFFFFFF))
+    reply = s.recv(2048)
+    code = struct.unpack("<H", reply[1:3])[0] if reply[0] == 0xFF else 0
+    print("refused" if code == 4 else "granted kind=%#x code=%d" % (reply[0], code), flush=True)
+    os._exit(0)
+os.execv(setuid_prog, ["setuid-sleep", "2"])
+"#;
+    let out = std::process::Command::new("python3")
+        .arg("-c")
+        .arg(script)
+        .arg(dir.path().join("sysgenid.sock"))
+        .arg(&setuid_sleep)
+        .uid(65534)
+        .gid(65534)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", stderr(&out));
+    // The child's output arrives when it exits, before or after the parent.
+    assert!(
+        wait_until(Duration::from_secs(5), || {
+            !stdout(&out).is_empty() || d.generation() != 0
+        }),
+        "no answer"
+    );
+    assert_eq!(stdout(&out), "refused", "{}", stderr(&out));
+    assert_eq!(d.generation(), 0, "nothing changed");
+}

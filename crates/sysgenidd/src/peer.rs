@@ -129,18 +129,39 @@ fn effective_caps(pid: i32) -> Option<u64> {
     (rc == 0).then(|| u64::from(data[0].effective) | u64::from(data[1].effective) << 32)
 }
 
+/// Real and effective uid of `pid` now (`/proc/<pid>/status`, `Uid:`).
+fn current_uids(pid: i32) -> Option<(u32, u32)> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let line = status.lines().find_map(|l| l.strip_prefix("Uid:"))?;
+    let mut ids = line.split_whitespace().map(|v| v.parse::<u32>().ok());
+    Some((ids.next()??, ids.next()??))
+}
+
 /// The rule itself, for a process we hold a pidfd of: capable, in our user
 /// namespace, and still the same live process after we looked.
-fn capable(pid: i32, pidfd: Option<&OwnedFd>) -> bool {
+///
+/// `connect_uid` is set for socket peers: the effective uid the kernel
+/// recorded when the process connected. A socket outlives an `execve`, so
+/// an unprivileged process could connect, let a child keep the socket, and
+/// exec a set-user-ID program: its capabilities now would be root's. So
+/// the process must still have that uid as both real and effective uid.
+/// The order matters: capabilities are read *before* the uids, so an exec
+/// between the two reads is seen either way (caps read before it are the
+/// old ones; uids read after it are the new ones).
+fn capable(pid: i32, pidfd: Option<&OwnedFd>, connect_uid: Option<u32>) -> bool {
     let Some(pidfd) = pidfd else {
         return false;
     };
     let same_ns = own_user_ns().is_some() && user_ns(&pid.to_string()) == own_user_ns();
     let caps = effective_caps(pid).unwrap_or(0);
     let capable = caps & (1 << CAP_SYS_ADMIN | 1 << CAP_CHECKPOINT_RESTORE) != 0;
+    let same_uid = match connect_uid {
+        None => true,
+        Some(uid) => current_uids(pid) == Some((uid, uid)),
+    };
     // Checked last: a pid cannot be reused while its process lives, so if
     // it is alive now, what we read belonged to it.
-    same_ns && capable && pidfd_alive(pidfd)
+    same_ns && capable && same_uid && pidfd_alive(pidfd)
 }
 
 /// Developer mode: an unprivileged daemon trusts its own uid.
@@ -152,15 +173,37 @@ fn same_uid_as_unprivileged_daemon(uid: u32) -> bool {
 impl Peer {
     /// Reads the peer of an accepted socket.
     pub fn of(sock: &impl AsFd) -> std::io::Result<Peer> {
-        let cred = rustix::net::sockopt::socket_peercred(sock)?;
-        let fallback_pidfd = if kernel_has_peerpidfd(sock.as_fd()) {
-            None
-        } else {
-            rustix::process::pidfd_open(cred.pid, rustix::process::PidfdFlags::empty()).ok()
+        let mut cred = libc::ucred {
+            pid: 0,
+            uid: u32::MAX,
+            gid: u32::MAX,
+        };
+        let mut len = std::mem::size_of::<libc::ucred>() as libc::socklen_t;
+        // SAFETY: getsockopt writes at most `len` bytes into `cred`, a
+        // ucred we own; the socket descriptor is valid for the call.
+        let rc = unsafe {
+            libc::getsockopt(
+                sock.as_fd().as_raw_fd(),
+                libc::SOL_SOCKET,
+                libc::SO_PEERCRED,
+                (&mut cred as *mut libc::ucred).cast(),
+                &mut len,
+            )
+        };
+        if rc != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        // pid 0: the peer is in a pid namespace we cannot see. It may still
+        // watch; it can never be found privileged (no pidfd, no /proc).
+        let fallback_pidfd = match rustix::process::Pid::from_raw(cred.pid) {
+            Some(pid) if !kernel_has_peerpidfd(sock.as_fd()) => {
+                rustix::process::pidfd_open(pid, rustix::process::PidfdFlags::empty()).ok()
+            }
+            _ => None,
         };
         Ok(Peer {
-            uid: cred.uid.as_raw(),
-            pid: cred.pid.as_raw_nonzero().get(),
+            uid: cred.uid,
+            pid: cred.pid,
             fallback_pidfd,
         })
     }
@@ -171,9 +214,12 @@ impl Peer {
         if same_uid_as_unprivileged_daemon(self.uid) {
             return true;
         }
+        if self.pid <= 0 {
+            return false;
+        }
         match &self.fallback_pidfd {
-            Some(pidfd) => capable(self.pid, Some(pidfd)),
-            None => capable(self.pid, peer_pidfd(sock.as_fd()).as_ref()),
+            Some(pidfd) => capable(self.pid, Some(pidfd), Some(self.uid)),
+            None => capable(self.pid, peer_pidfd(sock.as_fd()).as_ref(), Some(self.uid)),
         }
     }
 }
@@ -193,5 +239,6 @@ pub fn process_may_bump(pid: i32, uid: u32) -> bool {
             .or_else(|_| rustix::process::pidfd_open(p, rustix::process::PidfdFlags::empty()))
             .ok()
     });
-    capable(pid, pidfd.as_ref())
+    // The caller is blocked in its own request: it is checked as it is now.
+    capable(pid, pidfd.as_ref(), None)
 }

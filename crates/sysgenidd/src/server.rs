@@ -364,7 +364,7 @@ impl Server {
                 {}
                 continue;
             }
-            *self.conns_per_uid.entry(peer.uid).or_insert(0) += 1;
+
             let entry = self.conns.vacant_entry();
             let key = entry.key();
             if let Err(e) = self.poll.registry().register(
@@ -375,6 +375,7 @@ impl Server {
                 tracing::warn!("cannot watch a new connection: {e}");
                 continue;
             }
+            *self.conns_per_uid.entry(peer.uid).or_insert(0) += 1;
             entry.insert(Conn {
                 fd,
                 peer,
