@@ -135,7 +135,9 @@ int sysgenid_fd(const sysgenid_watcher *w);
  * A blocked read returns `-EINTR` when a signal handler runs (it is never
  * restarted, whatever `SA_RESTART` says). If the daemon restarts, the read
  * reconnects, waiting for the daemon to come back (backoff from 10 ms to
- * 1 s; not interruptible while it waits), even with `SYSGENID_NONBLOCK`.
+ * 1 s; not interruptible while it waits), even with `SYSGENID_NONBLOCK`:
+ * an event loop woken by the old connection's hang-up has no other event
+ * that would tell it when the daemon is back.
  * Thread safety: calls on one watcher are serialized; a thread blocked here
  * does not hold the watcher's lock while it waits, so another thread may
  * `sysgenid_ack` meanwhile.

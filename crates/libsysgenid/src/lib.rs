@@ -261,7 +261,9 @@ pub unsafe extern "C" fn sysgenid_fd(w: *const sysgenid_watcher) -> c_int {
 /// A blocked read returns `-EINTR` when a signal handler runs (it is never
 /// restarted, whatever `SA_RESTART` says). If the daemon restarts, the read
 /// reconnects, waiting for the daemon to come back (backoff from 10 ms to
-/// 1 s; not interruptible while it waits), even with `SYSGENID_NONBLOCK`.
+/// 1 s; not interruptible while it waits), even with `SYSGENID_NONBLOCK`:
+/// an event loop woken by the old connection's hang-up has no other event
+/// that would tell it when the daemon is back.
 /// Thread safety: calls on one watcher are serialized; a thread blocked here
 /// does not hold the watcher's lock while it waits, so another thread may
 /// `sysgenid_ack` meanwhile.
@@ -286,6 +288,7 @@ pub unsafe extern "C" fn sysgenid_read(w: *mut sysgenid_watcher, generation: *mu
         if generation.is_null() {
             return -libc::EINVAL;
         }
+        let mut backoff = std::time::Duration::from_millis(10);
         loop {
             match w.with(|watcher| watcher.try_read()) {
                 Ok(Some(g)) => {
@@ -295,8 +298,16 @@ pub unsafe extern "C" fn sysgenid_read(w: *mut sysgenid_watcher, generation: *mu
                 }
                 Ok(None) if w.nonblocking => return -libc::EAGAIN,
                 Ok(None) => {}
+                // The daemon is away (restarting): wait for it to come
+                // back, in both modes (see above).
+                Err(e) if [libc::ECONNRESET, libc::ECONNREFUSED, libc::ENOENT].contains(&-e) => {
+                    std::thread::sleep(backoff);
+                    backoff = (backoff * 2).min(std::time::Duration::from_secs(1));
+                    continue;
+                }
                 Err(e) => return e,
             }
+            backoff = std::time::Duration::from_millis(10);
             let mut pfd = libc::pollfd {
                 fd: w.epoll.as_raw_fd(),
                 events: libc::POLLIN,

@@ -44,3 +44,36 @@ async fn async_watcher_reads_acks_and_survives_a_restart() {
         .unwrap();
     assert_eq!(g, 2);
 }
+
+#[tokio::test(flavor = "current_thread")]
+async fn a_cancelled_wait_does_not_mismatch_the_next_reply() {
+    let dir = runtime_dir();
+    let d = Daemon::start(dir.path());
+    let mut me = Watcher::builder()
+        .runtime_dir(dir.path())
+        .open_async()
+        .await
+        .unwrap();
+    let mut other = d.watcher();
+    d.control().bump(0).unwrap();
+    let g = me.read().await.unwrap();
+    me.ack(g).await.unwrap();
+    // The other watcher is outdated: a 300 ms wait is cancelled after 50 ms.
+    let cancelled = tokio::time::timeout(
+        Duration::from_millis(50),
+        me.wait_watchers(Some(Duration::from_millis(300))),
+    )
+    .await;
+    assert!(cancelled.is_err(), "still waiting when cancelled");
+    // The next request gets its own reply, not the old wait's TimedOut.
+    let e = me.ack(99).await.unwrap_err();
+    assert!(
+        matches!(e, Error::WrongGeneration { current: 1, .. }),
+        "{e:?}"
+    );
+    let g = other.read().unwrap();
+    other.ack(g).unwrap();
+    me.wait_watchers(Some(Duration::from_secs(5)))
+        .await
+        .unwrap();
+}

@@ -98,11 +98,11 @@ fn thousands_of_watchers_see_every_bump_with_exact_counts() {
     } else {
         (1_000, 30, 25)
     };
-    let nofile = raise_nofile(2 * n as u64 + 1024);
-    // The daemon needs two descriptors per connection; where the hard
-    // limit cannot be raised (no CAP_SYS_RESOURCE) use as many watchers as
-    // it allows, and say so.
-    let fit = (nofile.saturating_sub(512) / 2) as usize;
+    let nofile = raise_nofile(n as u64 + 1024);
+    // The daemon needs one descriptor per connection (plus a reserve of
+    // 64), and so does this process; where the hard limit cannot be raised
+    // (no CAP_SYS_RESOURCE) use as many watchers as it allows, and say so.
+    let fit = nofile.saturating_sub(512) as usize;
     if fit < n {
         eprintln!("RLIMIT_NOFILE {nofile} allows {fit} watchers, not {n}: using {fit}");
     }

@@ -14,10 +14,19 @@ use crate::{expect_done, Error, WatcherBuilder};
 /// An async [`Watcher`](crate::Watcher). `read().await` completes when the
 /// watcher is outdated; reconnects when the daemon restarts (if the builder
 /// asked for it, the default).
+///
+/// Cancellation: dropping an `ack` or `wait_watchers` future after its
+/// request was sent leaves the reply on its way; the next call first reads
+/// and discards it (for a cancelled `wait_watchers`, that means waiting
+/// until the daemon ends that wait), so replies are never mismatched.
+/// `read` is cancel-safe.
 pub struct AsyncWatcher {
     fd: AsyncFd<Conn>,
     opts: WatcherBuilder,
     acked: u32,
+    /// A request was sent whose reply has not been read (its future was
+    /// dropped).
+    in_flight: bool,
 }
 
 impl WatcherBuilder {
@@ -28,6 +37,7 @@ impl WatcherBuilder {
             fd,
             opts: self,
             acked,
+            in_flight: false,
         })
     }
 }
@@ -81,20 +91,33 @@ impl AsyncWatcher {
         }
     }
 
+    /// Sends `request` and returns its reply, first discarding the reply of
+    /// a request whose future was dropped.
+    async fn request(&mut self, request: &Request) -> Result<Reply, Error> {
+        if self.in_flight {
+            next_reply(&self.fd).await?;
+            self.in_flight = false;
+        }
+        self.fd.get_ref().send(request)?;
+        self.in_flight = true;
+        let reply = next_reply(&self.fd).await?;
+        self.in_flight = false;
+        Ok(reply)
+    }
+
     /// Acknowledges `generation` (must be current).
     pub async fn ack(&mut self, generation: u32) -> Result<(), Error> {
-        self.fd.get_ref().send(&Request::Ack { generation })?;
-        expect_done(next_reply(&self.fd).await?)?;
+        expect_done(self.request(&Request::Ack { generation }).await?)?;
         self.acked = generation;
         Ok(())
     }
 
     /// Barrier wait; see [`Watcher::wait_watchers`](crate::Watcher::wait_watchers).
     pub async fn wait_watchers(&mut self, timeout: Option<Duration>) -> Result<(), Error> {
-        self.fd.get_ref().send(&Request::WaitWatchers {
+        let request = Request::WaitWatchers {
             timeout_ms: crate::timeout_ms(timeout),
-        })?;
-        expect_done(next_reply(&self.fd).await?).map(drop)
+        };
+        expect_done(self.request(&request).await?).map(drop)
     }
 
     async fn reconnect(&mut self) -> Result<(), Error> {
@@ -103,6 +126,7 @@ impl AsyncWatcher {
             match connect(&self.opts, Some(self.acked)).await {
                 Ok((fd, _)) => {
                     self.fd = fd;
+                    self.in_flight = false;
                     return Ok(());
                 }
                 Err(Error::NotRunning { .. } | Error::Disconnected) => {

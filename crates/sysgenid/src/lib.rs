@@ -307,19 +307,22 @@ impl Watcher {
                 Err(Error::Disconnected) if self.opts.reconnect && !self.opts.nonblocking => {
                     self.reconnect()?;
                 }
+                Err(Error::Disconnected) if self.opts.reconnect => self.reconnect_once()?,
                 Err(e) => return Err(e),
             }
         }
     }
 
     /// Like [`read`](Self::read) but never blocks: `Ok(None)` when there is
-    /// nothing new.
+    /// nothing new. If the daemon went away it tries to reconnect once
+    /// (without waiting) and otherwise returns [`Error::Disconnected`] or
+    /// [`Error::NotRunning`].
     pub fn try_read(&mut self) -> Result<Option<u32>, Error> {
         match self.conn.try_changed() {
             Ok(Try::Ready(g)) => Ok(Some(g)),
             Ok(Try::WouldBlock) => Ok(None),
             Err(Error::Disconnected) if self.opts.reconnect => {
-                self.reconnect()?;
+                self.reconnect_once()?;
                 self.try_read_once()
             }
             Err(e) => Err(e),
@@ -367,7 +370,7 @@ impl Watcher {
     /// The daemon's status.
     pub fn status(&mut self) -> Result<StatusReport, Error> {
         self.conn.send(&Request::Status)?;
-        match self.watcher_reply()? {
+        match self.watcher_reply(false)? {
             Reply::Status(s) => Ok(s),
             Reply::Error(e) => Err(Error::from_reply(e)),
             other => Err(Error::Protocol(format!("expected Status, got {other:?}"))),
@@ -377,10 +380,13 @@ impl Watcher {
     /// The reply to the request just sent, keeping the readiness invariant
     /// visible to the caller: if the frames consumed show this watcher is
     /// still outdated, the daemon's trailing `Changed` is awaited.
-    fn watcher_reply(&mut self) -> Result<Reply, Error> {
+    fn watcher_reply(&mut self, is_ack: bool) -> Result<Reply, Error> {
         let (reply, newest) = self.conn.reply_noting_changes()?;
+        // Only a successful Ack of the newest generation makes the watcher
+        // up to date (a Bump's Done names the new generation while the
+        // watcher is outdated).
         let acked_now = match (&reply, newest) {
-            (Reply::Done { generation }, Some(n)) if *generation == n => Some(n),
+            (Reply::Done { generation }, Some(n)) if is_ack && *generation == n => Some(n),
             _ => None,
         };
         if let Some(newest) = newest {
@@ -396,16 +402,17 @@ impl Watcher {
     }
 
     fn request(&mut self, request: &Request) -> Result<u32, Error> {
+        let is_ack = matches!(request, Request::Ack { .. });
         let result = self
             .conn
             .send(request)
-            .and_then(|()| self.watcher_reply())
+            .and_then(|()| self.watcher_reply(is_ack))
             .and_then(expect_done);
         match result {
             Err(Error::Disconnected) if self.opts.reconnect => {
                 self.reconnect()?;
                 self.conn.send(request)?;
-                let reply = self.watcher_reply()?;
+                let reply = self.watcher_reply(is_ack)?;
                 expect_done(reply)
             }
             other => other,
@@ -418,26 +425,28 @@ impl Watcher {
     fn reconnect(&mut self) -> Result<(), Error> {
         let mut delay = Duration::from_millis(10);
         loop {
-            let attempt = Conn::connect(
-                &self.socket,
-                Role::Watcher {
-                    untracked: self.opts.untracked,
-                    acked: Some(self.acked),
-                },
-            )
-            .and_then(|conn| expect_welcome(&conn).map(|_| conn));
-            match attempt {
-                Ok(conn) => {
-                    self.conn = conn;
-                    return Ok(());
-                }
+            match self.reconnect_once() {
                 Err(Error::NotRunning { .. } | Error::Disconnected) => {
                     std::thread::sleep(delay);
                     delay = (delay * 2).min(Duration::from_secs(1));
                 }
-                Err(e) => return Err(e),
+                other => return other,
             }
         }
+    }
+
+    /// One reconnection attempt, without waiting.
+    fn reconnect_once(&mut self) -> Result<(), Error> {
+        let conn = Conn::connect(
+            &self.socket,
+            Role::Watcher {
+                untracked: self.opts.untracked,
+                acked: Some(self.acked),
+            },
+        )?;
+        expect_welcome(&conn)?;
+        self.conn = conn;
+        Ok(())
     }
 }
 
