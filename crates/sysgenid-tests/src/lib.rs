@@ -195,8 +195,20 @@ impl Daemon {
 }
 
 impl Drop for Daemon {
+    /// SIGTERM first, so a daemon serving a device unmounts it (a SIGKILL
+    /// would leave a stale FUSE mount behind every test); SIGKILL after 5 s.
     fn drop(&mut self) {
-        let _ = self.child.kill();
+        if let Ok(None) = self.child.try_wait() {
+            // SAFETY: kill(2) on our own child's pid has no memory-safety
+            // preconditions.
+            unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+            let exited = wait_until(Duration::from_secs(5), || {
+                matches!(self.child.try_wait(), Ok(Some(_)))
+            });
+            if !exited {
+                let _ = self.child.kill();
+            }
+        }
         let _ = self.child.wait();
     }
 }

@@ -184,6 +184,13 @@ fn check_mount_point(path: &Path) -> Result<MountPoint, String> {
                 .and_then(|p| std::fs::metadata(p).ok())
                 .map(|m| m.dev());
             if parent_dev.is_some_and(|d| d != md.dev()) {
+                // Attributes may come from the kernel's cache even when the
+                // server is gone; an open reaches the server and tells.
+                if std::fs::File::open(path)
+                    .is_err_and(|e| e.raw_os_error() == Some(libc::ENOTCONN))
+                {
+                    return Ok(MountPoint::Stale);
+                }
                 return Err(
                     "something is already mounted on it (another sysgenidd?); stop it first".into(),
                 );
