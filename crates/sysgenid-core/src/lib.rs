@@ -118,8 +118,16 @@ pub struct Counts {
 
 #[derive(Debug, Clone, Copy)]
 struct Watcher {
-    acked: Generation,
+    /// The generation acknowledged; `None` for a reconnecting client that
+    /// claimed one from the future (outdated until it acknowledges).
+    acked: Option<Generation>,
     tracking: Tracking,
+}
+
+impl Watcher {
+    fn outdated(&self, current: Generation) -> bool {
+        self.acked != Some(current)
+    }
 }
 
 /// The generation counter and its watchers. See the crate docs for the rules.
@@ -152,13 +160,19 @@ impl Core {
     /// reconnecting after a daemon restart): if that differs from the
     /// current one, the watcher starts outdated, so a change it missed while
     /// away is still delivered.
+    /// A claim above the current generation (impossible unless the client
+    /// lies) makes the watcher outdated until it acknowledges.
     pub fn register(&mut self, tracking: Tracking, acked: Option<Generation>) -> WatcherId {
-        let acked = acked.unwrap_or(self.generation);
+        let acked = match acked {
+            None => Some(self.generation),
+            Some(a) if a <= self.generation => Some(a),
+            Some(_) => None,
+        };
         let watcher = Watcher { acked, tracking };
         if tracking == Tracking::Tracked {
             self.tracked += 1;
         }
-        if acked != self.generation {
+        if watcher.outdated(self.generation) {
             *self.outdated_counter(tracking) += 1;
         }
         WatcherId(self.watchers.insert(watcher))
@@ -174,7 +188,7 @@ impl Core {
         if watcher.tracking == Tracking::Tracked {
             self.tracked -= 1;
         }
-        if watcher.acked != self.generation {
+        if watcher.outdated(self.generation) {
             *self.outdated_counter(watcher.tracking) -= 1;
         }
         Ok(watcher.tracking)
@@ -185,7 +199,7 @@ impl Core {
     /// does), `None` when there is nothing new (block, or `EAGAIN`).
     pub fn poll_read(&self, id: WatcherId) -> Result<Option<Generation>, CoreError> {
         let watcher = self.watcher(id)?;
-        Ok((watcher.acked != self.generation).then_some(self.generation))
+        Ok(watcher.outdated(self.generation).then_some(self.generation))
     }
 
     /// Whether the watcher is outdated (its descriptor should be readable).
@@ -209,10 +223,10 @@ impl Core {
                 current,
             });
         }
-        if watcher.acked == current {
+        if !watcher.outdated(current) {
             return Ok(false);
         }
-        watcher.acked = current;
+        watcher.acked = Some(current);
         let tracking = watcher.tracking;
         *self.outdated_counter(tracking) -= 1;
         Ok(true)
@@ -239,9 +253,8 @@ impl Core {
         }
         self.generation = generation;
         // A watcher can never have acknowledged a generation that did not
-        // exist yet, so after moving forward every watcher is outdated.
-        // Reconnected watchers may claim any past value; those claims are
-        // all below the new generation as well.
+        // exist yet (claims from the future are stored as `None`), so after
+        // moving forward every watcher is outdated.
         self.recount();
         Ok(())
     }
@@ -304,7 +317,7 @@ impl Core {
         let (tracked, untracked) = self
             .watchers
             .iter()
-            .filter(|(_, w)| w.acked != self.generation)
+            .filter(|(_, w)| w.outdated(self.generation))
             .fold((0, 0), |(t, u), (_, w)| match w.tracking {
                 Tracking::Tracked => (t + 1, u),
                 Tracking::Untracked => (t, u + 1),

@@ -148,6 +148,21 @@ fn reconnecting_watcher_with_old_ack_starts_outdated() {
 }
 
 #[test]
+fn a_claim_from_the_future_stays_outdated_until_acknowledged() {
+    let mut core = Core::new(3);
+    let liar = core.register(Tracking::Tracked, Some(5));
+    assert_eq!(core.poll_read(liar), Ok(Some(3)));
+    core.bump(5).unwrap();
+    assert_eq!(
+        core.poll_read(liar),
+        Ok(Some(5)),
+        "reaching the claim is not an ack"
+    );
+    core.ack(liar, 5).unwrap();
+    assert_eq!(core.poll_read(liar), Ok(None));
+}
+
+#[test]
 fn unknown_watcher_is_an_error_not_a_panic() {
     let core = Core::new(0);
     let mut other = Core::new(0);
@@ -186,14 +201,16 @@ fn op() -> impl Strategy<Value = Op> {
 #[derive(Default)]
 struct Model {
     generation: u64,
-    watchers: Vec<(u32, bool)>,
+    /// (acknowledged generation, or u64::MAX for "claimed the future";
+    /// tracked)
+    watchers: Vec<(u64, bool)>,
 }
 
 impl Model {
     fn outdated(&self, tracked: bool) -> u32 {
         self.watchers
             .iter()
-            .filter(|(a, t)| *t == tracked && u64::from(*a) != self.generation)
+            .filter(|(a, t)| *t == tracked && *a != self.generation)
             .count() as u32
     }
 }
@@ -211,10 +228,15 @@ proptest! {
                 Op::Register { tracked, acked } => {
                     let tracking = if tracked { Tracking::Tracked } else { Tracking::Untracked };
                     ids.push(core.register(tracking, acked));
-                    model.watchers.push((acked.unwrap_or(model.generation as u32), tracked));
+                    let acked = match acked.map(u64::from) {
+                        None => model.generation,
+                        Some(a) if a <= model.generation => a,
+                        Some(_) => u64::MAX,
+                    };
+                    model.watchers.push((acked, tracked));
                 }
                 Op::Read(i) if i < ids.len() => {
-                    let expect = (u64::from(model.watchers[i].0) != model.generation)
+                    let expect = (model.watchers[i].0 != model.generation)
                         .then_some(model.generation as u32);
                     prop_assert_eq!(core.poll_read(ids[i]), Ok(expect));
                 }
@@ -222,9 +244,9 @@ proptest! {
                     let value = value.unwrap_or(model.generation as u32);
                     let result = core.ack(ids[i], value);
                     if u64::from(value) == model.generation {
-                        let was_outdated = u64::from(model.watchers[i].0) != model.generation;
+                        let was_outdated = model.watchers[i].0 != model.generation;
                         prop_assert_eq!(result, Ok(was_outdated));
-                        model.watchers[i].0 = value;
+                        model.watchers[i].0 = u64::from(value);
                     } else {
                         prop_assert_eq!(result, Err(CoreError::WrongGeneration {
                             acked: value, current: model.generation as u32 }));
@@ -249,7 +271,7 @@ proptest! {
                 Op::Barrier(caller) => {
                     let caller = caller.filter(|i| *i < ids.len());
                     let expect = match caller {
-                        Some(i) if u64::from(model.watchers[i].0) != model.generation =>
+                        Some(i) if model.watchers[i].0 != model.generation =>
                             Barrier::Interrupted { generation: model.generation as u32 },
                         _ => match model.outdated(true) {
                             0 => Barrier::Satisfied,
