@@ -213,3 +213,29 @@ fn one_user_cannot_take_every_connection() {
     let out = nobody(&["get"]).output().unwrap();
     assert!(out.status.success(), "released on close: {}", stderr(&out));
 }
+
+#[test]
+fn a_connection_that_never_says_hello_is_dropped_with_a_reason() {
+    let dir = runtime_dir();
+    let d = Daemon::start_with(dir.path(), &["--hello-timeout-ms", "200"]);
+    let sock = seqpacket_connect(&dir.path().join("sysgenid.sock"));
+    let mut buf = [0u8; 4096];
+    let n = sock.recv(&mut buf).unwrap();
+    match Reply::decode(&buf[..n]).unwrap() {
+        Reply::Error(e) => {
+            assert_eq!(e.code, ErrorCode::ProtocolViolation);
+            assert!(
+                e.message.contains("no Hello within 200 ms"),
+                "{}",
+                e.message
+            );
+        }
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(sock.recv(&mut buf).unwrap(), 0, "then closed");
+    // A client that does greet is unaffected, however long it stays.
+    let mut w = d.watcher();
+    std::thread::sleep(Duration::from_millis(400));
+    d.control().bump(0).unwrap();
+    assert_eq!(w.read().unwrap(), 1);
+}

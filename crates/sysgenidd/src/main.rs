@@ -66,6 +66,11 @@ struct Args {
     #[arg(long, default_value_t = Limits::default().max_connections_per_uid, value_name = "N")]
     max_connections_per_uid: u32,
 
+    /// A client that connects must send its Hello within this time, or it
+    /// gets an error and is dropped.
+    #[arg(long, default_value_t = 10_000, value_name = "MS")]
+    hello_timeout_ms: u64,
+
     /// Continue from the generation shown in the page file when the saved
     /// state is missing or corrupt (the daemon refuses to start otherwise).
     #[arg(long)]
@@ -120,6 +125,7 @@ fn run(args: Args) -> Result<(), String> {
         max_watchers: args.max_watchers,
         max_watchers_per_uid: args.max_watchers_per_uid,
         max_connections_per_uid: args.max_connections_per_uid,
+        hello_timeout: Duration::from_millis(args.hello_timeout_ms),
     };
     let coalescer = sysgenid_sources::Coalescer::new(Duration::from_millis(args.coalesce_ms));
     let mut server = Server::new(service, listener, limits, coalescer)

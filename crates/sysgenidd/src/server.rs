@@ -65,6 +65,8 @@ pub struct Limits {
     /// Socket connections (watchers or not) per non-root uid, so that one
     /// user cannot take every descriptor the daemon has.
     pub max_connections_per_uid: u32,
+    /// How long a new connection may take to send its `Hello`.
+    pub hello_timeout: Duration,
 }
 
 impl Default for Limits {
@@ -73,6 +75,7 @@ impl Default for Limits {
             max_watchers: 200_000,
             max_watchers_per_uid: 50_000,
             max_connections_per_uid: 4_096,
+            hello_timeout: Duration::from_secs(10),
         }
     }
 }
@@ -109,6 +112,8 @@ impl LoopHandle {
 }
 
 struct Conn {
+    /// Accept order, to tell a reused slab key's connections apart.
+    serial: u64,
     fd: OwnedFd,
     peer: Peer,
     greeted: bool,
@@ -134,6 +139,11 @@ pub struct Server {
     conns: Slab<Conn>,
     /// Connections with a pending barrier wait.
     waiters: Vec<usize>,
+    /// Connections not yet greeted, oldest first: (key, serial, deadline
+    /// for Hello). The serial tells a reused key's new connection apart.
+    ungreeted: VecDeque<(usize, u64, Instant)>,
+    /// Serial number of the next accepted connection.
+    next_serial: u64,
     per_uid: HashMap<u32, u32>,
     /// Socket connections per uid.
     conns_per_uid: HashMap<u32, u32>,
@@ -202,6 +212,8 @@ impl Server {
             handle: LoopHandle { tx, waker },
             conns: Slab::new(),
             waiters: Vec::new(),
+            ungreeted: VecDeque::new(),
+            next_serial: 0,
             per_uid: HashMap::new(),
             conns_per_uid: HashMap::new(),
             max_connections: {
@@ -273,6 +285,7 @@ impl Server {
                 }
             }
             self.expire_waits();
+            self.expire_silent_connections();
             self.reap();
         }
         self.shutdown();
@@ -308,6 +321,7 @@ impl Server {
             .iter()
             .filter_map(|&k| self.conns.get(k).and_then(|c| c.waiting.flatten()))
             .chain(self.device.as_ref().and_then(|d| d.next_deadline()))
+            .chain(self.ungreeted.front().map(|&(_, _, deadline)| deadline))
             .min()
     }
 
@@ -376,7 +390,12 @@ impl Server {
                 continue;
             }
             *self.conns_per_uid.entry(peer.uid).or_insert(0) += 1;
+            let serial = self.next_serial;
+            self.next_serial += 1;
+            self.ungreeted
+                .push_back((key, serial, Instant::now() + self.limits.hello_timeout));
             entry.insert(Conn {
+                serial,
                 fd,
                 peer,
                 greeted: false,
@@ -718,6 +737,28 @@ impl Server {
                         ),
                     );
                 }
+            }
+        }
+    }
+
+    /// Drops connections that did not send their `Hello` in time.
+    fn expire_silent_connections(&mut self) {
+        let now = Instant::now();
+        while let Some(&(key, serial, deadline)) = self.ungreeted.front() {
+            if deadline > now {
+                break;
+            }
+            self.ungreeted.pop_front();
+            let silent = self.conns.get(key).is_some_and(|c| {
+                c.serial == serial && !c.greeted && !c.doomed && !c.close_after_flush
+            });
+            if silent {
+                let ms = self.limits.hello_timeout.as_millis();
+                self.fatal(
+                    key,
+                    ErrorCode::ProtocolViolation,
+                    format!("no Hello within {ms} ms of connecting"),
+                );
             }
         }
     }
