@@ -2,6 +2,7 @@
 //! clients in this process and in child processes.
 
 use std::os::fd::AsFd;
+use std::os::unix::process::CommandExt;
 use std::process::Stdio;
 use std::time::Duration;
 
@@ -180,9 +181,12 @@ fn closing_an_outdated_watcher_releases_the_barrier() {
     let dir = runtime_dir();
     let d = Daemon::start(dir.path());
     // The outdated watcher is another process that never acks.
+    // Its own process group, so the `sleep` it runs goes with it.
     let mut child = ctl_command(dir.path())
         .args(["watch", "--exec", "sleep", "1000"])
         .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .process_group(0)
         .spawn()
         .unwrap();
     d.wait_watchers_registered(1);
@@ -197,7 +201,8 @@ fn closing_an_outdated_watcher_releases_the_barrier() {
     };
     std::thread::sleep(Duration::from_millis(200));
     assert!(!waiter.is_finished(), "barrier held by the stuck watcher");
-    child.kill().unwrap();
+    // SAFETY: kill(2) of our child's process group; no memory involved.
+    unsafe { libc::kill(-(child.id() as i32), libc::SIGKILL) };
     child.wait().unwrap();
     waiter
         .join()
@@ -320,8 +325,6 @@ fn unprivileged_uid_cannot_bump() {
     assert!(out.status.success(), "{}", stderr(&out));
     assert_eq!(stdout(&out), "0");
 }
-
-use std::os::unix::process::CommandExt;
 
 /// An unprivileged process connects, hands the socket to a child, and
 /// execs a set-user-ID-root program (which has every capability while it
