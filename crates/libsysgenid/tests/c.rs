@@ -42,7 +42,7 @@ fn run(cmd: &mut Command) -> Output {
 
 /// Builds the shared and static library (same profile as these tests) and
 /// installs them with the header and `sysgenid.pc` into
-/// target/<profile>/libsysgenid-test-prefix, once per test run.
+/// target/<profile>/libsysgenid-test-prefix-<pid>, once per test process.
 fn prefix() -> &'static Path {
     static PREFIX: OnceLock<PathBuf> = OnceLock::new();
     PREFIX.get_or_init(|| {
@@ -63,7 +63,11 @@ fn prefix() -> &'static Path {
             None => panic!("odd target dir {}", dir.display()),
         }
         run(&mut build);
-        let prefix = dir.join("libsysgenid-test-prefix");
+        // One prefix per test process: under cargo-nextest every test is
+        // its own process, and a shared prefix would be reinstalled under
+        // programs that are running from it.
+        remove_dead_processes_dirs(&dir);
+        let prefix = dir.join(format!("libsysgenid-test-prefix-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&prefix);
         run(Command::new("sh")
             .arg(crate_dir().join("install.sh"))
@@ -71,6 +75,26 @@ fn prefix() -> &'static Path {
             .arg(&dir));
         prefix
     })
+}
+
+/// Removes the per-process prefixes and program directories of test
+/// processes that have exited, so they do not pile up in target/.
+fn remove_dead_processes_dirs(dir: &Path) {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let pid = ["libsysgenid-test-prefix-", "libsysgenid-test-c-"]
+            .iter()
+            .find_map(|p| name.strip_prefix(p))
+            .and_then(|pid| pid.parse::<u32>().ok());
+        if let Some(pid) = pid {
+            if pid != std::process::id() && !Path::new(&format!("/proc/{pid}")).exists() {
+                let _ = std::fs::remove_dir_all(entry.path());
+            }
+        }
+    }
 }
 
 fn pkg_config(args: &[&str]) -> Vec<String> {
@@ -100,7 +124,7 @@ enum Link {
 
 /// Compiles one C file against the installed library.
 fn compile(src: &Path, name: &str, link: Link) -> PathBuf {
-    let out_dir = profile_dir().join("libsysgenid-test-c");
+    let out_dir = profile_dir().join(format!("libsysgenid-test-c-{}", std::process::id()));
     std::fs::create_dir_all(&out_dir).unwrap();
     let exe = out_dir.join(match link {
         Link::Shared => name.to_string(),
