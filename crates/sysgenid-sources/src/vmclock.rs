@@ -760,7 +760,15 @@ mod tests {
         };
         let (mut ok, mut timeouts) = (0u32, 0u32);
         let mut last = 0;
-        for _ in 0..20_000 {
+        // At least 20 000 reads, and on until the writer has really run
+        // concurrently (on a busy 2-CPU machine it may not get a CPU at
+        // first), with a 10 s bound.
+        let started = std::time::Instant::now();
+        let mut reads = 0u32;
+        while reads < 20_000
+            || (last < 100 && started.elapsed() < std::time::Duration::from_secs(10))
+        {
+            reads += 1;
             match mapping.read() {
                 Ok(s) => {
                     let c = s.vm_generation_counter.unwrap();

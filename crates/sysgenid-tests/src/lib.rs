@@ -195,9 +195,19 @@ impl Daemon {
 }
 
 impl Drop for Daemon {
+    /// Stops the daemon; its log is kept only when the test failed.
+    fn drop(&mut self) {
+        self.stop();
+        if !std::thread::panicking() {
+            let _ = std::fs::remove_file(&self.log);
+        }
+    }
+}
+
+impl Daemon {
     /// SIGTERM first, so a daemon serving a device unmounts it (a SIGKILL
     /// would leave a stale FUSE mount behind every test); SIGKILL after 5 s.
-    fn drop(&mut self) {
+    pub fn stop(&mut self) {
         if let Ok(None) = self.child.try_wait() {
             // SAFETY: kill(2) on our own child's pid has no memory-safety
             // preconditions.

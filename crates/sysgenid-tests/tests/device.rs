@@ -40,25 +40,48 @@ macro_rules! require_fuse {
 fn sgdev() -> &'static Path {
     static BIN: OnceLock<PathBuf> = OnceLock::new();
     BIN.get_or_init(|| {
-        let dir = runtime_dir().keep();
-        let out = dir.join("sgdev");
+        // Next to the built binaries. Each test process compiles its own
+        // copy and renames it into place: a rename never disturbs another
+        // process that is running the previous copy.
+        let dir = sysgenid_tests::bin("sysgenidd")
+            .parent()
+            .expect("target dir")
+            .to_path_buf();
+        let out = dir.join("sysgenid-test-sgdev");
+        let tmp = dir.join(format!("sysgenid-test-sgdev.{}", std::process::id()));
         let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/device/sgdev.c");
         let status = Command::new("gcc")
             .args(["-O2", "-Wall", "-Werror", "-pthread", "-o"])
-            .arg(&out)
+            .arg(&tmp)
             .arg(&src)
             .status()
             .expect("gcc is needed to build the device test client");
         assert!(status.success(), "compiling {}", src.display());
+        std::fs::rename(&tmp, &out).expect("install the device test client");
         out
     })
 }
 
-/// A daemon serving the device at `<tmp>/sysgenid`.
+/// A daemon serving the device at `<tmp>/sysgenid`. Fields drop in order:
+/// the daemon stops (and unmounts) before its directory is removed.
 struct Setup {
-    _tmp: tempfile::TempDir,
     daemon: Daemon,
     dev: PathBuf,
+    _tmp: tempfile::TempDir,
+}
+
+impl Drop for Setup {
+    /// Stops the daemon (SIGTERM, then SIGKILL after 5 s); one that had to
+    /// be SIGKILLed leaves its mount: detach it, so no stale FUSE mount
+    /// outlives the test.
+    fn drop(&mut self) {
+        self.daemon.stop();
+        if let Ok(path) = std::ffi::CString::new(self.dev.as_os_str().as_encoded_bytes()) {
+            // SAFETY: umount2 reads a NUL-terminated path we own; failure
+            // (nothing mounted there) is ignored.
+            unsafe { libc::umount2(path.as_ptr(), libc::MNT_DETACH) };
+        }
+    }
 }
 
 fn setup() -> Setup {
@@ -363,11 +386,15 @@ fn outdated_count_and_poll_follow_the_core() {
     force.wait_success();
     watchdog.expect("generation 5");
     watchdog.expect("acked 5");
-    let status = s.daemon.status();
-    assert_eq!(
-        (status.generation, status.outdated),
-        (5, 1),
-        "the socket watcher"
+    // The force client's handle is released asynchronously after it exits
+    // (FUSE sends RELEASE later), so its watcher may linger a moment.
+    assert!(
+        sysgenid_tests::wait_until(Duration::from_secs(5), || {
+            let status = s.daemon.status();
+            (status.generation, status.outdated) == (5, 1)
+        }),
+        "only the socket watcher stays outdated: {:?}",
+        s.daemon.status()
     );
 }
 
