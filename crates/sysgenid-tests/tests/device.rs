@@ -136,9 +136,14 @@ impl Client {
         }
     }
 
-    /// The next line, which must start with `prefix`.
+    /// The next line, which must start with `prefix` (liveness bound 10 s).
     fn expect(&mut self, prefix: &str) -> String {
-        match self.lines.recv_timeout(Duration::from_secs(10)) {
+        self.expect_within(prefix, Duration::from_secs(10))
+    }
+
+    /// [`expect`](Self::expect) with another liveness bound.
+    fn expect_within(&mut self, prefix: &str, limit: Duration) -> String {
+        match self.lines.recv_timeout(limit) {
             Ok(line) => {
                 self.seen.push(line.clone());
                 assert!(
@@ -149,7 +154,7 @@ impl Client {
                 line
             }
             Err(RecvTimeoutError::Timeout) => {
-                panic!("no {prefix:?} within 10 s (so far: {:?})", self.seen)
+                panic!("no {prefix:?} within {limit:?} (so far: {:?})", self.seen)
             }
             Err(RecvTimeoutError::Disconnected) => panic!(
                 "client exited ({:?}) before {prefix:?} (so far: {:?})",
@@ -510,13 +515,17 @@ fn device_off_by_flag() {
 /// Round trips and wake-up latency; prints numbers, asserts only sanity.
 #[test]
 fn measure_round_trips() {
+    // Prints the figures quoted in docs/device.md (`--nocapture`); asserts
+    // only that a woken reader always finds the mapping current. Few rounds
+    // and a generous bound: the suite runs it beside the VM test on 2 CPUs.
     require_fuse!();
     let s = setup();
-    let mut c = Client::spawn("bench", &s.dev, "2000");
-    eprintln!("{}", c.expect("bench"));
+    let long = Duration::from_secs(120);
+    let mut c = Client::spawn("bench", &s.dev, "500");
+    eprintln!("{}", c.expect_within("bench", long));
     c.wait_success();
-    let mut c = Client::spawn("latency", &s.dev, "100");
-    let line = c.expect("latency");
+    let mut c = Client::spawn("latency", &s.dev, "40");
+    let line = c.expect_within("latency", long);
     eprintln!("{line}");
     assert!(line.ends_with("stale-at-wake 0"), "{line}");
     c.wait_success();
