@@ -228,10 +228,14 @@ impl Peer {
 /// uid, a thread id) may force an update or open the device for writing.
 /// The caller is blocked in that request while we check, so its id cannot
 /// be reused meanwhile; the thread pidfd makes the check hold afterwards too.
-pub fn process_may_bump(pid: i32, uid: u32) -> bool {
+pub fn process_may_bump(pid: u32, uid: u32) -> bool {
     if same_uid_as_unprivileged_daemon(uid) {
         return true;
     }
+    // 0 (a caller in a pid namespace we cannot see) or out of range: never.
+    let Ok(pid) = i32::try_from(pid) else {
+        return false;
+    };
     // PIDFD_THREAD (Linux 6.9) is O_EXCL: FUSE reports thread ids.
     let thread = rustix::process::PidfdFlags::from_bits_retain(libc::O_EXCL as _);
     let pidfd = rustix::process::Pid::from_raw(pid).and_then(|p| {

@@ -332,17 +332,14 @@ impl Device {
                 // program that maps /dev/sysgenid, so write opens are for
                 // privileged callers; everyone may open read-only, which
                 // reads, polls and maps but cannot acknowledge.
-                if !read_only {
-                    let pid = header.pid as i32;
-                    if pid <= 0 || !crate::peer::process_may_bump(pid, header.uid) {
-                        tracing::info!(
-                            uid = header.uid,
-                            pid,
-                            "device: refused a write open by an unprivileged process (open it read-only, or use the socket client to acknowledge)"
-                        );
-                        ch.error(unique, libc::EACCES);
-                        return effect;
-                    }
+                if !read_only && !crate::peer::process_may_bump(header.pid, header.uid) {
+                    tracing::info!(
+                        uid = header.uid,
+                        pid = header.pid,
+                        "device: refused a write open by an unprivileged process (open it read-only, or use the socket client to acknowledge)"
+                    );
+                    ch.error(unique, libc::EACCES);
+                    return effect;
                 }
                 // A read-only handle can never acknowledge (write(2) needs
                 // write access), so it never holds up the barrier.
@@ -452,11 +449,10 @@ impl Device {
                         Err(_) => ch.error(unique, libc::EIO),
                     },
                     SYSGENID_FORCE_GEN_UPDATE => {
-                        let pid = header.pid as i32;
-                        if pid <= 0 || !crate::peer::process_may_bump(pid, header.uid) {
+                        if !crate::peer::process_may_bump(header.pid, header.uid) {
                             tracing::warn!(
                                 uid = header.uid,
-                                pid,
+                                pid = header.pid,
                                 "device: refused SYSGENID_FORCE_GEN_UPDATE (needs CAP_SYS_ADMIN or CAP_CHECKPOINT_RESTORE)"
                             );
                             ch.error(unique, libc::EACCES);
