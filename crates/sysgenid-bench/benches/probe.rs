@@ -13,37 +13,10 @@
 
 use std::hint::black_box;
 use std::os::fd::AsRawFd;
-use std::sync::atomic::{fence, AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::Ordering;
 
 use criterion::{criterion_group, criterion_main, Criterion};
-use sysgenid_bench::{write_page, RawMap};
-
-fn raw_seqlock(raw: &RawMap) -> (u32, [u32; 4], u64) {
-    let p = raw.ptr();
-    // SAFETY: offsets inside the live 4096-byte mapping, aligned.
-    let at = |off: usize| unsafe { &*(p.add(off / 4) as *const AtomicU32) };
-    // SAFETY: as above, 8-aligned.
-    let changed = unsafe { &*(p.add(8) as *const AtomicU64) };
-    loop {
-        let s = at(4).load(Ordering::Acquire);
-        if s & 1 == 1 {
-            std::hint::spin_loop();
-            continue;
-        }
-        let g = at(0).load(Ordering::Relaxed);
-        let e = [
-            at(16).load(Ordering::Relaxed),
-            at(20).load(Ordering::Relaxed),
-            at(24).load(Ordering::Relaxed),
-            at(28).load(Ordering::Relaxed),
-        ];
-        let c = changed.load(Ordering::Relaxed);
-        fence(Ordering::Acquire);
-        if at(4).load(Ordering::Relaxed) == s {
-            return (g, e, c);
-        }
-    }
-}
+use sysgenid_bench::{raw_seqlock, write_page, RawMap};
 
 fn benches(c: &mut Criterion) {
     let dir = tempfile::tempdir().expect("tempdir");

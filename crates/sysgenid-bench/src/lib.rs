@@ -388,3 +388,34 @@ pub fn slab_bytes() -> Option<u64> {
     let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
     Some(kb * 1024)
 }
+
+/// A seqlock read of the page record written without the library (layout in
+/// `sysgenid-page`): seq at 4, generation at 0, epoch 16..32, time 32..40.
+#[inline(always)]
+pub fn raw_seqlock(raw: &RawMap) -> (u32, [u32; 4], u64) {
+    use std::sync::atomic::{fence, AtomicU32, AtomicU64, Ordering};
+    let p = raw.ptr();
+    // SAFETY: all offsets are inside the live 4096-byte mapping and aligned.
+    let at = |off: usize| unsafe { &*(p.add(off / 4) as *const AtomicU32) };
+    // SAFETY: as above, 8-aligned.
+    let changed = unsafe { &*(p.add(8) as *const AtomicU64) };
+    loop {
+        let s = at(4).load(Ordering::Acquire);
+        if s & 1 == 1 {
+            std::hint::spin_loop();
+            continue;
+        }
+        let g = at(0).load(Ordering::Relaxed);
+        let e = [
+            at(16).load(Ordering::Relaxed),
+            at(20).load(Ordering::Relaxed),
+            at(24).load(Ordering::Relaxed),
+            at(28).load(Ordering::Relaxed),
+        ];
+        let c = changed.load(Ordering::Relaxed);
+        fence(Ordering::Acquire);
+        if at(4).load(Ordering::Relaxed) == s {
+            return (g, e, c);
+        }
+    }
+}

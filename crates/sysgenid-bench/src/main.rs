@@ -30,7 +30,7 @@ use std::time::{Duration, Instant};
 use clap::Parser;
 use sysgenid_bench::{
     close_from, count_up, fork_child, futex_wait, futex_wake, kill_all, now_ns, raise_nofile,
-    realtime_ns, stats, vm_rss, wait_at_least, RawMap, Shm, Stats,
+    raw_seqlock, realtime_ns, stats, vm_rss, wait_at_least, RawMap, Shm, Stats,
 };
 
 /// Benchmarks sysgenidd against the kernel's own primitives (eventfd,
@@ -938,37 +938,6 @@ fn probe(ctx: &mut Ctx, daemon: &Daemon) -> Result<(), String> {
         None,
     );
     Ok(())
-}
-
-/// A seqlock read of the page record written without the library (layout in
-/// `sysgenid-page`): seq at 4, generation at 0, epoch 16..32, time 32..40.
-#[inline(always)]
-fn raw_seqlock(raw: &RawMap) -> (u32, [u32; 4], u64) {
-    use std::sync::atomic::{fence, AtomicU32, AtomicU64};
-    let p = raw.ptr();
-    // SAFETY: all offsets are inside the live 4096-byte mapping and aligned.
-    let at = |off: usize| unsafe { &*(p.add(off / 4) as *const AtomicU32) };
-    // SAFETY: as above, 8-aligned.
-    let changed = unsafe { &*(p.add(8) as *const AtomicU64) };
-    loop {
-        let s = at(4).load(Ordering::Acquire);
-        if s & 1 == 1 {
-            std::hint::spin_loop();
-            continue;
-        }
-        let g = at(0).load(Ordering::Relaxed);
-        let e = [
-            at(16).load(Ordering::Relaxed),
-            at(20).load(Ordering::Relaxed),
-            at(24).load(Ordering::Relaxed),
-            at(28).load(Ordering::Relaxed),
-        ];
-        let c = changed.load(Ordering::Relaxed);
-        fence(Ordering::Acquire);
-        if at(4).load(Ordering::Relaxed) == s {
-            return (g, e, c);
-        }
-    }
 }
 
 /// (2) bump → one blocked watcher returns, vs eventfd / AF_UNIX / futex
