@@ -35,6 +35,16 @@ pub fn runtime_dir() -> tempfile::TempDir {
     dir
 }
 
+/// For tests that need root (setresuid, chown, mounts): prints a visible
+/// `SKIPPED: needs root <what>` and returns true when not root.
+pub fn skip_unless_root(what: &str) -> bool {
+    let root = rustix::process::geteuid().is_root();
+    if !root {
+        eprintln!("SKIPPED: needs root {what}");
+    }
+    !root
+}
+
 /// Polls `cond` every 5 ms until it holds or `limit` passes.
 pub fn wait_until(limit: Duration, mut cond: impl FnMut() -> bool) -> bool {
     let start = Instant::now();

@@ -166,8 +166,7 @@ fn seqpacket_connect(path: &std::path::Path) -> UnixDatagram {
 #[test]
 fn one_user_cannot_take_every_connection() {
     use std::os::unix::process::CommandExt;
-    if !rustix::process::geteuid().is_root() {
-        eprintln!("SKIPPED: needs root to run clients as nobody");
+    if skip_unless_root("to run clients as nobody") {
         return;
     }
     let dir = runtime_dir();

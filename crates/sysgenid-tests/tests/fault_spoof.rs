@@ -320,8 +320,7 @@ fn drop_caps_except(cmd: &mut Command, keep: Option<u32>) {
 
 #[test]
 fn nobody_cannot_bump_through_the_library() {
-    if !is_root() {
-        eprintln!("SKIPPED: needs root to run a client as nobody");
+    if skip_unless_root("to run a client as nobody") {
         return;
     }
     let dir = runtime_dir();
@@ -432,8 +431,7 @@ fn planted_hard_link_at_the_page_path_is_refused() {
 
 #[test]
 fn foreign_owned_page_is_refused() {
-    if !is_root() {
-        eprintln!("SKIPPED: needs root to chown");
+    if skip_unless_root("to chown") {
         return;
     }
     let dir = runtime_dir();
@@ -450,8 +448,7 @@ fn foreign_owned_page_is_refused() {
 
 #[test]
 fn foreign_owned_socket_and_non_socket_at_the_socket_path_are_refused() {
-    if !is_root() {
-        eprintln!("SKIPPED: needs root to chown");
+    if skip_unless_root("to chown") {
         return;
     }
     let dir = runtime_dir();
@@ -477,8 +474,7 @@ fn foreign_owned_socket_and_non_socket_at_the_socket_path_are_refused() {
 
 #[test]
 fn foreign_owned_runtime_dir_is_refused() {
-    if !is_root() {
-        eprintln!("SKIPPED: needs root to chown");
+    if skip_unless_root("to chown") {
         return;
     }
     let dir = runtime_dir();

@@ -302,8 +302,7 @@ fn reconnecting_watcher_gets_the_change_it_missed() {
 fn unprivileged_uid_cannot_bump() {
     let dir = runtime_dir();
     let d = Daemon::start(dir.path());
-    if !rustix::process::geteuid().is_root() {
-        eprintln!("SKIPPED: needs root to run a client as nobody");
+    if skip_unless_root("to run a client as nobody") {
         return;
     }
     let out = ctl_command(dir.path())
@@ -335,8 +334,7 @@ fn unprivileged_uid_cannot_bump() {
 fn a_socket_carried_across_a_setuid_exec_cannot_bump() {
     use std::os::unix::fs::PermissionsExt;
     use std::os::unix::process::CommandExt;
-    if !rustix::process::geteuid().is_root() {
-        eprintln!("SKIPPED: needs root to make a set-user-ID program");
+    if skip_unless_root("to make a set-user-ID program") {
         return;
     }
     let dir = runtime_dir();
