@@ -47,8 +47,9 @@ functions copied out of :mod:`random` before :func:`install` ran.
 
 Limits: it is as current as the page: between the restore and the daemon's
 bump (normally well under a millisecond) a draw still continues the old
-stream. ``os.fork`` is not a restore: a forked child continues its
-parent's stream until the generation moves. Under threads two callers may
+stream. ``os.fork`` is not a restore, but the standard library already
+reseeds :mod:`random` in a forked child, and :func:`install` keeps that
+for its own generator. Under threads two callers may
 both notice one change; the reseed then happens twice, which is harmless,
 and each callback may run more than once per change.
 """
@@ -205,6 +206,10 @@ def install(runtime_dir=None):
                 setattr(_random, name, getattr(inst, name))
         _random._inst = inst
         _random_instance = inst
+        # The standard library reseeds its generator in a forked child
+        # (`random` registers this at import); keep that for ours.
+        if hasattr(os, "register_at_fork"):
+            os.register_at_fork(after_in_child=inst.seed)
     import uuid
 
     # libuuid keeps its own clock sequence, which clones would share; the
