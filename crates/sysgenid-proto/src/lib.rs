@@ -111,6 +111,11 @@ pub enum Request {
     Bump {
         /// The new generation is `max(min_generation, current + 1)`.
         min_generation: u32,
+        /// Allow a minimum that jumps into the counter's last 2^20 values
+        /// (`sysgenid_core::EXHAUSTION_RESERVE`; refused otherwise: it would
+        /// end the mechanism for good). On the wire: an optional sixth
+        /// byte, bit 0; absent means `false`, so older clients are unchanged.
+        allow_exhaustion: bool,
     },
     /// Ask for a [`StatusReport`].
     Status,
@@ -339,6 +344,14 @@ fn check_frame(frame: &[u8]) -> Result<u8, DecodeError> {
 }
 
 const HELLO_WATCHER: u8 = 1;
+const BUMP_ALLOW_EXHAUSTION: u8 = 1 << 0;
+
+/// Whether the daemon judges the sender of a request of this kind (its
+/// first byte) for privilege: it then receives that frame with the
+/// sender's credentials (see `sysgenidd`'s `peer` module).
+pub fn is_privileged_kind(kind: u8) -> bool {
+    kind == codes::BUMP
+}
 const HELLO_UNTRACKED: u8 = 1 << 0;
 const HELLO_HAS_ACKED: u8 = 1 << 1;
 
@@ -374,7 +387,16 @@ impl Request {
             }
             Request::Ack { generation } => scalar(codes::ACK, generation),
             Request::WaitWatchers { timeout_ms } => scalar(codes::WAIT_WATCHERS, timeout_ms),
-            Request::Bump { min_generation } => scalar(codes::BUMP, min_generation),
+            Request::Bump {
+                min_generation,
+                allow_exhaustion,
+            } => {
+                let mut f = scalar(codes::BUMP, min_generation);
+                if allow_exhaustion {
+                    f.push(BUMP_ALLOW_EXHAUSTION);
+                }
+                f
+            }
             Request::Status => vec![codes::STATUS],
         }
     }
@@ -409,13 +431,28 @@ impl Request {
                 };
                 Ok(Request::Hello { version, role })
             }
-            codes::ACK | codes::WAIT_WATCHERS | codes::BUMP => {
+            codes::BUMP => {
+                let flags = match frame.len() {
+                    6 => frame[5],
+                    _ => {
+                        expect_len(frame, 5)?;
+                        0
+                    }
+                };
+                if flags & !BUMP_ALLOW_EXHAUSTION != 0 {
+                    return Err(DecodeError::Invalid("unknown bump flags"));
+                }
+                Ok(Request::Bump {
+                    min_generation: u32_at(frame, 1),
+                    allow_exhaustion: flags & BUMP_ALLOW_EXHAUSTION != 0,
+                })
+            }
+            codes::ACK | codes::WAIT_WATCHERS => {
                 expect_len(frame, 5)?;
                 let v = u32_at(frame, 1);
                 Ok(match kind {
                     codes::ACK => Request::Ack { generation: v },
-                    codes::WAIT_WATCHERS => Request::WaitWatchers { timeout_ms: v },
-                    _ => Request::Bump { min_generation: v },
+                    _ => Request::WaitWatchers { timeout_ms: v },
                 })
             }
             codes::STATUS => {

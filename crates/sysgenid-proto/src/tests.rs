@@ -14,7 +14,12 @@ fn request() -> impl Strategy<Value = Request> {
         (any::<u16>(), role()).prop_map(|(version, role)| Request::Hello { version, role }),
         any::<u32>().prop_map(|generation| Request::Ack { generation }),
         any::<u32>().prop_map(|timeout_ms| Request::WaitWatchers { timeout_ms }),
-        any::<u32>().prop_map(|min_generation| Request::Bump { min_generation }),
+        (any::<u32>(), any::<bool>()).prop_map(|(min_generation, allow_exhaustion)| {
+            Request::Bump {
+                min_generation,
+                allow_exhaustion,
+            }
+        }),
         Just(Request::Status),
     ]
 }
@@ -187,4 +192,33 @@ fn oversized_status_reports_are_shortened_to_fit_one_frame() {
         }
         other => panic!("{other:?}"),
     }
+}
+
+#[test]
+fn bump_flag_byte_is_optional_and_checked() {
+    let old_client = [0x04, 10, 0, 0, 0];
+    assert_eq!(
+        Request::decode(&old_client),
+        Ok(Request::Bump {
+            min_generation: 10,
+            allow_exhaustion: false
+        })
+    );
+    let plain = Request::Bump {
+        min_generation: 10,
+        allow_exhaustion: false,
+    };
+    assert_eq!(plain.encode(), old_client, "no flag byte unless set");
+    let forced = Request::Bump {
+        min_generation: u32::MAX,
+        allow_exhaustion: true,
+    };
+    assert_eq!(forced.encode(), [0x04, 0xff, 0xff, 0xff, 0xff, 1]);
+    assert!(
+        Request::decode(&[0x04, 0, 0, 0, 0, 2]).is_err(),
+        "unknown bump flag"
+    );
+    assert!(Request::decode(&[0x04, 0, 0, 0, 0, 1, 0]).is_err());
+    assert!(is_privileged_kind(forced.encode()[0]));
+    assert!(!is_privileged_kind(Request::Status.encode()[0]));
 }
