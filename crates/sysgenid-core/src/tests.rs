@@ -176,7 +176,11 @@ fn a_claim_from_the_future_does_not_hold_the_barrier_until_acknowledged() {
     let c = core.counts();
     assert_eq!((c.tracked, c.outdated, c.outdated_untracked), (0, 0, 1));
     core.bump(0).unwrap();
-    assert_eq!(core.barrier(None), Ok(Barrier::Satisfied), "nor after a bump");
+    assert_eq!(
+        core.barrier(None),
+        Ok(Barrier::Satisfied),
+        "nor after a bump"
+    );
     assert_eq!(core.ack(liar, 4), Ok(true));
     let c = core.counts();
     assert_eq!((c.tracked, c.outdated, c.outdated_untracked), (1, 0, 0));
@@ -187,7 +191,13 @@ fn a_claim_from_the_future_does_not_hold_the_barrier_until_acknowledged() {
         "once it acknowledged, it counts as the tracked watcher it asked to be"
     );
     assert_eq!(core.unregister(liar), Ok(Tracking::Tracked));
-    assert_eq!(core.counts(), Counts { generation: 5, ..Counts::default() });
+    assert_eq!(
+        core.counts(),
+        Counts {
+            generation: 5,
+            ..Counts::default()
+        }
+    );
 }
 
 #[test]
@@ -247,7 +257,14 @@ fn op() -> impl Strategy<Value = Op> {
         (0usize..8).prop_map(Op::Read),
         (0usize..8, proptest::option::weighted(0.3, 0u32..12)).prop_map(|(i, g)| Op::Ack(i, g)),
         (0usize..8).prop_map(Op::Close),
-        prop_oneof![Just(0u32), 0u32..15, Just(u32::MAX - (1 << 20)), Just(u32::MAX - 1), Just(u32::MAX)].prop_map(Op::Bump),
+        prop_oneof![
+            Just(0u32),
+            0u32..15,
+            Just(u32::MAX - (1 << 20)),
+            Just(u32::MAX - 1),
+            Just(u32::MAX)
+        ]
+        .prop_map(Op::Bump),
         proptest::option::of(0usize..8).prop_map(Op::Barrier),
     ]
 }

@@ -363,8 +363,27 @@ impl Watcher {
 
     /// The seed's `SYSGENID_FORCE_GEN_UPDATE`: privileged; returns the new
     /// generation, `max(min_generation, current + 1)`.
+    /// A minimum in the counter's last 2^20 values (which would leave no
+    /// generation for later restores) is refused with [`Error::Overflow`];
+    /// see [`Watcher::trigger_update_allowing_exhaustion`].
     pub fn trigger_update(&mut self, min_generation: u32) -> Result<u32, Error> {
-        self.request(&Request::Bump { min_generation })
+        self.request(&Request::Bump {
+            min_generation,
+            allow_exhaustion: false,
+        })
+    }
+
+    /// [`Watcher::trigger_update`] that also accepts a minimum in the
+    /// counter's last 2^20 values, up to `u32::MAX`: after that, no later
+    /// restore can ever be signalled. Only for an operator who means it.
+    pub fn trigger_update_allowing_exhaustion(
+        &mut self,
+        min_generation: u32,
+    ) -> Result<u32, Error> {
+        self.request(&Request::Bump {
+            min_generation,
+            allow_exhaustion: true,
+        })
     }
 
     /// The daemon's status.
@@ -503,9 +522,27 @@ impl Control {
         status_reply(&self.conn)
     }
 
-    /// Forced update (privileged): returns the new generation.
+    /// Forced update (privileged): returns the new generation,
+    /// `max(min_generation, current + 1)`. A minimum in the counter's last
+    /// 2^20 values (above 4 293 918 719, when it jumps past `current + 1`)
+    /// is refused with [`Error::Overflow`]: see
+    /// [`Control::bump_allowing_exhaustion`].
     pub fn bump(&mut self, min_generation: u32) -> Result<u32, Error> {
-        self.conn.send(&Request::Bump { min_generation })?;
+        self.send_bump(min_generation, false)
+    }
+
+    /// [`Control::bump`] that also accepts a minimum in the counter's last
+    /// 2^20 values, up to `u32::MAX`: after that, no later restore can ever
+    /// be signalled. Only for an operator who means it.
+    pub fn bump_allowing_exhaustion(&mut self, min_generation: u32) -> Result<u32, Error> {
+        self.send_bump(min_generation, true)
+    }
+
+    fn send_bump(&mut self, min_generation: u32, allow_exhaustion: bool) -> Result<u32, Error> {
+        self.conn.send(&Request::Bump {
+            min_generation,
+            allow_exhaustion,
+        })?;
         expect_done(self.conn.reply()?)
     }
 

@@ -232,6 +232,13 @@ impl RuntimeDir {
         .map_err(io("creating socket", &path))?;
         let addr = SocketAddrUnix::new(&path).map_err(io("socket path", &path))?;
         rustix::net::bind(&fd, &addr).map_err(io("binding", &path))?;
+        // Before listen: every connection, and every frame, then carries
+        // its sender's credentials (see `peer`).
+        crate::peer::pass_credentials(fd.as_fd()).map_err(|source| RuntimeDirError::Io {
+            what: "enabling sender credentials on",
+            path: path.display().to_string(),
+            source,
+        })?;
         rustix::fs::chmodat(
             &self.dir,
             SOCKET_NAME,

@@ -39,7 +39,7 @@ use sysgenid_proto::{
     PROTOCOL_VERSION,
 };
 
-use crate::peer::Peer;
+use crate::peer::{Peer, Requester};
 use crate::service::{BumpError, Service};
 use crate::state::epoch_hex;
 
@@ -483,12 +483,12 @@ impl Server {
                 }
                 return;
             }
-            match rustix::net::recv(&conn.fd, &mut buf, RecvFlags::DONTWAIT | RecvFlags::TRUNC) {
-                Ok((0, _)) => {
+            match crate::peer::recv_frame(conn.fd.as_fd(), &mut buf) {
+                Ok((0, _, _)) => {
                     self.doom(key);
                     return;
                 }
-                Ok((_, len)) if len > MAX_FRAME => {
+                Ok((_, len, _)) if len > MAX_FRAME => {
                     self.fatal(
                         key,
                         ErrorCode::ProtocolViolation,
@@ -496,7 +496,7 @@ impl Server {
                     );
                     return;
                 }
-                Ok((n, _)) => self.on_frame(key, &buf[..n]),
+                Ok((n, _, sender)) => self.on_frame(key, &buf[..n], sender),
                 Err(rustix::io::Errno::AGAIN) => return,
                 Err(rustix::io::Errno::INTR) => continue,
                 Err(_) => {
@@ -507,7 +507,7 @@ impl Server {
         }
     }
 
-    fn on_frame(&mut self, key: usize, frame: &[u8]) {
+    fn on_frame(&mut self, key: usize, frame: &[u8], sender: Option<Requester>) {
         let greeted = self.conns[key].greeted;
         if !greeted {
             if let Some(v) = Request::peek_hello_version(frame) {
@@ -543,7 +543,13 @@ impl Server {
             }
             (true, Request::Ack { generation }) => self.on_ack(key, generation),
             (true, Request::WaitWatchers { timeout_ms }) => self.on_wait(key, timeout_ms),
-            (true, Request::Bump { min_generation }) => self.on_bump(key, min_generation),
+            (
+                true,
+                Request::Bump {
+                    min_generation,
+                    allow_exhaustion,
+                },
+            ) => self.on_bump(key, min_generation, allow_exhaustion, sender),
             (true, Request::Status) => {
                 let report = self.status();
                 self.send_reply(key, Reply::Status(report));
@@ -646,16 +652,28 @@ impl Server {
         }
     }
 
-    fn on_bump(&mut self, key: usize, min: u32) {
-        let conn = &self.conns[key];
-        let peer = &conn.peer;
-        if !peer.may_bump(&conn.fd) {
+    fn on_bump(&mut self, key: usize, min: u32, allow_exhaustion: bool, sender: Option<Requester>) {
+        if let Err(why) = crate::peer::privileged(sender.as_ref()) {
+            let (pid, uid) = sender.as_ref().map_or((0, 0), |s| (s.pid(), s.uid()));
             let message = format!(
-                "permission denied: forcing a generation update needs CAP_SYS_ADMIN or CAP_CHECKPOINT_RESTORE (uid {}, pid {} has neither)",
-                peer.uid, peer.pid
+                "permission denied: forcing a generation update needs CAP_SYS_ADMIN or CAP_CHECKPOINT_RESTORE in sysgenidd's user namespace; the sender (pid {pid}, uid {uid}) was refused: {why}"
             );
             tracing::warn!("{message}");
             self.send_reply(key, error(ErrorCode::PermissionDenied, 0, message));
+            return;
+        }
+        if let Err(e) = self.service.core.check_minimum(min, allow_exhaustion) {
+            let current = self.service.generation();
+            self.send_reply(
+                key,
+                error(
+                    ErrorCode::Overflow,
+                    current,
+                    format!(
+                "refused: {e} (sysgenidctl bump --allow-exhaustion; the generation stays {current})"
+            ),
+                ),
+            );
             return;
         }
         if let Some(s) = self.sources.iter_mut().find(|s| s.name == "manual") {
@@ -976,7 +994,11 @@ impl Server {
                 s.events += 1;
                 s.last_event_unix_ms = Some(unix_ms_now());
             }
-            let result = self.bump(min, "manual");
+            // The seed's ioctl has no flag: an exhausting minimum is refused.
+            let result = match self.service.core.check_minimum(min, false) {
+                Ok(()) => self.bump(min, "manual"),
+                Err(e) => Err(e.into()),
+            };
             if let Err(e) = &result {
                 tracing::error!("forced update on the device failed: {e}");
             }

@@ -485,7 +485,7 @@ impl Device {
     pub fn answer_bump(&self, unique: u64, result: &Result<u32, BumpError>) {
         match result {
             Ok(_) => self.channel().ioctl(unique, 0),
-            Err(BumpError::Core(CoreError::Overflow { .. })) => {
+            Err(BumpError::Core(CoreError::Overflow { .. } | CoreError::WouldExhaust { .. })) => {
                 self.channel().error(unique, libc::EOVERFLOW)
             }
             Err(_) => self.channel().error(unique, libc::EIO),
