@@ -91,7 +91,7 @@ impl Peer {
 /// The process (or, on the device, thread) that made one request, as the
 /// kernel recorded it with the request.
 #[derive(Debug)]
-pub struct Requester {
+pub struct Sender {
     /// Pid (thread id on the device) in our pid namespace; 0 if unknown.
     pid: i32,
     /// The uid recorded with the request (real uid on the socket, the
@@ -101,7 +101,7 @@ pub struct Requester {
     pidfd: Option<OwnedFd>,
 }
 
-impl Requester {
+impl Sender {
     /// The recorded pid (for messages).
     pub fn pid(&self) -> i32 {
         self.pid
@@ -159,7 +159,7 @@ pub fn pass_credentials(listener: BorrowedFd<'_>) -> std::io::Result<()> {
 pub fn recv_frame(
     sock: BorrowedFd<'_>,
     buf: &mut [u8],
-) -> Result<(usize, usize, Option<Requester>), Errno> {
+) -> Result<(usize, usize, Option<Sender>), Errno> {
     use rustix::net::RecvFlags;
     let mut kind = [0u8; 1];
     let (peeked, _) = rustix::net::recv(
@@ -172,12 +172,12 @@ pub fn recv_frame(
         return Ok((n, len, None));
     }
     let (n, len, sent_by) = scm::recv_with_sender(sock, buf)?;
-    Ok((n, len, Some(requester_of(sent_by))))
+    Ok((n, len, Some(sender_of(sent_by))))
 }
 
-fn requester_of(sent_by: scm::SentBy) -> Requester {
+fn sender_of(sent_by: scm::SentBy) -> Sender {
     let Some(cred) = sent_by.cred else {
-        return Requester {
+        return Sender {
             pid: 0,
             uid: u32::MAX,
             pidfd: None,
@@ -191,7 +191,7 @@ fn requester_of(sent_by: scm::SentBy) -> Requester {
             .and_then(|pid| rustix::process::pidfd_open(pid, PidfdFlags::empty()).ok()),
         None => None,
     };
-    Requester {
+    Sender {
         pid: cred.pid,
         uid: cred.uid,
         pidfd,
@@ -201,7 +201,7 @@ fn requester_of(sent_by: scm::SentBy) -> Requester {
 /// The caller of a FUSE device request (`fuse_in_header` thread id and
 /// uid). It is blocked in that request while we check: the thread cannot
 /// exit, exec or change its credentials meanwhile.
-pub fn device_caller(tid: u32, uid: u32) -> Requester {
+pub fn device_caller(tid: u32, uid: u32) -> Sender {
     // 0 (a caller in a pid namespace we cannot see) or out of range: never.
     let pid = i32::try_from(tid).unwrap_or(0);
     // PIDFD_THREAD (Linux 6.9) is O_EXCL: FUSE reports thread ids. Before
@@ -212,18 +212,18 @@ pub fn device_caller(tid: u32, uid: u32) -> Requester {
             .or_else(|_| rustix::process::pidfd_open(p, PidfdFlags::empty()))
             .ok()
     });
-    Requester { pid, uid, pidfd }
+    Sender { pid, uid, pidfd }
 }
 
 /// The one privilege check (see the module docs for the rule and its
 /// order). `None`: the kernel recorded no sender.
-pub fn privileged(requester: Option<&Requester>) -> Result<(), Refusal> {
-    let requester = requester.ok_or(Refusal::NoSender)?;
-    let pid = Pid::from_raw(requester.pid).ok_or(Refusal::NoSender)?;
-    if same_uid_as_unprivileged_daemon(requester.uid) {
+pub fn privileged(sender: Option<&Sender>) -> Result<(), Refusal> {
+    let sender = sender.ok_or(Refusal::NoSender)?;
+    let pid = Pid::from_raw(sender.pid).ok_or(Refusal::NoSender)?;
+    if same_uid_as_unprivileged_daemon(sender.uid) {
         return Ok(());
     }
-    let pidfd = requester.pidfd.as_ref().ok_or(Refusal::NoPidfd)?;
+    let pidfd = sender.pidfd.as_ref().ok_or(Refusal::NoPidfd)?;
     // 1. Capabilities.
     let caps = rustix::thread::capabilities(Some(pid)).map_err(|_| Refusal::Exited)?;
     if !caps
@@ -237,7 +237,7 @@ pub fn privileged(requester: Option<&Requester>) -> Result<(), Refusal> {
         return Err(Refusal::OtherUserNamespace);
     }
     // 3. Identity.
-    if current_uids(pid) != Some((requester.uid, requester.uid)) {
+    if current_uids(pid) != Some((sender.uid, sender.uid)) {
         return Err(Refusal::IdentityChanged);
     }
     // 4. Liveness.
@@ -299,9 +299,9 @@ fn current_uids(pid: Pid) -> Option<(u32, u32)> {
 mod tests {
     use super::*;
 
-    fn me() -> Requester {
+    fn me() -> Sender {
         let pid = rustix::process::getpid();
-        Requester {
+        Sender {
             pid: pid.as_raw_nonzero().get(),
             uid: rustix::process::getuid().as_raw(),
             pidfd: rustix::process::pidfd_open(pid, PidfdFlags::empty()).ok(),
@@ -311,7 +311,7 @@ mod tests {
     #[test]
     fn missing_credentials_are_refused() {
         assert_eq!(privileged(None), Err(Refusal::NoSender));
-        let no_pid = Requester {
+        let no_pid = Sender {
             pid: 0,
             uid: rustix::process::geteuid().as_raw(),
             pidfd: None,
