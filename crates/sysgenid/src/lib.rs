@@ -15,6 +15,9 @@
 //!   watcher.
 //! * [`Probe`]: the mapped page, for a zero-syscall check in hot paths.
 //! * `tokio` feature: [`AsyncWatcher`](asyncio::AsyncWatcher).
+//! * [`SnapSafe<T>`]: a value rebuilt on first use after a restore (one
+//!   load per use); `rand_core` feature: [`SnapSafeRng`], any seedable RNG
+//!   reseeded from the OS after a restore.
 //!
 //! ```no_run
 //! let mut watcher = sysgenid::Watcher::open()?;
@@ -29,6 +32,9 @@
 #[cfg(feature = "tokio")]
 pub mod asyncio;
 mod conn;
+#[cfg(feature = "rand_core")]
+mod rng;
+mod snapsafe;
 
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, RawFd};
 use std::path::{Path, PathBuf};
@@ -39,6 +45,9 @@ pub use sysgenid_proto::{ErrorCode, SourceStatus, StatusReport, PROTOCOL_VERSION
 use sysgenid_proto::{Reply, Request, Role, PAGE_NAME, SOCKET_NAME};
 
 use conn::{wait_fd, Conn, Try};
+#[cfg(feature = "rand_core")]
+pub use rng::SnapSafeRng;
+pub use snapsafe::SnapSafe;
 pub use sysgenid_proto::default_runtime_dir;
 
 /// Everything that can go wrong. [`Error::errno`] gives the errno a kernel
