@@ -395,6 +395,7 @@ impl VmclockSource {
         Ok(Some(SourceEvent {
             source: NAME,
             detail: format!("vm_generation_counter changed {old} -> {counter}"),
+            kernel_time_us: None,
         }))
     }
 
