@@ -1,0 +1,3 @@
+pub(crate) fn run(_ctx: &mut crate::Ctx) -> Result<(), String> {
+    Ok(())
+}
