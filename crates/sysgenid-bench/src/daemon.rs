@@ -36,7 +36,11 @@ impl Daemon {
         let child = cmd
             .arg("--runtime-dir")
             .arg(dir.path())
-            .args(["--source", "none"])
+            .args(if extra.iter().any(|a| a == "--source") {
+                &[][..]
+            } else {
+                &["--source", "none"][..]
+            })
             .arg("--device")
             .arg(if device {
                 dir.path().with_extension("dev").into_os_string()
