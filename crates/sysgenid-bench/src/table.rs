@@ -110,9 +110,11 @@ impl Table {
         self
     }
 
-    /// Goals that were measured and do not hold.
-    pub fn missed(&self) -> usize {
-        self.rows.iter().filter(|r| r.holds == Some(false)).count()
+    /// (goals measured, goals that hold).
+    pub fn goals(&self) -> (usize, usize) {
+        let measured = self.rows.iter().filter(|r| r.holds.is_some()).count();
+        let hold = self.rows.iter().filter(|r| r.holds == Some(true)).count();
+        (measured, hold)
     }
 
     /// Prints the table and the notes as Markdown on stdout.

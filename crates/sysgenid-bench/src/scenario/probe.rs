@@ -49,12 +49,15 @@ pub(crate) fn run(ctx: &mut Ctx, daemon: &Daemon) -> Result<(), String> {
         }
         acc
     };
-    // Alternate, keep the best of each: the minimum is the cost, the rest
-    // is other tenants of the machine.
-    let (mut p, mut b, mut rec, mut raw_rec) = (f64::MAX, f64::MAX, f64::MAX, f64::MAX);
+    // Five runs, alternating: the goal must hold in each (stable), and the
+    // row shows the worst run. For the record read, keep the best of each:
+    // the minimum is the cost, the rest is other tenants of the machine.
+    let (mut rec, mut raw_rec) = (f64::MAX, f64::MAX);
+    let mut runs = Vec::new();
     for _ in 0..5 {
-        p = p.min(time(&probe_loop));
-        b = b.min(time(&raw_loop));
+        let p = time(&probe_loop);
+        let b = time(&raw_loop);
+        runs.push((p, b));
         let t = Instant::now();
         std::hint::black_box(record_loop(rec_iters));
         rec = rec.min(t.elapsed().as_nanos() as f64 / rec_iters as f64);
@@ -62,15 +65,30 @@ pub(crate) fn run(ctx: &mut Ctx, daemon: &Daemon) -> Result<(), String> {
         std::hint::black_box(raw_record_loop(rec_iters));
         raw_rec = raw_rec.min(t.elapsed().as_nanos() as f64 / rec_iters as f64);
     }
-    ctx.table.ratio(
-        "1",
-        "probe: `Probe::generation()` per check",
-        p,
-        "volatile load, own MAP_SHARED map",
-        b,
-        Unit::Ns,
-        Some(1.2),
-    );
+    let ratio = |&(p, b): &(f64, f64)| p / b;
+    let worst = runs
+        .iter()
+        .copied()
+        .max_by(|x, y| ratio(x).total_cmp(&ratio(y)))
+        .unwrap_or((0.0, 0.0));
+    let per_run = runs
+        .iter()
+        .map(|r| format!("{:.2}×", ratio(r)))
+        .collect::<Vec<_>>()
+        .join(", ");
+    ctx.table
+        .ratio(
+            "1",
+            "probe: `Probe::generation()` per check, worst of 5 runs",
+            worst.0,
+            "volatile load, own MAP_SHARED map",
+            worst.1,
+            Unit::Ns,
+            Some(1.1),
+        )
+        .why(format!(
+            "ratio per run: {per_run} (the worst run decides: stable means every run holds)"
+        ));
     ctx.table.ratio(
         "1",
         "probe: `Probe::record()` (seqlock: generation, epoch, time) per read",

@@ -24,7 +24,9 @@ use std::os::fd::AsRawFd;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use sysgenid_bench::{count_up, fork_child, kill_all, now_ns, realtime_ns, stats, wait_at_least, write_page, Shm};
+use sysgenid_bench::{
+    count_up, fork_child, kill_all, now_ns, realtime_ns, stats, wait_at_least, write_page, Shm,
+};
 
 use crate::daemon::Daemon;
 use crate::rawfd::{keep_only_as_3, pipe, raw_read, raw_write};
@@ -35,11 +37,15 @@ use crate::Ctx;
 const ROUND_LIMIT: Duration = Duration::from_secs(10);
 
 fn mkfifo(path: &Path) -> Result<(), String> {
-    let c = std::ffi::CString::new(path.as_os_str().as_encoded_bytes())
-        .map_err(|e| e.to_string())?;
+    let c =
+        std::ffi::CString::new(path.as_os_str().as_encoded_bytes()).map_err(|e| e.to_string())?;
     // SAFETY: mkfifo(3) with a NUL-terminated path.
     if unsafe { libc::mkfifo(c.as_ptr(), 0o600) } != 0 {
-        return Err(format!("mkfifo {}: {}", path.display(), std::io::Error::last_os_error()));
+        return Err(format!(
+            "mkfifo {}: {}",
+            path.display(),
+            std::io::Error::last_os_error()
+        ));
     }
     Ok(())
 }
@@ -53,8 +59,10 @@ fn spin_until_changed(probe: &sysgenid::Probe, old: u32, what: &str) -> Result<u
             return Ok(now_ns());
         }
         spins = spins.wrapping_add(1);
-        if spins % 4096 == 0 && start.elapsed() > ROUND_LIMIT {
-            return Err(format!("{what}: the page still shows {old} after {ROUND_LIMIT:?}"));
+        if spins.is_multiple_of(4096) && start.elapsed() > ROUND_LIMIT {
+            return Err(format!(
+                "{what}: the page still shows {old} after {ROUND_LIMIT:?}"
+            ));
         }
         std::hint::spin_loop();
     }
@@ -104,7 +112,11 @@ pub(crate) fn run(ctx: &mut Ctx) -> Result<(), String> {
     let raw = pipe_r.as_raw_fd();
     let mut pids = vec![fork_child(|| {
         keep_only_as_3(raw);
-        let Ok(file) = std::fs::OpenOptions::new().read(true).write(true).open(&base_page) else {
+        let Ok(file) = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(&base_page)
+        else {
             return 1;
         };
         let Ok(mut page) = sysgenid_page::PageWriter::new(file, &base_page) else {
