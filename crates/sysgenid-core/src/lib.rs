@@ -26,6 +26,8 @@
 //! between the two steps: a generation is never shown to anyone before it
 //! would survive a crash.
 
+#![forbid(unsafe_code)]
+
 use slab::Slab;
 
 /// The system generation counter, `u32` on every interface.

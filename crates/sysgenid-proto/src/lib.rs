@@ -26,6 +26,8 @@
 //! while the watcher is outdated, which is what makes it usable in
 //! poll/epoll/tokio like the seed's device file.
 
+#![forbid(unsafe_code)]
+
 use serde::{Deserialize, Serialize};
 
 /// The protocol version this crate speaks.
