@@ -90,3 +90,55 @@ fn kernel_fork_records_written_into_the_fifo_bump_and_forgeries_do_not() {
     std::thread::sleep(Duration::from_millis(100));
     assert_eq!(d.generation(), 2, "{}", d.log());
 }
+
+/// The log without terminal colour sequences (`ESC [ ... m`).
+fn without_ansi(log: &str) -> String {
+    let mut out = String::with_capacity(log.len());
+    let mut chars = log.chars();
+    while let Some(c) = chars.next() {
+        if c == '\u{1b}' {
+            for c in chars.by_ref() {
+                if c == 'm' {
+                    break;
+                }
+            }
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
+fn monotonic_us() -> u64 {
+    let t = rustix::time::clock_gettime(rustix::time::ClockId::Monotonic);
+    t.tv_sec as u64 * 1_000_000 + t.tv_nsec as u64 / 1_000
+}
+
+#[test]
+fn status_and_log_report_the_lag_from_the_record_timestamp_to_the_page() {
+    let dir = runtime_dir();
+    let (d, fifo) = fifo_daemon(&dir);
+    assert_eq!(d.status().last_kernel_lag_us, None);
+    // A manual bump has no kernel timestamp.
+    d.control().bump(0).unwrap();
+    assert_eq!(d.status().last_kernel_lag_us, None);
+    let mut w = std::fs::OpenOptions::new().write(true).open(&fifo).unwrap();
+    let stamp = monotonic_us();
+    writeln!(w, "5,9,{stamp},-;{FORK}").unwrap();
+    assert!(wait_generation(&d, 2), "{}", d.log());
+    let lag = d
+        .status()
+        .last_kernel_lag_us
+        .expect("a lag after a vmfork bump");
+    // Published before this status answer, and after the record was stamped.
+    assert!(lag <= monotonic_us() - stamp, "lag {lag} µs");
+    let line = format!("kernel_record_to_page_us={lag}");
+    assert!(
+        without_ansi(&d.log()).contains(&line),
+        "{line} not in:\n{}",
+        d.log()
+    );
+    // A later manual bump keeps the last kernel figure.
+    d.control().bump(0).unwrap();
+    assert_eq!(d.status().last_kernel_lag_us, Some(lag));
+}

@@ -78,8 +78,9 @@ fn fork_record(seq: u32) -> String {
 }
 
 /// The daemon's own figure for the last bump, when it reports one.
-fn daemon_lag_ns(_control: &mut sysgenid::Control) -> Option<f64> {
-    None
+fn daemon_lag_ns(control: &mut sysgenid::Control) -> Option<f64> {
+    let lag_us = control.status().ok()?.last_kernel_lag_us?;
+    Some(lag_us as f64 * 1000.0)
 }
 
 pub(crate) fn run(ctx: &mut Ctx) -> Result<(), String> {
