@@ -267,6 +267,13 @@ pub struct StatusReport {
     pub last_change_unix_ms: Option<u64>,
     /// The sources that reported the last change (several when coalesced).
     pub last_change_sources: Vec<String>,
+    /// For the last bump caused by a kernel source whose signal carries a
+    /// timestamp (`vmfork`: the kernel log record's): microseconds from that
+    /// timestamp to the page showing the new generation, i.e. the restore
+    /// window as the daemon saw it. Absent before such a bump, and from
+    /// daemons older than this field (clients must accept both).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_kernel_lag_us: Option<u64>,
     /// Restore-signal sources.
     pub sources: Vec<SourceStatus>,
     /// The runtime directory.

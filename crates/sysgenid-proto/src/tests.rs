@@ -222,3 +222,38 @@ fn bump_flag_byte_is_optional_and_checked() {
     assert!(is_privileged_kind(forced.encode()[0]));
     assert!(!is_privileged_kind(Request::Status.encode()[0]));
 }
+
+#[test]
+fn last_kernel_lag_us_is_optional_both_ways() {
+    // A report from a daemon that predates the field decodes with None.
+    let mut old = vec![codes::STATUS_REPORT];
+    old.extend_from_slice(
+        br#"{"generation":3,"epoch":"00","watchers":0,"tracked":0,"outdated":0,
+        "outdated_untracked":0,"uptime_ms":1,"last_change_unix_ms":null,
+        "last_change_sources":[],"sources":[],"runtime_dir":"/r","device":null,
+        "daemon_version":"0.1.0"}"#,
+    );
+    match Reply::decode(&old).unwrap() {
+        Reply::Status(s) => {
+            assert_eq!(s.generation, 3);
+            assert_eq!(s.last_kernel_lag_us, None);
+        }
+        other => panic!("{other:?}"),
+    }
+    // Without a value the key is not sent at all (what older clients saw).
+    let f = Reply::Status(StatusReport::default()).encode();
+    assert!(!String::from_utf8_lossy(&f).contains("last_kernel_lag_us"));
+    // With one it round-trips.
+    let report = StatusReport {
+        last_kernel_lag_us: Some(1234),
+        ..StatusReport::default()
+    };
+    let f = Reply::Status(report.clone()).encode();
+    assert!(String::from_utf8_lossy(&f).contains("\"last_kernel_lag_us\":1234"));
+    assert_eq!(Reply::decode(&f).unwrap(), Reply::Status(report));
+    // A newer daemon's unknown keys are ignored by this client.
+    let mut newer = f.clone();
+    newer.pop();
+    newer.extend_from_slice(br#","a_field_from_the_future":[1,2]}"#);
+    assert!(matches!(Reply::decode(&newer).unwrap(), Reply::Status(_)));
+}
