@@ -10,6 +10,7 @@
 //! * [`device`]: `/dev/sysgenid`, the seed's device ABI served through
 //!   FUSE, its handles watchers in the same core;
 //! * [`peer`]: who is on the other end, and whether they may bump;
+//! * [`hooks`]: the hooks directory's runner, on a thread of its own;
 //! * restore-signal sources come from the `sysgenid-sources` crate and run
 //!   in their own threads, feeding the loop through a channel.
 //!
@@ -17,6 +18,7 @@
 //! `sysgenid-sources`. Nothing depends on it but its binary.
 
 pub mod device;
+pub mod hooks;
 pub mod peer;
 pub mod runtime_dir;
 pub mod server;
