@@ -6,9 +6,11 @@ use std::time::Duration;
 
 use clap::Parser;
 use sysgenid_proto::SourceStatus;
+use sysgenidd::device::{Device, Setting, Started};
+use sysgenidd::event_loop::{Command, EventLoop};
 use sysgenidd::runtime_dir::{default_runtime_dir, RuntimeDir};
-use sysgenidd::server::{Command, Limits, Server};
 use sysgenidd::service::Service;
+use sysgenidd::watchers::Limits;
 
 /// The System Generation ID daemon.
 ///
@@ -128,7 +130,7 @@ fn run(args: Args) -> Result<(), String> {
         hello_timeout: Duration::from_millis(args.hello_timeout_ms),
     };
     let coalescer = sysgenid_sources::Coalescer::new(Duration::from_millis(args.coalesce_ms));
-    let mut server = Server::new(service, listener, limits, coalescer)
+    let mut server = EventLoop::new(service, listener, limits, coalescer)
         .map_err(|e| format!("cannot start the event loop: {e}"))?;
 
     let config = sysgenid_sources::SourceConfig {
@@ -171,18 +173,20 @@ fn run(args: Args) -> Result<(), String> {
             .map_err(|e| format!("cannot start source {name}: {e}"))?;
     }
 
-    let device = match sysgenidd::device::Device::start(
-        &sysgenidd::device::Setting::parse(args.device.as_deref()),
+    let device = match Device::start(
+        &Setting::parse(args.device.as_deref()),
         server.service().dir(),
         server.service().record(),
-        server.handle(),
-    )? {
-        Ok(device) => {
+        server.handle().device_forward(),
+    )
+    .map_err(|e| e.to_string())?
+    {
+        Started::Serving(device) => {
             let description = device.describe();
             server.attach_device(device);
             description
         }
-        Err(why) => why,
+        Started::Disabled(why) => why.to_string(),
     };
 
     let record = server.service().record();
