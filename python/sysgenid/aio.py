@@ -22,9 +22,13 @@ class AsyncWatcher:
     """An async :class:`sysgenid.Watcher` (same arguments except
     ``nonblocking``). ``async with AsyncWatcher() as w:`` closes it."""
 
-    def __init__(self, untracked=False, *, runtime_dir=None, reconnect=True):
+    def __init__(self, untracked=False, *, runtime_dir=None, reconnect=True, lifecycle=False):
         self._watcher = Watcher(
-            nonblocking=True, untracked=untracked, runtime_dir=runtime_dir, reconnect=reconnect
+            nonblocking=True,
+            untracked=untracked,
+            runtime_dir=runtime_dir,
+            reconnect=reconnect,
+            lifecycle=lifecycle,
         )
         self._pending = None
         self._lock = None
@@ -45,12 +49,25 @@ class AsyncWatcher:
         """Waits until this watcher is outdated; returns the generation
         (again on every call until acknowledged). Cancel-safe, and safe to
         run alongside the other methods (they take turns on the socket)."""
+        return await self._next(self._watcher.read)
+
+    async def read_event(self):
+        """The next lifecycle event (:class:`sysgenid.Event`), as
+        :meth:`sysgenid.Watcher.read_event`; waits without blocking the
+        loop. Cancel-safe."""
+        return await self._next(self._watcher.read_event)
+
+    async def confirm(self, freeze):
+        """Confirms freeze number ``freeze``."""
+        await self._call(self._watcher.confirm, freeze)
+
+    async def _next(self, read):
         loop = asyncio.get_running_loop()
         while True:
             async with self._turn():
                 await self._settle()
                 try:
-                    return self._watcher.read()
+                    return read()
                 except _errors.WouldBlock:
                     pass
                 except (_errors.NotRunning, _errors.Disconnected):
