@@ -225,9 +225,17 @@ class Watcher:
         """Confirms that this participant has quiesced for freeze number
         ``freeze``. Confirming a freeze that already ended succeeds and
         changes nothing (its thaw is on the way); one never asked for is
-        refused (:class:`sysgenid.Refused`, ``EINVAL``); on a watcher that is
-        not a participant, ``ENOTCONN``."""
-        self._request(_protocol.confirm(_u32("freeze", freeze)))
+        refused (:class:`sysgenid.Refused`, ``EINVAL``). On a watcher opened
+        without ``lifecycle`` it is refused here (``ENOTCONN``, the
+        protocol's NotAParticipant) and nothing is sent: such a watcher
+        speaks protocol 1, where the request does not exist."""
+        freeze = _u32("freeze", freeze)
+        if not self._lifecycle:
+            raise _errors.Refused(
+                _errors.NOT_A_PARTICIPANT,
+                "confirm needs a lifecycle participant: open the watcher with lifecycle=True",
+            )
+        self._request(_protocol.confirm(freeze))
 
     def skip(self, generation):
         """Leaves ``generation`` unacknowledged (the watcher stays outdated
