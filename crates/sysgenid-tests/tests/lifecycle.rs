@@ -576,3 +576,26 @@ fn the_async_participant_reads_events_and_confirms() {
         p.ack(1).await.unwrap();
     });
 }
+
+#[test]
+fn a_frozen_participant_is_thawed_when_the_daemon_restarts() {
+    let dir = runtime_dir();
+    let mut d = Daemon::start(dir.path());
+    let mut p = participant(dir.path());
+    let freeze = start_freeze(dir.path(), &[]);
+    let Event::Freeze { freeze: id, .. } = next_event(&mut p, LONG) else {
+        panic!("expected a freeze")
+    };
+    p.confirm(id).unwrap();
+    assert!(freeze.wait_with_output().unwrap().status.success());
+    // The lifecycle is not saved: a restarted daemon is running.
+    d.stop();
+    d.restart();
+    assert_eq!(d.status().state, LifecycleState::Running);
+    assert!(matches!(
+        next_event(&mut p, LONG),
+        Event::Thaw { freeze: 1, .. }
+    ));
+    p.confirm(id).unwrap();
+    assert!(wait_until(LONG, || d.status().participants == 1));
+}
