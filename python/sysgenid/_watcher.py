@@ -83,6 +83,13 @@ class Watcher:
         self._events = collections.deque()
         # A generation the caller chose not to acknowledge yet (skip()).
         self._skipped = None
+        # Counts reconnections: freeze numbers belong to one daemon run.
+        self._conn_no = 0
+        # The freeze this participant was last told of and not yet thawed
+        # from, and the latest one told of (kept after the thaw), each with
+        # the connection it came on.
+        self._frozen = None
+        self._last_freeze = None
         self._conn = Connection.connect(self._socket, self._hello(None))
         try:
             self._acked = expect_welcome(self._conn)
@@ -190,7 +197,7 @@ class Watcher:
         gives ``None`` before polling the descriptor again."""
         while True:
             if self._events:
-                return self._events.popleft()
+                return self._noted(self._events.popleft())
             try:
                 event = self._conn.try_event(self._skipped)
             except _errors.Disconnected:
@@ -202,7 +209,7 @@ class Watcher:
                     self._reconnect_with_backoff()
                 continue
             if event is not WOULD_BLOCK:
-                return event
+                return self._noted(event)
             if self._nonblocking:
                 raise _errors.WouldBlock()
             _conn.wait_fd(self._conn.fileno(), select.POLLIN)
@@ -211,15 +218,26 @@ class Watcher:
         """Like :meth:`read_event` but never blocks: ``None`` when there is
         nothing."""
         if self._events:
-            return self._events.popleft()
+            return self._noted(self._events.popleft())
         try:
             event = self._conn.try_event(self._skipped)
         except _errors.Disconnected:
             if not self._reconnect:
                 raise
             self._reconnect_once()
-            event = self._conn.try_event(self._skipped)
-        return None if event is WOULD_BLOCK else event
+            if self._events:
+                event = self._events.popleft()
+            else:
+                event = self._conn.try_event(self._skipped)
+        return None if event is WOULD_BLOCK else self._noted(event)
+
+    def _noted(self, event):
+        """Remembers what a participant was told, for reconnections."""
+        if event.kind == "freeze":
+            self._frozen = self._last_freeze = (event.freeze, self._conn_no)
+        elif event.kind == "thaw":
+            self._frozen = None
+        return event
 
     def confirm(self, freeze):
         """Confirms that this participant has quiesced for freeze number
@@ -228,14 +246,28 @@ class Watcher:
         refused (:class:`sysgenid.Refused`, ``EINVAL``). On a watcher opened
         without ``lifecycle`` it is refused here (``ENOTCONN``, the
         protocol's NotAParticipant) and nothing is sent: such a watcher
-        speaks protocol 1, where the request does not exist."""
+        speaks protocol 1, where the request does not exist.
+
+        A freeze read before the daemon restarted is gone with that daemon:
+        confirming it afterwards succeeds and sends nothing (its thaw is
+        reported by the reconnection)."""
         freeze = _u32("freeze", freeze)
         if not self._lifecycle:
             raise _errors.Refused(
                 _errors.NOT_A_PARTICIPANT,
                 "confirm needs a lifecycle participant: open the watcher with lifecycle=True",
             )
-        self._request(_protocol.confirm(freeze))
+        last = self._last_freeze
+        if last is not None and last[0] == freeze and last[1] != self._conn_no:
+            return
+        before = self._conn_no
+        try:
+            self._request(_protocol.confirm(freeze))
+        except _errors.Refused as e:
+            # The daemon restarted during the request: the new one never
+            # asked for this freeze.
+            if not (e.code == _errors.WRONG_FREEZE and self._conn_no != before):
+                raise
 
     def skip(self, generation):
         """Leaves ``generation`` unacknowledged (the watcher stays outdated
@@ -324,12 +356,23 @@ class Watcher:
     def _reconnect_once(self):
         conn = Connection.connect(self._socket, self._hello(self._acked))
         try:
-            expect_welcome(conn)
+            generation = expect_welcome(conn)
         except BaseException:
             conn.close()
             raise
         self._conn.close()
         self._conn = conn
+        self._conn_no += 1
+        # A daemon that restarted comes up running: a participant that was
+        # frozen is told to thaw, unless the new daemon froze it again (it
+        # sends that Freeze right behind the Welcome).
+        if self._frozen is not None:
+            try:
+                first = conn.try_peek()
+            except _errors.Error:
+                first = None
+            if not (isinstance(first, _protocol.Event) and first.kind == "freeze"):
+                self._events.append(_protocol.Event("thaw", self._frozen[0], generation))
 
 
 class Control:

@@ -223,3 +223,27 @@ def test_the_async_participant_reads_events_and_confirms(daemon):
     assert (event, generation) == (Event("freeze", 1, 0), 0)
     assert daemon.status()["state"] == "frozen"
     sysgenid.thaw(runtime_dir=daemon.dir)
+
+
+def test_a_frozen_participant_is_told_to_thaw_when_the_daemon_restarts(daemon):
+    p = participant(daemon)
+    t, result = start_freeze(daemon)
+    e = next_event(p)
+    p.confirm(e.freeze)
+    t.join(10)
+    assert result == [0]
+    daemon.kill9()  # the lifecycle state is not saved: the new daemon runs
+    daemon.start()
+    got = p.read_event()  # reconnects
+    assert got == Event("thaw", 1, 0), "told to resume"
+    p.confirm(1)  # a freeze of the previous daemon: accepted, nothing sent
+    assert daemon.status()["state"] == "running"
+    # The new daemon numbers its freezes afresh; the participant follows.
+    t, result = start_freeze(daemon)
+    e = next_event(p)
+    assert (e.kind, e.freeze) == ("freeze", 1)
+    p.confirm(1)
+    t.join(10)
+    assert result == [0]
+    sysgenid.thaw(runtime_dir=daemon.dir)
+    assert next_event(p).kind == "thaw"
