@@ -261,7 +261,9 @@ fn a_planted_lock_file_is_refused_with_a_clear_error() {
     let mut holder = as_nobody({
         let mut c = Command::new("flock");
         c.arg(&lock).args(["sleep", "30"]);
-        c.process_group(0).stdout(Stdio::null()).stderr(Stdio::null());
+        c.process_group(0)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null());
         c
     })
     .spawn()
