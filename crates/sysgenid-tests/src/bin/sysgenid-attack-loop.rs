@@ -1,0 +1,238 @@
+//! The event-loop attacks of `tests/attack_loop.rs`, as a separate program
+//! so the tests can run it as an unprivileged user (`uid 65534`) against a
+//! real daemon. It speaks the wire protocol with raw `SOCK_SEQPACKET`
+//! sockets, never reads what it should not, and keeps its connections open
+//! until its standard input closes.
+//!
+//! ```text
+//! sysgenid-attack-loop waiters  SOCKET N     # 1 future-claim watcher + N × (WaitWatchers(0), Ack(G+1))
+//! sysgenid-attack-loop flood    SOCKET N E   # N connections × (what the kernel buffers + E) Status requests, never reading
+//! sysgenid-attack-loop pipeline SOCKET       # one watcher sending acks back to back (a reader drains)
+//! ```
+//! Each prints `ready` on stdout once its attack is in place, and
+//! `pipeline` prints `replies <count>` when it ends.
+
+use std::io::{BufRead, Write};
+use std::os::fd::OwnedFd;
+use std::os::unix::net::UnixDatagram;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use sysgenid_proto::{Reply, Request, Role, MAX_FRAME, PROTOCOL_VERSION};
+
+fn usage() -> ! {
+    eprintln!("usage: sysgenid-attack-loop waiters|flood|pipeline SOCKET [N [K]]");
+    std::process::exit(2)
+}
+
+/// Raises the soft descriptor limit to the hard one (no privilege needed).
+fn raise_nofile() {
+    use rustix::process::{getrlimit, setrlimit, Resource};
+    let mut limit = getrlimit(Resource::Nofile);
+    limit.current = limit.maximum;
+    let _ = setrlimit(Resource::Nofile, limit);
+}
+
+fn connect(path: &Path) -> std::io::Result<UnixDatagram> {
+    use rustix::net::{AddressFamily, SocketAddrUnix, SocketFlags, SocketType};
+    let fd: OwnedFd = rustix::net::socket_with(
+        AddressFamily::UNIX,
+        SocketType::SEQPACKET,
+        SocketFlags::CLOEXEC,
+        None,
+    )?;
+    rustix::net::connect(&fd, &SocketAddrUnix::new(path)?)?;
+    let sock = UnixDatagram::from(fd);
+    sock.set_write_timeout(Some(Duration::from_secs(10)))?;
+    sock.set_read_timeout(Some(Duration::from_secs(10)))?;
+    Ok(sock)
+}
+
+fn hello(role: Role) -> Vec<u8> {
+    Request::Hello {
+        version: PROTOCOL_VERSION,
+        role,
+    }
+    .encode()
+}
+
+/// Connects as a control client and returns the current generation.
+fn current_generation(path: &Path) -> u32 {
+    let sock = connect(path).expect("connect");
+    sock.send(&hello(Role::Control)).expect("send Hello");
+    let mut buf = [0u8; MAX_FRAME];
+    let n = sock.recv(&mut buf).expect("read Welcome");
+    match Reply::decode(&buf[..n]) {
+        Ok(Reply::Welcome { generation, .. }) => generation,
+        other => panic!("expected Welcome, got {other:?}"),
+    }
+}
+
+fn ready() {
+    println!("ready");
+    std::io::stdout().flush().unwrap();
+}
+
+/// Holds everything open until stdin closes.
+fn hold() {
+    let mut line = String::new();
+    while std::io::stdin()
+        .lock()
+        .read_line(&mut line)
+        .is_ok_and(|n| n > 0)
+    {}
+}
+
+fn waiters(path: &Path, n: usize) {
+    let g = current_generation(path);
+    let next = g.checked_add(1).expect("generation below u32::MAX");
+    // A tracked watcher that claims to have acknowledged a generation from
+    // the future holds the barrier until the next bump.
+    let claimer = connect(path).expect("connect");
+    claimer
+        .send(&hello(Role::Watcher {
+            untracked: false,
+            acked: Some(next),
+        }))
+        .expect("send Hello");
+    let mut socks = vec![claimer];
+    for i in 0..n {
+        let sock = match connect(path) {
+            Ok(s) => s,
+            Err(e) => panic!("connection {i}: {e}"),
+        };
+        for frame in [
+            hello(Role::Watcher {
+                untracked: false,
+                acked: None,
+            }),
+            Request::WaitWatchers { timeout_ms: 0 }.encode(),
+            Request::Ack { generation: next }.encode(),
+        ] {
+            sock.send(&frame).expect("send");
+        }
+        socks.push(sock);
+    }
+    ready();
+    hold();
+    drop(socks);
+}
+
+/// How many reply frames the kernel holds for one connection that does not
+/// read: send far more requests than the daemon would queue for us, let it
+/// drop us, then count what is still readable before the end of file.
+fn kernel_capacity(path: &Path) -> usize {
+    let sock = connect(path).expect("connect");
+    sock.send(&hello(Role::Control)).expect("send Hello");
+    for _ in 0..1000 {
+        if sock.send(&Request::Status.encode()).is_err() {
+            break;
+        }
+    }
+    std::thread::sleep(Duration::from_millis(500));
+    sock.set_read_timeout(Some(Duration::from_millis(500)))
+        .unwrap();
+    let mut buf = [0u8; MAX_FRAME];
+    let mut frames = 0;
+    while sock.recv(&mut buf).is_ok_and(|n| n > 0) {
+        frames += 1;
+    }
+    frames
+}
+
+fn flood(path: &Path, n: usize, extra: usize) {
+    // Replies beyond what the kernel buffers wait in the daemon's outbox:
+    // `extra` of them per connection (below the 64-frame outbox limit, so
+    // no connection is dropped for its outbox alone).
+    let capacity = kernel_capacity(path);
+    let k = (capacity + extra).saturating_sub(1);
+    eprintln!("the kernel holds {capacity} reply frames per connection: sending {k} Status requests on each of {n} connections");
+    let status = Request::Status.encode();
+    let mut socks = Vec::with_capacity(n);
+    for i in 0..n {
+        let sock = match connect(path) {
+            Ok(s) => s,
+            Err(e) => panic!("connection {i}: {e}"),
+        };
+        let _ = sock.send(&hello(Role::Control));
+        for _ in 0..k {
+            // The daemon drops a connection that passes its budget: the
+            // sends that follow fail, and that is the point.
+            if sock.send(&status).is_err() {
+                break;
+            }
+        }
+        socks.push(sock);
+    }
+    ready();
+    hold();
+    drop(socks);
+}
+
+fn pipeline(path: &Path) {
+    let g = current_generation(path);
+    let sock = connect(path).expect("connect");
+    sock.send(&hello(Role::Watcher {
+        untracked: true,
+        acked: None,
+    }))
+    .expect("send Hello");
+    let reader = sock.try_clone().expect("clone");
+    let replies = Arc::new(AtomicU64::new(0));
+    let stop = Arc::new(AtomicBool::new(false));
+    let drain = {
+        let replies = replies.clone();
+        let stop = stop.clone();
+        std::thread::spawn(move || {
+            reader
+                .set_read_timeout(Some(Duration::from_millis(200)))
+                .unwrap();
+            let mut buf = [0u8; MAX_FRAME];
+            while !stop.load(Ordering::Relaxed) {
+                if reader.recv(&mut buf).is_ok() {
+                    replies.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+        })
+    };
+    let sender = {
+        let stop = stop.clone();
+        std::thread::spawn(move || {
+            // Acks of the current generation: valid, each answered `Done`.
+            let ack = Request::Ack { generation: g }.encode();
+            while !stop.load(Ordering::Relaxed) {
+                if sock.send(&ack).is_err() {
+                    break;
+                }
+            }
+        })
+    };
+    ready();
+    hold();
+    stop.store(true, Ordering::Relaxed);
+    let _ = sender.join();
+    let _ = drain.join();
+    println!("replies {}", replies.load(Ordering::Relaxed));
+}
+
+fn main() {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let (Some(mode), Some(path)) = (args.first(), args.get(1)) else {
+        usage()
+    };
+    let path = PathBuf::from(path);
+    let num = |i: usize| -> usize {
+        args.get(i)
+            .and_then(|s| s.parse().ok())
+            .unwrap_or_else(|| usage())
+    };
+    raise_nofile();
+    match mode.as_str() {
+        "waiters" => waiters(&path, num(2)),
+        "flood" => flood(&path, num(2), num(3)),
+        "pipeline" => pipeline(&path),
+        _ => usage(),
+    }
+}
