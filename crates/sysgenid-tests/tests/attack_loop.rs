@@ -109,6 +109,11 @@ fn thousands_of_queued_waiters_and_a_bump_do_not_crash_the_daemon() {
     // round trip after the last Hello they have been read too.
     let _ = d.status();
     let bumped = d.control().bump(0);
+    if bumped.is_err() {
+        // A daemon that died at the bump closed the connection: let it be
+        // reaped so the failure says so.
+        std::thread::sleep(Duration::from_millis(500));
+    }
     assert!(
         alive(&mut d),
         "the daemon died at the bump; log tail:\n{}",
@@ -247,13 +252,16 @@ fn unread_status_floods_stay_within_the_memory_budget_and_memory_returns() {
     );
 }
 
-/// Median status round trip allowed while another client floods the loop
-/// (unloaded it is ~0.2 ms; the flood used to make it 300–600 ms).
+/// The 90th percentile of 40 status round trips allowed while another
+/// client floods the loop (unloaded: ~0.2 ms; under this flood ~1.5 ms
+/// now, 400–540 ms when a connection was read until `EAGAIN`).
 const ROUND_TRIP_BOUND: Duration = Duration::from_millis(50);
 
-/// One connection sends acks back to back (another thread of it drains the
-/// replies, so it is never dropped). Reading it until `EAGAIN` let it hold
-/// the loop; now it gets a bounded number of frames per turn.
+/// Eight connections send acks in `sendmmsg` batches of 64 as fast as their
+/// sockets take them, while other threads drain the replies (reconnecting
+/// if dropped).
+/// Reading a connection until `EAGAIN` let them hold the loop; now each
+/// gets a bounded number of frames per turn.
 #[test]
 fn a_pipelining_client_does_not_starve_another_clients_round_trip() {
     if skip_unless_root("to run the attacker as nobody") {
@@ -262,7 +270,7 @@ fn a_pipelining_client_does_not_starve_another_clients_round_trip() {
     let dir = runtime_dir();
     let mut d = Daemon::start(dir.path());
     let mut control = d.control();
-    let attacker = Attacker::start(dir.path(), &["pipeline"]);
+    let attacker = Attacker::start(dir.path(), &["pipeline", "8"]);
     std::thread::sleep(Duration::from_millis(300));
     let mut trips: Vec<Duration> = (0..40)
         .map(|_| {
@@ -282,14 +290,15 @@ fn a_pipelining_client_does_not_starve_another_clients_round_trip() {
     assert!(alive(&mut d));
     trips.sort();
     let median = trips[trips.len() / 2];
+    let p90 = trips[trips.len() * 9 / 10];
     eprintln!(
-        "status round trip under an ack flood of {replies} replies: median {median:?}, max {:?}",
+        "status round trip under an ack flood of {replies} replies: median {median:?}, p90 {p90:?}, max {:?}",
         trips[trips.len() - 1]
     );
     // The flood was real: the attacker's acks were being answered.
     assert!(replies > 10_000, "the attacker got only {replies} replies");
     assert!(
-        median < ROUND_TRIP_BOUND,
-        "median status round trip {median:?} under the flood (bound {ROUND_TRIP_BOUND:?})"
+        p90 < ROUND_TRIP_BOUND,
+        "90th percentile status round trip {p90:?} under the flood (bound {ROUND_TRIP_BOUND:?})"
     );
 }

@@ -7,7 +7,7 @@
 //! ```text
 //! sysgenid-attack-loop waiters  SOCKET N     # 1 future-claim watcher + N × (WaitWatchers(0), Ack(G+1))
 //! sysgenid-attack-loop flood    SOCKET N E   # N connections × (what the kernel buffers + E) Status requests, never reading
-//! sysgenid-attack-loop pipeline SOCKET       # one watcher sending acks back to back (a reader drains)
+//! sysgenid-attack-loop pipeline SOCKET C     # C watchers sending acks with sendmmsg, draining replies
 //! ```
 //! Each prints `ready` on stdout once its attack is in place, and
 //! `pipeline` prints `replies <count>` when it ends.
@@ -18,6 +18,7 @@ use std::os::unix::net::UnixDatagram;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
+
 use std::time::Duration;
 
 use sysgenid_proto::{Reply, Request, Role, MAX_FRAME, PROTOCOL_VERSION};
@@ -171,49 +172,87 @@ fn flood(path: &Path, n: usize, extra: usize) {
     drop(socks);
 }
 
-fn pipeline(path: &Path) {
+/// One flooding connection: a thread sends acks in `sendmmsg` batches as
+/// fast as the socket takes them while another drains the replies; if the
+/// daemon drops the connection, it connects again.
+fn pipeline_one(path: &Path, generation: u32, stop: &AtomicBool, replies: &AtomicU64) {
+    use rustix::net::{MMsgHdr, SendAncillaryBuffer, SendFlags};
+    use std::io::IoSlice;
+    const BATCH: usize = 64;
+    let ack = Request::Ack { generation }.encode();
+    let iovs: Vec<[IoSlice<'_>; 1]> = (0..BATCH).map(|_| [IoSlice::new(&ack)]).collect();
+    while !stop.load(Ordering::Relaxed) {
+        let Ok(sock) = connect(path) else {
+            std::thread::sleep(Duration::from_millis(1));
+            continue;
+        };
+        let watcher = hello(Role::Watcher {
+            untracked: true,
+            acked: None,
+        });
+        if sock.send(&watcher).is_err() {
+            continue;
+        }
+        sock.set_read_timeout(Some(Duration::from_millis(100)))
+            .unwrap();
+        sock.set_write_timeout(Some(Duration::from_millis(100)))
+            .unwrap();
+        let reader = sock.try_clone().expect("clone");
+        let gone = AtomicBool::new(false);
+        std::thread::scope(|scope| {
+            scope.spawn(|| {
+                let mut buf = [0u8; MAX_FRAME];
+                while !stop.load(Ordering::Relaxed) && !gone.load(Ordering::Relaxed) {
+                    match reader.recv(&mut buf) {
+                        Ok(0) => break,
+                        Ok(_) => {
+                            replies.fetch_add(1, Ordering::Relaxed);
+                        }
+                        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+                        Err(_) => break,
+                    }
+                }
+                gone.store(true, Ordering::Relaxed);
+            });
+            while !stop.load(Ordering::Relaxed) && !gone.load(Ordering::Relaxed) {
+                let mut control: Vec<SendAncillaryBuffer<'_, '_, '_>> =
+                    (0..BATCH).map(|_| SendAncillaryBuffer::default()).collect();
+                let mut msgs: Vec<MMsgHdr<'_>> = iovs
+                    .iter()
+                    .zip(control.iter_mut())
+                    .map(|(iov, c)| MMsgHdr::new(iov, c))
+                    .collect();
+                match rustix::net::sendmmsg(&sock, &mut msgs, SendFlags::empty()) {
+                    Ok(_) | Err(rustix::io::Errno::AGAIN) => {}
+                    Err(_) => break,
+                }
+            }
+            gone.store(true, Ordering::Relaxed);
+        });
+    }
+}
+
+fn pipeline(path: &Path, connections: usize) {
     let g = current_generation(path);
-    let sock = connect(path).expect("connect");
-    sock.send(&hello(Role::Watcher {
-        untracked: true,
-        acked: None,
-    }))
-    .expect("send Hello");
-    let reader = sock.try_clone().expect("clone");
+    let path = Arc::new(path.to_path_buf());
     let replies = Arc::new(AtomicU64::new(0));
     let stop = Arc::new(AtomicBool::new(false));
-    let drain = {
-        let replies = replies.clone();
-        let stop = stop.clone();
-        std::thread::spawn(move || {
-            reader
-                .set_read_timeout(Some(Duration::from_millis(200)))
-                .unwrap();
-            let mut buf = [0u8; MAX_FRAME];
-            while !stop.load(Ordering::Relaxed) {
-                if reader.recv(&mut buf).is_ok() {
-                    replies.fetch_add(1, Ordering::Relaxed);
-                }
-            }
+    let threads: Vec<_> = (0..connections)
+        .map(|_| {
+            let (path, replies, stop) = (path.clone(), replies.clone(), stop.clone());
+            std::thread::spawn(move || pipeline_one(&path, g, &stop, &replies))
         })
-    };
-    let sender = {
-        let stop = stop.clone();
-        std::thread::spawn(move || {
-            // Acks of the current generation: valid, each answered `Done`.
-            let ack = Request::Ack { generation: g }.encode();
-            while !stop.load(Ordering::Relaxed) {
-                if sock.send(&ack).is_err() {
-                    break;
-                }
-            }
-        })
-    };
+        .collect();
+    // Flooding has begun once replies come back.
+    while replies.load(Ordering::Relaxed) == 0 {
+        std::thread::sleep(Duration::from_millis(1));
+    }
     ready();
     hold();
     stop.store(true, Ordering::Relaxed);
-    let _ = sender.join();
-    let _ = drain.join();
+    for t in threads {
+        let _ = t.join();
+    }
     println!("replies {}", replies.load(Ordering::Relaxed));
 }
 
@@ -232,7 +271,7 @@ fn main() {
     match mode.as_str() {
         "waiters" => waiters(&path, num(2)),
         "flood" => flood(&path, num(2), num(3)),
-        "pipeline" => pipeline(&path),
+        "pipeline" => pipeline(&path, num(2)),
         _ => usage(),
     }
 }
