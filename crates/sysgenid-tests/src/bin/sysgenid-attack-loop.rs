@@ -5,11 +5,12 @@
 //! until its standard input closes.
 //!
 //! ```text
-//! sysgenid-attack-loop waiters  SOCKET N     # 1 future-claim watcher + N × (WaitWatchers(0), Ack(G+1))
+//! sysgenid-attack-loop waiters  SOCKET N     # 1 watcher that never acks + N × (WaitWatchers(0), Ack(G+1))
 //! sysgenid-attack-loop flood    SOCKET N E   # N connections × (what the kernel buffers + E) Status requests, never reading
 //! sysgenid-attack-loop pipeline SOCKET C     # C watchers sending acks with sendmmsg, draining replies
 //! ```
-//! Each prints `ready` on stdout once its attack is in place, and
+//! Each prints `ready` on stdout once its attack is in place (`waiters`
+//! first prints `watching` and waits for a bump to generation G), and
 //! `pipeline` prints `replies <count>` when it ends.
 
 use std::io::{BufRead, Write};
@@ -87,27 +88,47 @@ fn hold() {
 }
 
 fn waiters(path: &Path, n: usize) {
-    let g = current_generation(path);
-    let next = g.checked_add(1).expect("generation below u32::MAX");
-    // A tracked watcher that claims to have acknowledged a generation from
-    // the future holds the barrier until the next bump.
-    let claimer = connect(path).expect("connect");
-    claimer
+    // A tracked watcher that never acknowledges: after the next bump it
+    // holds the barrier, as any slow participant may.
+    let holder = connect(path).expect("connect");
+    holder
         .send(&hello(Role::Watcher {
             untracked: false,
-            acked: Some(next),
+            acked: None,
+            lifecycle: false,
         }))
         .expect("send Hello");
-    let mut socks = vec![claimer];
+    holder
+        .set_read_timeout(Some(Duration::from_secs(60)))
+        .unwrap();
+    let mut buf = [0u8; MAX_FRAME];
+    let n0 = holder.recv(&mut buf).expect("read Welcome");
+    assert!(matches!(
+        Reply::decode(&buf[..n0]),
+        Ok(Reply::Welcome { .. })
+    ));
+    println!("watching");
+    std::io::stdout().flush().unwrap();
+    let g = loop {
+        let len = holder.recv(&mut buf).expect("wait for a bump");
+        if let Ok(Reply::Changed { generation }) = Reply::decode(&buf[..len]) {
+            break generation;
+        }
+    };
+    let next = g.checked_add(1).expect("generation below u32::MAX");
+    let mut socks = vec![holder];
     for i in 0..n {
         let sock = match connect(path) {
             Ok(s) => s,
             Err(e) => panic!("connection {i}: {e}"),
         };
+        // Up to date at G: the wait is pending on the holder; the ack of
+        // G+1 waits behind it in the socket.
         for frame in [
             hello(Role::Watcher {
                 untracked: false,
                 acked: None,
+                lifecycle: false,
             }),
             Request::WaitWatchers { timeout_ms: 0 }.encode(),
             Request::Ack { generation: next }.encode(),
@@ -189,6 +210,7 @@ fn pipeline_one(path: &Path, generation: u32, stop: &AtomicBool, replies: &Atomi
         let watcher = hello(Role::Watcher {
             untracked: true,
             acked: None,
+            lifecycle: false,
         });
         if sock.send(&watcher).is_err() {
             continue;
