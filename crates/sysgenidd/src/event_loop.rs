@@ -30,7 +30,7 @@
 //! # The lifecycle
 //! Lifecycle transitions (`sysgenid_core::lifecycle`) are queued on the work
 //! list by whoever caused them and announced here, in order
-//! ([`EventLoop::announce`]): `Freeze`/`Thaw` to the socket's participants,
+//! (`EventLoop::announce`): `Freeze`/`Thaw` to the socket's participants,
 //! a job to the hooks runner, the outcome to the orchestrator waiting for
 //! its freeze. The hooks directory counts as one participant for a freeze
 //! (confirmed when every hook exited) and as one tracked watcher per hook

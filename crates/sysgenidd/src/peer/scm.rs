@@ -124,12 +124,13 @@ pub(super) fn recv_with_sender(
                 }
                 SCM_PIDFD | libc::SCM_RIGHTS => {
                     for i in 0..data_len / size_of::<libc::c_int>() {
-                        // SAFETY: whole c_ints inside the payload, read
+                        // SAFETY: reads the i-th whole c_int of the payload,
                         // unaligned.
                         let raw = unsafe { data.cast::<libc::c_int>().add(i).read_unaligned() };
-                        // When the daemon is out of descriptors the kernel
-                        // still sends SCM_PIDFD, carrying the negative errno
-                        // (scm_pidfd_recv): there is no descriptor to own.
+                        // When the kernel cannot install a pidfd (the
+                        // descriptor table is full) it sends -errno in its
+                        // place: no descriptor, so no pidfd, and the sender
+                        // is judged as having none (refused).
                         if raw < 0 {
                             continue;
                         }
