@@ -42,7 +42,11 @@ fn quick_mode_runs_every_scenario_and_prints_the_table() {
         .collect();
     assert!(goal_rows.len() >= 9, "too few goal rows:\n{stdout}");
     for row in goal_rows {
-        let holds = row.trim_end_matches(" |").rsplit(" | ").next().unwrap_or("");
+        let holds = row
+            .trim_end_matches(" |")
+            .rsplit(" | ")
+            .next()
+            .unwrap_or("");
         assert!(
             holds == "holds" || (holds.starts_with("**no**: ") && holds.len() > 20),
             "goal row without a verdict or a reason: {row}"
