@@ -489,7 +489,12 @@ impl Source for KmsgSource {
     }
 
     fn into_poll_source(self: Box<Self>) -> Result<Box<dyn crate::PollSource>, Box<dyn Source>> {
-        Ok(self)
+        // epoll refuses regular files (always "readable"): those keep a
+        // thread, which reads to their end and stops.
+        match self.file.metadata() {
+            Ok(m) if m.is_file() => Err(self),
+            _ => Ok(self),
+        }
     }
 }
 
@@ -1015,6 +1020,17 @@ mod stream_tests {
             .follow_bounded(File::from(r), &mut |_| {}, 1)
             .unwrap();
         assert_eq!(end, FollowEnd::Budget);
+    }
+
+    #[test]
+    fn only_pollable_files_are_served_from_a_poll_set() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("log");
+        std::fs::write(&file, FORK).unwrap();
+        let regular: Box<dyn Source> = Box::new(KmsgSource::open(&file).unwrap());
+        assert!(regular.into_poll_source().is_err());
+        let fifo: Box<dyn Source> = Box::new(KmsgSource::open(&mkfifo(dir.path())).unwrap());
+        assert!(fifo.into_poll_source().is_ok());
     }
 
     #[test]
