@@ -25,10 +25,23 @@
 //!    Sources that can be served from the poll set ([`PollSource`]: the
 //!    kernel log) are read here too, with no thread in between: a restore
 //!    signal is one wake-up away from the published page.
-//! 5. Expire deadlines (barrier waits, `Hello` timeouts), process the work
-//!    list again, close connections marked for closing (their watchers'
-//!    release queues a settle) and process it once more.
+//! 5. Expire deadlines (barrier waits, `Hello` timeouts, the lifecycle's
+//!    freeze deadline and freeze bound), process the work list again, close
+//!    connections marked for closing (their watchers' release queues a
+//!    settle) and process it once more.
+//!
+//! # The lifecycle
+//! Lifecycle transitions (`sysgenid_core::lifecycle`) are queued on the work
+//! list by whoever caused them and announced here, in order
+//! (`EventLoop::announce`): `Freeze`/`Thaw` to the socket's participants,
+//! a job to the hooks runner, the outcome to the orchestrator waiting for
+//! its freeze. The hooks directory counts as one participant for a freeze
+//! (confirmed when every hook exited) and as one tracked watcher per hook
+//! for a change (released when the change's hooks exited). The device's
+//! watchers are plain watchers: they count for the thaw after a restore,
+//! never for a freeze.
 
+use std::collections::HashMap;
 use std::io;
 use std::os::fd::OwnedFd;
 use std::sync::mpsc::{Receiver, Sender};
@@ -36,13 +49,15 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use mio::{Events, Interest, Poll, Token, Waker};
-use sysgenid_core::Generation;
-use sysgenid_proto::{SourceStatus, StatusReport};
+use sysgenid_core::lifecycle::{self, AbortReason, ParticipantId, ThawReason, Transition};
+use sysgenid_core::{Generation, Tracking, WatcherId};
+use sysgenid_proto::{LifecycleState, Reply, SourceStatus, StatusReport};
 use sysgenid_sources::{PollSource, Readiness};
 
 use crate::device::{Device, DeviceRequest, Forward};
+use crate::hooks::{Finished, HookEvent, Hooks, Job};
 use crate::service::{BumpError, Service};
-use crate::socket::{self, Context, SocketFrontend};
+use crate::socket::{self, Context, FreezeOutcome, SocketFrontend};
 use crate::state::epoch_hex;
 use crate::watchers::{BumpCause, Limits, Watchers};
 use crate::work::{BumpRequest, Requester, WorkList};
@@ -68,6 +83,8 @@ pub enum Command {
     },
     /// A request on the `/dev/sysgenid` FUSE device (see `device`).
     Device(DeviceRequest),
+    /// The hooks runner finished a job (see `hooks`).
+    Hooks(Finished),
 }
 
 /// A handle other threads use to reach the loop.
@@ -116,6 +133,19 @@ pub struct EventLoop {
     /// Poll sources that used up their read budget: read again next turn.
     poll_sources_more: Vec<usize>,
     shutting_down: bool,
+    /// The hooks directory's runner, when hooks are on.
+    hooks: Option<HooksState>,
+}
+
+/// The hooks runner and what the loop tracks for it.
+struct HooksState {
+    runner: Hooks,
+    /// The hooks' lifecycle participant (confirmed when a freeze's hooks
+    /// have all exited).
+    participant: ParticipantId,
+    /// The tracked watchers each change job holds, by ticket.
+    watchers: HashMap<u64, Vec<WatcherId>>,
+    next_ticket: u64,
 }
 
 /// `CLOCK_MONOTONIC` in microseconds: the scale of a kernel log record's
@@ -131,7 +161,9 @@ fn status_report(
     sources: &[SourceStatus],
     device: Option<&Device>,
     last_kernel_lag_us: Option<u64>,
+    hooks: Option<&Hooks>,
 ) -> StatusReport {
+    let lifecycle = watchers.lifecycle_counts();
     let counts = watchers.counts();
     let service = watchers.service();
     let record = service.record();
@@ -153,6 +185,17 @@ fn status_report(
         runtime_dir: service.dir().path().display().to_string(),
         device: device.map(|d| d.describe()),
         daemon_version: env!("CARGO_PKG_VERSION").to_string(),
+        state: match lifecycle.state {
+            lifecycle::State::Running => LifecycleState::Running,
+            lifecycle::State::Freezing => LifecycleState::Freezing,
+            lifecycle::State::Frozen => LifecycleState::Frozen,
+        },
+        pending: lifecycle.pending,
+        frozen_ms: lifecycle.frozen_ms,
+        participants: lifecycle.participants,
+        freeze: lifecycle.freeze,
+        thaw_after_acks: lifecycle.thaw_after_acks,
+        hooks: hooks.map(|h| Box::new(h.status())),
     }
 }
 
@@ -194,7 +237,25 @@ impl EventLoop {
             poll_sources: Vec::new(),
             poll_sources_more: Vec::new(),
             shutting_down: false,
+            hooks: None,
         })
+    }
+
+    /// Sets the lifecycle's settings (before `run`).
+    pub fn configure_lifecycle(&mut self, config: lifecycle::Config) {
+        self.watchers.configure_lifecycle(config);
+    }
+
+    /// Runs the hooks directory from now on (see `hooks`); its runner
+    /// reports through [`Command::Hooks`].
+    pub fn attach_hooks(&mut self, runner: Hooks) {
+        let participant = self.watchers.join(Tracking::Tracked).id;
+        self.hooks = Some(HooksState {
+            runner,
+            participant,
+            watchers: HashMap::new(),
+            next_ticket: 0,
+        });
     }
 
     /// A handle for source threads and the device.
@@ -321,6 +382,8 @@ impl EventLoop {
                 device.expire(now);
             }
             self.with_socket(|socket, cx| socket.expire(now, cx));
+            let transition = self.watchers.lifecycle_tick(now);
+            self.work.transition(transition);
             self.process_work();
             self.socket.reap(&mut self.watchers, &mut self.work);
             self.process_work();
@@ -334,7 +397,8 @@ impl EventLoop {
         let sources = &self.sources;
         let device = self.device.as_ref();
         let lag = self.last_kernel_lag_us;
-        let status = |w: &Watchers| status_report(w, sources, device, lag);
+        let hooks = self.hooks.as_ref().map(|h| &h.runner);
+        let status = |w: &Watchers| status_report(w, sources, device, lag, hooks);
         let mut cx = Context {
             watchers: &mut self.watchers,
             work: &mut self.work,
@@ -356,6 +420,12 @@ impl EventLoop {
                     device.settle(&self.watchers);
                 }
                 self.with_socket(|socket, cx| socket.settle(cx));
+                let transition = self.watchers.caught_up();
+                self.work.transition(transition);
+                continue;
+            }
+            if let Some(transition) = self.work.next_transition() {
+                self.announce(transition);
                 continue;
             }
             return;
@@ -379,6 +449,7 @@ impl EventLoop {
             .next_deadline()
             .into_iter()
             .chain(self.device.as_ref().and_then(|d| d.next_deadline()))
+            .chain(self.watchers.lifecycle_deadline())
             .min()
     }
 
@@ -391,6 +462,7 @@ impl EventLoop {
                         device.handle(request, &mut self.watchers, &mut self.work);
                     }
                 }
+                Command::Hooks(finished) => self.on_hooks_finished(finished),
                 Command::SourceStopped { name, error } => self.source_stopped(name, error),
             }
         }
@@ -430,7 +502,13 @@ impl EventLoop {
     /// A privileged request checked by its frontend: bump (never coalesced:
     /// a manual bump is deliberate), then answer the requester.
     fn privileged_bump(&mut self, request: BumpRequest) {
-        let result = self.bump(request.min, BumpCause::Manual, None);
+        let result = match self
+            .watchers
+            .check_minimum(request.min, request.allow_exhaustion)
+        {
+            Ok(()) => self.bump(request.min, BumpCause::Manual, None),
+            Err(e) => Err(e.into()),
+        };
         match request.requester {
             Requester::Socket(key) => {
                 self.with_socket(|socket, cx| socket.answer_bump(key, &result, cx))
@@ -458,6 +536,7 @@ impl EventLoop {
         cause: BumpCause,
         signal: Option<&sysgenid_sources::SourceEvent>,
     ) -> Result<Generation, BumpError> {
+        let before = self.watchers.generation();
         let bumped = self.watchers.bump(min, cause)?;
         // Clamped at 0: the printk clock and CLOCK_MONOTONIC may disagree
         // by a few microseconds.
@@ -487,11 +566,136 @@ impl EventLoop {
                 "generation changed"
             ),
         }
+        self.run_hooks(HookEvent::Change, Some(before));
+        // After the hooks' watchers are counted: a thaw after a restore
+        // waits for them too.
+        let transition = self.watchers.restored();
+        self.work.transition(transition);
         if let Some(device) = &mut self.device {
             device.on_bump(&self.watchers);
         }
         self.socket.on_bump_committed(&bumped);
         self.work.settle();
         Ok(bumped.generation)
+    }
+
+    /// Submits a hooks job. For a change (`acked_before` = the generation
+    /// before it), one tracked, outdated watcher per hook is held until the
+    /// job finishes, so `wait-watchers` waits for the hooks.
+    fn run_hooks(&mut self, event: HookEvent, acked_before: Option<Generation>) {
+        let Some(hooks) = &mut self.hooks else {
+            return;
+        };
+        let ticket = hooks.next_ticket;
+        hooks.next_ticket += 1;
+        if let Some(before) = acked_before {
+            let held: Vec<WatcherId> = (0..hooks.runner.known())
+                .filter_map(|_| self.watchers.admit(0, Tracking::Tracked, Some(before)).ok())
+                .collect();
+            hooks.watchers.insert(ticket, held);
+        }
+        hooks.runner.submit(Job {
+            ticket,
+            event,
+            generation: self.watchers.generation(),
+            epoch: epoch_hex(&self.watchers.record().epoch),
+        });
+    }
+
+    /// A hooks job finished: a freeze's confirms the hooks' participant, a
+    /// change's releases the watchers it held.
+    fn on_hooks_finished(&mut self, finished: Finished) {
+        let Some(hooks) = &mut self.hooks else {
+            return;
+        };
+        hooks.runner.record(&finished);
+        match finished.job.event {
+            HookEvent::Freeze { freeze } => {
+                let participant = hooks.participant;
+                let transition = self.watchers.confirm(participant, freeze).ok().flatten();
+                self.work.transition(transition);
+            }
+            HookEvent::Change => {
+                for id in hooks
+                    .watchers
+                    .remove(&finished.job.ticket)
+                    .unwrap_or_default()
+                {
+                    self.watchers.release(id, 0);
+                }
+                self.work.settle();
+            }
+            HookEvent::Thaw => {}
+        }
+    }
+
+    /// Tells everyone about a lifecycle transition: participants, hooks,
+    /// and the orchestrator waiting for its freeze.
+    fn announce(&mut self, transition: Transition) {
+        let generation = self.watchers.generation();
+        match transition {
+            Transition::FreezeStarted { id } => {
+                let counts = self.watchers.lifecycle_counts();
+                tracing::info!(
+                    freeze = id,
+                    "freezing: asking {} participant(s) to quiesce ({} to wait for)",
+                    counts.participants,
+                    counts.pending
+                );
+                self.socket.on_lifecycle_event(
+                    Reply::Freeze {
+                        freeze: id,
+                        generation,
+                    },
+                    &self.watchers,
+                );
+                self.run_hooks(HookEvent::Freeze { freeze: id }, None);
+            }
+            Transition::Frozen { id } => {
+                tracing::info!(freeze = id, "frozen");
+                self.with_socket(|socket, cx| socket.answer_freeze(FreezeOutcome::Frozen, cx));
+            }
+            Transition::Aborted {
+                id,
+                pending,
+                reason,
+            } => {
+                let why = match reason {
+                    AbortReason::TimedOut => "it timed out",
+                    AbortReason::ThawRequested => "a thaw was asked for",
+                    AbortReason::Restored => "the generation changed",
+                    AbortReason::RequesterGone => "its orchestrator went away",
+                };
+                tracing::warn!(
+                    freeze = id,
+                    pending,
+                    "freeze aborted because {why}, with {pending} participant(s) or hooks not confirmed; thawing everyone"
+                );
+                self.with_socket(|socket, cx| {
+                    socket.answer_freeze(FreezeOutcome::Aborted { pending, reason }, cx)
+                });
+                self.thaw_everyone(id, generation);
+            }
+            Transition::Thawed { id, reason } => {
+                match reason {
+                    ThawReason::Requested => tracing::info!(freeze = id, "thawed"),
+                    ThawReason::Restored => tracing::info!(
+                        freeze = id,
+                        "restored while frozen and every tracked watcher acknowledged: thawed by itself"
+                    ),
+                    ThawReason::Bound => tracing::warn!(
+                        freeze = id,
+                        "frozen for the longest allowed (--max-frozen-ms): thawed by itself"
+                    ),
+                }
+                self.thaw_everyone(id, generation);
+            }
+        }
+    }
+
+    fn thaw_everyone(&mut self, freeze: u32, generation: Generation) {
+        self.socket
+            .on_lifecycle_event(Reply::Thaw { freeze, generation }, &self.watchers);
+        self.run_hooks(HookEvent::Thaw, None);
     }
 }

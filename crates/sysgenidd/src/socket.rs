@@ -19,6 +19,16 @@
 //! costs a bounded amount of memory, and a client that floods requests
 //! without reading replies is dropped.
 //!
+//! # Lifecycle participants (protocol version 2)
+//! A watcher that opted in is also a lifecycle participant: the loop hands
+//! this frontend each lifecycle transition and it sends `Freeze` or `Thaw`
+//! to every participant, followed by a `Changed` when that participant is
+//! outdated (so the readiness invariant holds). A `Freeze` request keeps
+//! its connection busy, like a barrier wait, until the loop answers it
+//! with the freeze's outcome ([`SocketFrontend::answer_freeze`]); if that
+//! connection closes first, the freeze is aborted. Version 1 connections
+//! never see any of it.
+//!
 //! # One request at a time, a bounded number per turn
 //! A connection with a pending `WaitWatchers` or `Bump` is not read from
 //! until the loop answers it (one request at a time per connection, like a
@@ -36,12 +46,14 @@ use mio::unix::SourceFd;
 use mio::{Interest, Registry, Token};
 use rustix::net::{RecvFlags, SendFlags, SocketFlags};
 use slab::Slab;
+use sysgenid_core::lifecycle::{AbortReason, LifecycleError, ParticipantId};
 use sysgenid_core::{Barrier, CoreError, Generation, Tracking, WatcherId};
 use sysgenid_proto::{
-    ErrorCode, ErrorReply, Reply, Request, Role, StatusReport, MAX_FRAME, PROTOCOL_VERSION,
+    ErrorCode, ErrorReply, Reply, Request, Role, StatusReport, DEFAULT_FREEZE_TIMEOUT_MS,
+    LIFECYCLE_VERSION, MAX_FRAME, MIN_PROTOCOL_VERSION, PROTOCOL_VERSION,
 };
 
-use crate::peer::Peer;
+use crate::peer::{Peer, Sender};
 use crate::service::BumpError;
 use crate::watchers::{Bumped, Watchers};
 use crate::work::{BumpRequest, Pending, Requester, WorkList};
@@ -77,8 +89,13 @@ struct Conn {
     fd: OwnedFd,
     peer: Peer,
     greeted: bool,
+    /// The protocol version announced in `Hello`.
+    version: u16,
     watcher: Option<WatcherId>,
-    /// A `WaitWatchers` or `Bump` is in the loop's hands: read nothing more.
+    /// Set for lifecycle participants (version 2 watchers that opted in).
+    participant: Option<ParticipantId>,
+    /// A `WaitWatchers`, `Bump` or `Freeze` is in the loop's hands: read
+    /// nothing more.
     busy: bool,
     outbox: VecDeque<Vec<u8>>,
     writable_interest: bool,
@@ -108,6 +125,22 @@ pub struct SocketFrontend {
     max_connections: usize,
     /// Connections marked for closing this turn.
     doomed: Vec<usize>,
+    /// The connection whose `Freeze` is in progress.
+    freezer: Option<usize>,
+}
+
+/// How a freeze request ended, for [`SocketFrontend::answer_freeze`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FreezeOutcome {
+    /// Every tracked participant and the hooks confirmed.
+    Frozen,
+    /// Aborted; everyone was thawed.
+    Aborted {
+        /// Tracked participants (and hooks) that had not confirmed.
+        pending: u32,
+        /// Why.
+        reason: AbortReason,
+    },
 }
 
 fn error(code: ErrorCode, value: u32, message: impl Into<String>) -> Reply {
@@ -128,8 +161,9 @@ fn interrupted(generation: u32) -> Reply {
 
 /// What one receive call got.
 enum Received {
-    /// A frame of this many bytes (at most `MAX_FRAME`).
-    Frame(usize),
+    /// A frame of this many bytes (at most `MAX_FRAME`), and its sender if
+    /// it is of a privileged kind (see `peer::recv_frame`).
+    Frame(usize, Option<Sender>),
     /// A frame over the limit, of this many bytes.
     TooLong(usize),
     /// The peer hung up.
@@ -143,10 +177,10 @@ enum Received {
 /// Receives one frame into `buf` (`MAX_FRAME + 1` bytes).
 fn receive(fd: &OwnedFd, buf: &mut [u8]) -> Received {
     loop {
-        return match rustix::net::recv(fd, &mut *buf, RecvFlags::DONTWAIT | RecvFlags::TRUNC) {
-            Ok((0, _)) => Received::Closed,
-            Ok((_, len)) if len > MAX_FRAME => Received::TooLong(len),
-            Ok((n, _)) => Received::Frame(n),
+        return match crate::peer::recv_frame(fd.as_fd(), &mut *buf) {
+            Ok((0, _, _)) => Received::Closed,
+            Ok((_, len, _)) if len > MAX_FRAME => Received::TooLong(len),
+            Ok((n, _, sender)) => Received::Frame(n, sender),
             Err(rustix::io::Errno::AGAIN) => Received::Empty,
             Err(rustix::io::Errno::INTR) => continue,
             Err(_) => Received::Failed,
@@ -175,6 +209,7 @@ impl SocketFrontend {
                 .current
                 .map_or(usize::MAX, |n| (n as usize).saturating_sub(RESERVED_FDS)),
             doomed: Vec::new(),
+            freezer: None,
         })
     }
 
@@ -263,7 +298,9 @@ impl SocketFrontend {
                 fd,
                 peer,
                 greeted: false,
+                version: MIN_PROTOCOL_VERSION,
                 watcher: None,
+                participant: None,
                 busy: false,
                 outbox: VecDeque::new(),
                 writable_interest: false,
@@ -312,7 +349,7 @@ impl SocketFrontend {
                 return;
             }
             match receive(&conn.fd, &mut buf) {
-                Received::Frame(n) => self.on_frame(key, &buf[..n], cx),
+                Received::Frame(n, sender) => self.on_frame(key, &buf[..n], sender, cx),
                 Received::TooLong(len) => {
                     self.fatal(
                         key,
@@ -333,13 +370,13 @@ impl SocketFrontend {
         cx.work.resume(key);
     }
 
-    fn on_frame(&mut self, key: usize, frame: &[u8], cx: &mut Context<'_>) {
+    fn on_frame(&mut self, key: usize, frame: &[u8], sender: Option<Sender>, cx: &mut Context<'_>) {
         let greeted = self.conns[key].greeted;
         if !greeted {
             if let Some(v) = Request::peek_hello_version(frame) {
-                if v != PROTOCOL_VERSION {
+                if !(MIN_PROTOCOL_VERSION..=PROTOCOL_VERSION).contains(&v) {
                     self.fatal(key, ErrorCode::VersionMismatch, format!(
-                        "this client speaks sysgenid protocol {v}, but sysgenidd {} speaks protocol {PROTOCOL_VERSION}: use a client and daemon from the same release",
+                        "this client speaks sysgenid protocol {v}, but sysgenidd {} speaks protocols {MIN_PROTOCOL_VERSION} to {PROTOCOL_VERSION}: use a client and daemon from the same release",
                         env!("CARGO_PKG_VERSION")
                     ));
                     return;
@@ -357,8 +394,21 @@ impl SocketFrontend {
                 return;
             }
         };
+        if request.needs_lifecycle_version() && self.conns[key].version < LIFECYCLE_VERSION {
+            self.fatal(
+                key,
+                ErrorCode::ProtocolViolation,
+                format!(
+                    "malformed frame: {request:?} does not exist in protocol {} (it needs {LIFECYCLE_VERSION})",
+                    self.conns[key].version
+                ),
+            );
+            return;
+        }
         match (greeted, request) {
-            (false, Request::Hello { role, .. }) => self.on_hello(key, role, cx.watchers),
+            (false, Request::Hello { version, role }) => {
+                self.on_hello(key, version, role, cx.watchers)
+            }
             (false, _) => self.fatal(
                 key,
                 ErrorCode::ProtocolViolation,
@@ -369,17 +419,33 @@ impl SocketFrontend {
             }
             (true, Request::Ack { generation }) => self.on_ack(key, generation, cx),
             (true, Request::WaitWatchers { timeout_ms }) => self.on_wait(key, timeout_ms, cx),
-            (true, Request::Bump { min_generation }) => self.on_bump(key, min_generation, cx),
+            (
+                true,
+                Request::Bump {
+                    min_generation,
+                    allow_exhaustion,
+                },
+            ) => self.on_bump(key, min_generation, allow_exhaustion, sender, cx),
             (true, Request::Status) => {
                 let report = (cx.status)(cx.watchers);
                 self.send_reply(key, Reply::Status(report), cx.watchers);
             }
+            (true, Request::Freeze { timeout_ms }) => self.on_freeze(key, timeout_ms, sender, cx),
+            (true, Request::Thaw) => self.on_thaw(key, sender, cx),
+            (true, Request::Confirm { freeze }) => self.on_confirm(key, freeze, cx),
         }
     }
 
-    fn on_hello(&mut self, key: usize, role: Role, watchers: &mut Watchers) {
+    fn on_hello(&mut self, key: usize, version: u16, role: Role, watchers: &mut Watchers) {
         let uid = self.conns[key].peer.uid;
-        if let Role::Watcher { untracked, acked } = role {
+        self.conns[key].version = version;
+        let mut freeze = None;
+        if let Role::Watcher {
+            untracked,
+            acked,
+            lifecycle,
+        } = role
+        {
             let tracking = if untracked {
                 Tracking::Untracked
             } else {
@@ -392,17 +458,197 @@ impl SocketFrontend {
                     return;
                 }
             }
+            if lifecycle {
+                let joined = watchers.join(tracking);
+                self.conns[key].participant = Some(joined.id);
+                freeze = joined.freeze;
+            }
         }
         self.conns[key].greeted = true;
         let generation = watchers.generation();
+        let welcome = Reply::Welcome {
+            version,
+            generation,
+        };
+        match freeze {
+            None => self.send_reply(key, welcome, watchers),
+            // Registered during a freeze: told at once, right after Welcome.
+            Some(freeze) => {
+                self.send_frame(key, &welcome.encode());
+                self.send_event(key, Reply::Freeze { freeze, generation }, watchers);
+            }
+        }
+    }
+
+    /// Whether the sender of a freeze or thaw frame may do it: the rule of
+    /// a forced update (`peer::privileged`), judged on the process that
+    /// sent the frame. Answers the refusal itself.
+    fn check_privilege(
+        &mut self,
+        key: usize,
+        what: &str,
+        sender: Option<&Sender>,
+        watchers: &Watchers,
+    ) -> bool {
+        let Err(why) = crate::peer::privileged(sender) else {
+            return true;
+        };
+        let (pid, uid) = sender.map_or((0, 0), |s| (s.pid(), s.uid()));
+        let message = format!(
+            "permission denied: {what} needs CAP_SYS_ADMIN or CAP_CHECKPOINT_RESTORE in sysgenidd's user namespace; the sender (pid {pid}, uid {uid}) was refused: {why}"
+        );
+        tracing::warn!("{message}");
         self.send_reply(
             key,
-            Reply::Welcome {
-                version: PROTOCOL_VERSION,
-                generation,
-            },
+            error(ErrorCode::PermissionDenied, 0, message),
             watchers,
         );
+        false
+    }
+
+    fn on_freeze(
+        &mut self,
+        key: usize,
+        timeout_ms: u32,
+        sender: Option<Sender>,
+        cx: &mut Context<'_>,
+    ) {
+        if !self.check_privilege(key, "freezing", sender.as_ref(), cx.watchers) {
+            return;
+        }
+        let timeout_ms = match timeout_ms {
+            0 => DEFAULT_FREEZE_TIMEOUT_MS,
+            ms => ms,
+        };
+        match cx
+            .watchers
+            .freeze(Duration::from_millis(u64::from(timeout_ms)))
+        {
+            Ok(transitions) if transitions.is_empty() => {
+                let generation = cx.watchers.generation();
+                self.send_reply(key, Reply::Done { generation }, cx.watchers);
+            }
+            Ok(transitions) => {
+                // Answered by the loop with the freeze's outcome.
+                self.conns[key].busy = true;
+                self.freezer = Some(key);
+                cx.work.transition(transitions);
+            }
+            Err(LifecycleError::Busy { id, pending }) => self.send_reply(
+                key,
+                error(
+                    ErrorCode::Busy,
+                    pending,
+                    format!("freeze {id} is already in progress ({pending} participant(s) still to confirm); wait for it or thaw"),
+                ),
+                cx.watchers,
+            ),
+            Err(e) => self.send_reply(
+                key,
+                error(ErrorCode::Internal, 0, e.to_string()),
+                cx.watchers,
+            ),
+        }
+    }
+
+    fn on_thaw(&mut self, key: usize, sender: Option<Sender>, cx: &mut Context<'_>) {
+        if !self.check_privilege(key, "thawing", sender.as_ref(), cx.watchers) {
+            return;
+        }
+        cx.work.transition(cx.watchers.thaw());
+        let generation = cx.watchers.generation();
+        self.send_reply(key, Reply::Done { generation }, cx.watchers);
+    }
+
+    fn on_confirm(&mut self, key: usize, freeze: u32, cx: &mut Context<'_>) {
+        let Some(id) = self.conns[key].participant else {
+            self.send_reply(
+                key,
+                error(
+                    ErrorCode::NotAParticipant,
+                    0,
+                    "this connection is not a lifecycle participant; open the watcher with the lifecycle flag to confirm freezes",
+                ),
+                cx.watchers,
+            );
+            return;
+        };
+        match cx.watchers.confirm(id, freeze) {
+            Ok(transition) => {
+                cx.work.transition(transition);
+                let generation = cx.watchers.generation();
+                self.send_reply(key, Reply::Done { generation }, cx.watchers);
+            }
+            Err(LifecycleError::WrongFreeze { confirmed, latest }) => self.send_reply(
+                key,
+                error(
+                    ErrorCode::WrongFreeze,
+                    latest,
+                    format!("cannot confirm freeze {confirmed}: the latest freeze is {latest}"),
+                ),
+                cx.watchers,
+            ),
+            Err(e) => self.send_reply(
+                key,
+                error(ErrorCode::Internal, 0, e.to_string()),
+                cx.watchers,
+            ),
+        }
+    }
+
+    /// Answers the connection whose `Freeze` is in progress, and lets it be
+    /// read again.
+    pub fn answer_freeze(&mut self, outcome: FreezeOutcome, cx: &mut Context<'_>) {
+        let Some(key) = self.freezer.take() else {
+            return;
+        };
+        let Some(conn) = self.conns.get_mut(key) else {
+            return;
+        };
+        conn.busy = false;
+        let reply = match outcome {
+            FreezeOutcome::Frozen => Reply::Done {
+                generation: cx.watchers.generation(),
+            },
+            FreezeOutcome::Aborted { pending, reason } => error(
+                ErrorCode::FreezeAborted,
+                pending,
+                match reason {
+                    AbortReason::TimedOut => format!(
+                        "the freeze timed out with {pending} participant(s) or hooks not confirmed; it was aborted and everything thawed"
+                    ),
+                    AbortReason::ThawRequested => {
+                        "the freeze was aborted by a thaw request; everything thawed".to_string()
+                    }
+                    AbortReason::Restored => {
+                        "the freeze was aborted: the generation changed (a restore); everything thawed"
+                            .to_string()
+                    }
+                    AbortReason::RequesterGone => "the freeze was aborted".to_string(),
+                },
+            ),
+        };
+        self.send_reply(key, reply, cx.watchers);
+        cx.work.resume(key);
+    }
+
+    /// Fan-out of a lifecycle event (`Freeze` or `Thaw`) to every participant.
+    pub fn on_lifecycle_event(&mut self, event: Reply, watchers: &Watchers) {
+        let keys: Vec<usize> = self
+            .conns
+            .iter()
+            .filter(|(_, c)| c.participant.is_some() && c.greeted)
+            .map(|(k, _)| k)
+            .collect();
+        for key in keys {
+            self.send_event(key, event.clone(), watchers);
+        }
+    }
+
+    /// Sends an unsolicited lifecycle event, then the `Changed` that keeps
+    /// an outdated watcher's socket readable.
+    fn send_event(&mut self, key: usize, event: Reply, watchers: &Watchers) {
+        self.send_reply(key, event, watchers);
     }
 
     fn on_ack(&mut self, key: usize, generation: u32, cx: &mut Context<'_>) {
@@ -468,13 +714,18 @@ impl SocketFrontend {
         }
     }
 
-    fn on_bump(&mut self, key: usize, min: u32, cx: &mut Context<'_>) {
-        let conn = &self.conns[key];
-        let peer = &conn.peer;
-        if !peer.may_bump(&conn.fd) {
+    fn on_bump(
+        &mut self,
+        key: usize,
+        min: u32,
+        allow_exhaustion: bool,
+        sender: Option<Sender>,
+        cx: &mut Context<'_>,
+    ) {
+        if let Err(why) = crate::peer::privileged(sender.as_ref()) {
+            let (pid, uid) = sender.as_ref().map_or((0, 0), |s| (s.pid(), s.uid()));
             let message = format!(
-                "permission denied: forcing a generation update needs CAP_SYS_ADMIN or CAP_CHECKPOINT_RESTORE (uid {}, pid {} has neither)",
-                peer.uid, peer.pid
+                "permission denied: forcing a generation update needs CAP_SYS_ADMIN or CAP_CHECKPOINT_RESTORE in sysgenidd's user namespace; the sender (pid {pid}, uid {uid}) was refused: {why}"
             );
             tracing::warn!("{message}");
             self.send_reply(
@@ -488,6 +739,7 @@ impl SocketFrontend {
         self.conns[key].busy = true;
         cx.work.bump(BumpRequest {
             min,
+            allow_exhaustion,
             requester: Requester::Socket(key),
         });
     }
@@ -515,6 +767,11 @@ impl SocketFrontend {
                     "generation {current} cannot be bumped: the next value would pass {}",
                     u32::MAX
                 ),
+            ),
+            Err(BumpError::Core(e @ CoreError::WouldExhaust { current, .. })) => error(
+                ErrorCode::Overflow,
+                *current,
+                format!("refused: {e} (sysgenidctl bump --allow-exhaustion; the generation stays {current})"),
             ),
             Err(e) => error(ErrorCode::Internal, 0, e.to_string()),
         };
@@ -615,7 +872,7 @@ impl SocketFrontend {
     /// Clean exit: every pending wait gets `ShuttingDown`, the socket file
     /// is left to the caller.
     pub fn shutdown(&mut self, watchers: &Watchers) {
-        for key in self.waits.drain() {
+        for key in self.waits.drain().into_iter().chain(self.freezer.take()) {
             if let Some(conn) = self.conns.get_mut(key) {
                 conn.busy = false;
             }
@@ -778,6 +1035,17 @@ impl SocketFrontend {
                 if watchers.release(id, conn.peer.uid) {
                     work.settle();
                 }
+            }
+            if let Some(id) = conn.participant {
+                work.transition(watchers.leave(id));
+            }
+            if self.freezer == Some(key) {
+                self.freezer = None;
+                tracing::warn!(
+                    pid = conn.peer.pid,
+                    "the orchestrator of the freeze in progress went away: aborting the freeze"
+                );
+                work.transition(watchers.freeze_requester_gone());
             }
             self.waits.remove_where(|&k| k == key);
         }
