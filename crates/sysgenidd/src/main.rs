@@ -218,6 +218,17 @@ fn run(args: Args) -> Result<(), String> {
             detail: source.describe(),
             ..SourceStatus::default()
         });
+        // The kernel log is read by the event loop itself: no thread, no
+        // hand-over, one wake-up less in the restore window.
+        let source = match source.into_poll_source() {
+            Ok(source) => {
+                server
+                    .add_poll_source(source)
+                    .map_err(|e| format!("cannot start source {name}: {e}"))?;
+                continue;
+            }
+            Err(source) => source,
+        };
         let handle = server.handle();
         std::thread::Builder::new()
             .name(format!("source-{name}"))
