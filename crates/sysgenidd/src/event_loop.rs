@@ -477,6 +477,7 @@ impl EventLoop {
             "shutting down; the saved generation is kept for the next start"
         );
         self.socket.shutdown(&self.watchers);
+        self.watchers.stopping();
         self.watchers.service().dir().remove_socket();
         if let Some(device) = &mut self.device {
             device.shutdown();
