@@ -6,6 +6,8 @@
 #
 #   SYSGENIDD=/path/sysgenidd SYSGENIDCTL=/path/sysgenidctl tests/vm/run.sh
 #   tests/vm/run.sh --self-test      # harness check with the shell stand-ins
+#   ... tests/vm/run.sh --lifecycle  # the freeze/thaw proof with the QEMU guest
+#                                    # agent instead (lifecycle_vmtest.py)
 #
 # This script prepares the host (packages, a cached Debian kernel) and hands
 # over to vmtest.py, which builds the initramfs, drives QEMU over QMP and
@@ -17,12 +19,14 @@ CACHE=${SYSGENID_VM_CACHE:-/var/cache/sysgenid-vm}
 
 usage() {
     cat <<EOF
-usage: SYSGENIDD=BIN SYSGENIDCTL=BIN $0 [--keep]
-       $0 --self-test [--keep]
+usage: SYSGENIDD=BIN SYSGENIDCTL=BIN $0 [--keep] [--lifecycle]
+       $0 --self-test [--keep] [--lifecycle]
 
   --self-test  use the shell stand-ins in tests/vm/fake-sysgenid/ (tests the
                harness, not sysgenid)
   --keep       keep the work directory (serial logs, states) even on success
+  --lifecycle  run the snapshot-lifecycle proof with the QEMU guest agent
+               (lifecycle_vmtest.py) instead of the generation proof
 
 environment: SYSGENIDD, SYSGENIDCTL, SYSGENID_VM_CACHE, SYSGENID_VM_KERNEL,
              SYSGENID_VM_WORKDIR, SYSGENID_VM_KEEP, SYSGENID_VM_RUST_LOG,
@@ -32,10 +36,12 @@ EOF
 }
 
 SELF_TEST=0
+DRIVER=vmtest.py
 while [ $# -gt 0 ]; do
     case $1 in
         --self-test) SELF_TEST=1 ;;
         --keep) export SYSGENID_VM_KEEP=1 ;;
+        --lifecycle) DRIVER=lifecycle_vmtest.py ;;
         -h|--help) usage; exit 0 ;;
         *) echo "run.sh: unknown argument: $1" >&2; usage >&2; exit 2 ;;
     esac
@@ -131,5 +137,5 @@ else
     log "kernel: $KERNEL ($(cat "$CACHE/kernel/PACKAGE" 2>/dev/null || echo '?'))"
 fi
 
-export SYSGENID_VM_KERNEL=$KERNEL SYSGENID_VM_BUSYBOX=$BUSYBOX
-exec python3 "$HERE/vmtest.py"
+export SYSGENID_VM_KERNEL=$KERNEL SYSGENID_VM_BUSYBOX=$BUSYBOX SYSGENID_VM_CACHE=$CACHE
+exec python3 "$HERE/$DRIVER"
