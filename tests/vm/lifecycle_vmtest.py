@@ -26,19 +26,22 @@ Standard library only; reuses vmtest.py's initramfs writer, QMP client and
 VM runner.
 """
 
-import base64
-import os
-import re
-import shutil
-import subprocess
 import sys
-import time
-import uuid
 
-import guest_packages
-import vmtest
-from qga import QGA, QGAError
-from vmtest import TestFailure, field, log, q
+sys.dont_write_bytecode = True  # keep the source tree clean
+
+import base64  # noqa: E402
+import os  # noqa: E402
+import re  # noqa: E402
+import shutil  # noqa: E402
+import subprocess  # noqa: E402
+import time  # noqa: E402
+import uuid  # noqa: E402
+
+import guest_packages  # noqa: E402
+import vmtest  # noqa: E402
+from qga import QGA, QGAError  # noqa: E402
+from vmtest import TestFailure, field, log, q  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(os.path.dirname(HERE))
