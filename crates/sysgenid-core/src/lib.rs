@@ -21,12 +21,17 @@
 //! * The barrier is satisfied when no *tracked* watcher is outdated; it is
 //!   interrupted when the caller's own watcher is outdated.
 //!
+//! The snapshot lifecycle (freeze before a snapshot, thaw after) is its own
+//! state machine in [`lifecycle`], next to this one and as pure.
+//!
 //! Bumps are two-phase ([`Core::next_generation`], then
 //! [`Core::commit_generation`]) so the daemon can make the new value durable
 //! between the two steps: a generation is never shown to anyone before it
 //! would survive a crash.
 
 use slab::Slab;
+
+pub mod lifecycle;
 
 /// The system generation counter, `u32` on every interface.
 pub type Generation = u32;

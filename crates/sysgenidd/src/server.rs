@@ -36,7 +36,7 @@ use slab::Slab;
 use sysgenid_core::{Barrier, CoreError, Tracking, WatcherId};
 use sysgenid_proto::{
     ErrorCode, ErrorReply, Reply, Request, Role, SourceStatus, StatusReport, MAX_FRAME,
-    PROTOCOL_VERSION,
+    MIN_PROTOCOL_VERSION, PROTOCOL_VERSION,
 };
 
 use crate::peer::Peer;
@@ -511,9 +511,9 @@ impl Server {
         let greeted = self.conns[key].greeted;
         if !greeted {
             if let Some(v) = Request::peek_hello_version(frame) {
-                if v != PROTOCOL_VERSION {
+                if !(MIN_PROTOCOL_VERSION..=PROTOCOL_VERSION).contains(&v) {
                     self.fatal(key, ErrorCode::VersionMismatch, format!(
-                        "this client speaks sysgenid protocol {v}, but sysgenidd {} speaks protocol {PROTOCOL_VERSION}: use a client and daemon from the same release",
+                        "this client speaks sysgenid protocol {v}, but sysgenidd {} speaks protocols {MIN_PROTOCOL_VERSION} to {PROTOCOL_VERSION}: use a client and daemon from the same release",
                         env!("CARGO_PKG_VERSION")
                     ));
                     return;
@@ -532,7 +532,7 @@ impl Server {
             }
         };
         match (greeted, request) {
-            (false, Request::Hello { role, .. }) => self.on_hello(key, role),
+            (false, Request::Hello { version, role }) => self.on_hello(key, version, role),
             (false, _) => self.fatal(
                 key,
                 ErrorCode::ProtocolViolation,
@@ -548,12 +548,20 @@ impl Server {
                 let report = self.status();
                 self.send_reply(key, Reply::Status(report));
             }
+            (true, Request::Freeze { .. } | Request::Thaw | Request::Confirm { .. }) => self.fatal(
+                key,
+                ErrorCode::ProtocolViolation,
+                "the snapshot lifecycle is not served by this build",
+            ),
         }
     }
 
-    fn on_hello(&mut self, key: usize, role: Role) {
+    fn on_hello(&mut self, key: usize, version: u16, role: Role) {
         let uid = self.conns[key].peer.uid;
-        if let Role::Watcher { untracked, acked } = role {
+        if let Role::Watcher {
+            untracked, acked, ..
+        } = role
+        {
             let counts = self.service.core.counts();
             let mine = self.per_uid.get(&uid).copied().unwrap_or(0);
             if counts.watchers >= self.limits.max_watchers {
@@ -587,7 +595,7 @@ impl Server {
         self.send_reply(
             key,
             Reply::Welcome {
-                version: PROTOCOL_VERSION,
+                version,
                 generation,
             },
         );
@@ -790,6 +798,7 @@ impl Server {
             runtime_dir: self.service.dir().path().display().to_string(),
             device: self.device.as_ref().map(|d| d.describe()),
             daemon_version: env!("CARGO_PKG_VERSION").to_string(),
+            ..StatusReport::default()
         }
     }
 
