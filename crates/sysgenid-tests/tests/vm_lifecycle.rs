@@ -54,5 +54,8 @@ fn qemu_guest_agent_freeze_quiesces_participants_and_a_frozen_clone_runs_again()
         "VM lifecycle test failed ({:?}):\n{stdout}\n{stderr}",
         out.status
     );
-    assert!(stdout.contains("vm-lifecycle: 4 passed, 0 failed"), "{stdout}");
+    assert!(
+        stdout.contains("vm-lifecycle: 4 passed, 0 failed"),
+        "{stdout}"
+    );
 }
