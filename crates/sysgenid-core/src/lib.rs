@@ -29,6 +29,8 @@
 //! between the two steps: a generation is never shown to anyone before it
 //! would survive a crash.
 
+#![forbid(unsafe_code)]
+
 use slab::Slab;
 
 pub mod lifecycle;

@@ -35,6 +35,8 @@
 //! send [`Request::Freeze`] and [`Request::Thaw`]. Version 1 connections
 //! never see any of this (see `docs/protocol.md`, "Versioning").
 
+#![forbid(unsafe_code)]
+
 use serde::{Deserialize, Serialize};
 
 /// The newest protocol version this crate speaks.

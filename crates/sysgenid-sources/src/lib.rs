@@ -40,7 +40,6 @@
 //! comma separated list of names) and returns the opened sources plus, for
 //! status output, the ones that are inactive and why.
 
-#![deny(unsafe_op_in_unsafe_fn)]
 #![warn(missing_docs)]
 
 pub mod coalesce;

@@ -2,6 +2,8 @@
 //! Every subcommand is a few lines over the library; exit codes are part of
 //! the interface (see `--help`).
 
+#![forbid(unsafe_code)]
+
 use std::io::Write;
 use std::path::PathBuf;
 use std::process::ExitCode;

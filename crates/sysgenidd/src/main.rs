@@ -6,9 +6,12 @@ use std::time::Duration;
 
 use clap::Parser;
 use sysgenid_proto::SourceStatus;
+use sysgenidd::device::{Device, Setting, Started};
+use sysgenidd::event_loop::{Command, EventLoop};
+use sysgenidd::hooks::{Hooks, Setting as HooksSetting};
 use sysgenidd::runtime_dir::{default_runtime_dir, RuntimeDir};
-use sysgenidd::server::{Command, Limits, Server};
 use sysgenidd::service::Service;
+use sysgenidd::watchers::Limits;
 
 /// The System Generation ID daemon.
 ///
@@ -81,6 +84,31 @@ struct Args {
     /// /dev/sysgenid when running as root and that path is free, else off.
     #[arg(long, env = "SYSGENID_DEVICE", value_name = "PATH|off")]
     device: Option<String>,
+
+    /// Run every executable file in DIR, in name order, on each lifecycle
+    /// event (`HOOK freeze|thaw|change`), or `off`. Default:
+    /// /etc/sysgenid/hooks.d, if it exists.
+    #[arg(long, value_name = "DIR|off")]
+    hooks_dir: Option<String>,
+
+    /// A hook still running after this long is killed (with its process
+    /// group) and counted as timed out.
+    #[arg(long, default_value_t = 10_000, value_name = "MS")]
+    hook_timeout_ms: u64,
+
+    /// The longest the system stays frozen: after this the daemon thaws by
+    /// itself and logs it, so an orchestrator that died between freeze and
+    /// thaw cannot leave every program quiesced.
+    #[arg(long, default_value_t = sysgenid_core::lifecycle::DEFAULT_MAX_FROZEN_MS, value_name = "MS",
+          value_parser = clap::value_parser!(u64).range(1..))]
+    max_frozen_ms: u64,
+
+    /// After a restore while frozen: `auto` thaws once every tracked watcher
+    /// has acknowledged the new generation; `manual` leaves thawing to the
+    /// orchestrator (or the freeze bound).
+    #[arg(long, default_value = "auto", value_name = "auto|manual",
+          value_parser = ["auto", "manual"])]
+    restore_thaw: String,
 }
 
 fn main() -> ExitCode {
@@ -128,8 +156,29 @@ fn run(args: Args) -> Result<(), String> {
         hello_timeout: Duration::from_millis(args.hello_timeout_ms),
     };
     let coalescer = sysgenid_sources::Coalescer::new(Duration::from_millis(args.coalesce_ms));
-    let mut server = Server::new(service, listener, limits, coalescer)
+    let mut server = EventLoop::new(service, listener, limits, coalescer)
         .map_err(|e| format!("cannot start the event loop: {e}"))?;
+    server.configure_lifecycle(sysgenid_core::lifecycle::Config {
+        thaw_on_restore: args.restore_thaw == "auto",
+        max_frozen_ms: Some(args.max_frozen_ms),
+    });
+    let handle = server.handle();
+    let hooks = Hooks::start(
+        &HooksSetting::parse(args.hooks_dir.as_deref()),
+        Duration::from_millis(args.hook_timeout_ms),
+        move |finished| {
+            handle.send(Command::Hooks(finished));
+        },
+    )
+    .map_err(|e| e.to_string())?;
+    let hooks_description = match hooks {
+        Some(hooks) => {
+            let description = format!("{} ({} found)", hooks.dir().display(), hooks.known());
+            server.attach_hooks(hooks);
+            description
+        }
+        None => "off".to_string(),
+    };
 
     let config = sysgenid_sources::SourceConfig {
         kmsg_path: args.kmsg.clone(),
@@ -171,28 +220,31 @@ fn run(args: Args) -> Result<(), String> {
             .map_err(|e| format!("cannot start source {name}: {e}"))?;
     }
 
-    let device = match sysgenidd::device::Device::start(
-        &sysgenidd::device::Setting::parse(args.device.as_deref()),
+    let device = match Device::start(
+        &Setting::parse(args.device.as_deref()),
         server.service().dir(),
         server.service().record(),
-        server.handle(),
-    )? {
-        Ok(device) => {
+        server.handle().device_forward(),
+    )
+    .map_err(|e| e.to_string())?
+    {
+        Started::Serving(device) => {
             let description = device.describe();
             server.attach_device(device);
             description
         }
-        Err(why) => why,
+        Started::Disabled(why) => why.to_string(),
     };
 
     let record = server.service().record();
     tracing::info!(
-        "sysgenidd {} ready: runtime dir {}, generation {}, epoch {}, device: {}, sources: {}",
+        "sysgenidd {} ready: runtime dir {}, generation {}, epoch {}, device: {}, hooks: {}, sources: {}",
         env!("CARGO_PKG_VERSION"),
         dir_path.display(),
         record.generation,
         sysgenidd::state::epoch_hex(&record.epoch),
         device,
+        hooks_description,
         if active_names.is_empty() {
             "none (manual bumps only)".to_string()
         } else {
