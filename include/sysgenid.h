@@ -420,7 +420,8 @@ int sysgenid_read_event(sysgenid_watcher *w, sysgenid_event *event, size_t size)
  * Returns 0, or:
  * - `-EINVAL`: `w` is NULL, or `freeze` is a freeze this watcher was never
  *   asked to confirm;
- * - `-ENOTCONN`: the watcher was not opened with `SYSGENID_LIFECYCLE`;
+ * - `-ENOTCONN`: the watcher was not opened with `SYSGENID_LIFECYCLE`
+ *   (nothing is sent);
  * - `-EIO`, `-EPROTO`: the daemon could not be reached or misbehaved.
  *
  * # Safety

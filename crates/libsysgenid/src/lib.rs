@@ -64,6 +64,8 @@ pub struct sysgenid_watcher {
     /// the watcher's current socket.
     epoll: OwnedFd,
     nonblocking: bool,
+    /// Opened with `SYSGENID_LIFECYCLE` (a participant).
+    lifecycle: bool,
 }
 
 struct Inner {
@@ -201,6 +203,7 @@ fn open(flags: u32) -> Result<Box<sysgenid_watcher>, c_int> {
         }),
         epoll,
         nonblocking,
+        lifecycle: flags & SYSGENID_LIFECYCLE != 0,
     }))
 }
 

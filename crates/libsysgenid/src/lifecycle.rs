@@ -133,7 +133,8 @@ pub unsafe extern "C" fn sysgenid_read_event(
 /// Returns 0, or:
 /// - `-EINVAL`: `w` is NULL, or `freeze` is a freeze this watcher was never
 ///   asked to confirm;
-/// - `-ENOTCONN`: the watcher was not opened with `SYSGENID_LIFECYCLE`;
+/// - `-ENOTCONN`: the watcher was not opened with `SYSGENID_LIFECYCLE`
+///   (nothing is sent);
 /// - `-EIO`, `-EPROTO`: the daemon could not be reached or misbehaved.
 ///
 /// # Safety
@@ -145,6 +146,11 @@ pub unsafe extern "C" fn sysgenid_confirm(w: *mut sysgenid_watcher, freeze: u32)
         let Some(w) = (unsafe { w.as_ref() }) else {
             return -libc::EINVAL;
         };
+        // Checked here: the daemon treats a confirmation on a plain
+        // watcher's connection as a protocol violation and drops it.
+        if !w.lifecycle {
+            return -libc::ENOTCONN;
+        }
         match w.with(|watcher| watcher.confirm(freeze)) {
             Ok(()) => 0,
             Err(e) => e,
