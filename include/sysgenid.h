@@ -299,7 +299,9 @@ int sysgenid_wait_watchers(sysgenid_watcher *w, uint32_t timeout_ms);
  *
  * Returns 0, or:
  * - `-EACCES`: the caller may not force updates;
- * - `-EOVERFLOW`: the generation would pass `UINT32_MAX` (nothing changes);
+ * - `-EOVERFLOW`: the generation would pass `UINT32_MAX`, or the minimum
+ *   would exhaust the counter (see `sysgenid_trigger_update_flags`);
+ *   nothing changes;
  * - `-ENOENT`, `-ECONNREFUSED` (NULL `w`): the daemon is not running;
  * - `-EIO`, `-EPROTO`: the daemon could not be reached or misbehaved.
  *
@@ -307,6 +309,23 @@ int sysgenid_wait_watchers(sysgenid_watcher *w, uint32_t timeout_ms);
  * `w` must be NULL or a live watcher.
  */
 int sysgenid_trigger_update(sysgenid_watcher *w, uint32_t min_generation);
+
+/** Flag for `sysgenid_trigger_update_flags`: accept a minimum in the
+ * counter's last 2^20 values (up to `UINT32_MAX`, after which no later
+ * restore can ever be signalled). */
+#define SYSGENID_UPDATE_ALLOW_EXHAUSTION 1u
+
+/**
+ * `sysgenid_trigger_update` with `flags`: 0, or
+ * `SYSGENID_UPDATE_ALLOW_EXHAUSTION`. Unknown flags give `-EINVAL` and
+ * change nothing. Without the flag, a `min_generation` above 4293918719
+ * that jumps past `current + 1` gives `-EOVERFLOW` and changes nothing.
+ *
+ * # Safety
+ * `w` must be NULL or a live watcher.
+ */
+int sysgenid_trigger_update_flags(sysgenid_watcher *w, uint32_t min_generation,
+                                  uint32_t flags);
 
 /**
  * Asks the daemon for its counters (generation, watchers, how many are

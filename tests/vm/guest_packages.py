@@ -183,12 +183,12 @@ def _closure(index, roots):
 
 def kernel_modules(cache, kernel):
     """The modules MODULE_ROOTS need for KERNEL (a bzImage), dependencies
-    first, as (name, bytes). From $SYSGENID_VM_MODULES (a lib/modules/<release>
+    first, as (name, bytes). From $SYSGENID_VM_MODULES_DIR (a lib/modules/<release>
     tree) if set, else from Debian's linux-image-<release> package, whose
     module tree is cached under CACHE/modules/<release> (only the modules
     used here are kept)."""
     release = kernel_release(kernel)
-    given = os.environ.get("SYSGENID_VM_MODULES")
+    given = os.environ.get("SYSGENID_VM_MODULES_DIR")
     if given:
         return release, _closure(_module_index(given), MODULE_ROOTS)
     keep = os.path.join(cache, "modules", release)
@@ -209,7 +209,7 @@ def kernel_modules(cache, kernel):
             except PackageError as e:
                 raise PackageError(
                     f"the guest kernel is {release}, but {pkg} cannot be downloaded ({e}); "
-                    "set SYSGENID_VM_MODULES to its lib/modules/<release> directory") from None
+                    "set SYSGENID_VM_MODULES_DIR to its lib/modules/<release> directory") from None
             log(f"unpacking the modules the guest needs from {os.path.basename(deb)}")
             _run(["dpkg-deb", "-x", deb, os.path.join(dl, "x")])
             tree = os.path.join(dl, "x", "lib", "modules", release)

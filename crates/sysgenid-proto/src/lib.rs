@@ -140,6 +140,11 @@ pub enum Request {
     Bump {
         /// The new generation is `max(min_generation, current + 1)`.
         min_generation: u32,
+        /// Allow a minimum that jumps into the counter's last 2^20 values
+        /// (`sysgenid_core::EXHAUSTION_RESERVE`; refused otherwise: it would
+        /// end the mechanism for good). On the wire: an optional sixth
+        /// byte, bit 0; absent means `false`, so older clients are unchanged.
+        allow_exhaustion: bool,
     },
     /// Ask for a [`StatusReport`].
     Status,
@@ -353,6 +358,13 @@ pub struct StatusReport {
     pub last_change_unix_ms: Option<u64>,
     /// The sources that reported the last change (several when coalesced).
     pub last_change_sources: Vec<String>,
+    /// For the last bump caused by a kernel source whose signal carries a
+    /// timestamp (`vmfork`: the kernel log record's): microseconds from that
+    /// timestamp to the page showing the new generation, i.e. the restore
+    /// window as the daemon saw it. Absent before such a bump, and from
+    /// daemons older than this field (clients must accept both).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_kernel_lag_us: Option<u64>,
     /// Restore-signal sources.
     pub sources: Vec<SourceStatus>,
     /// The runtime directory.
@@ -488,6 +500,14 @@ fn check_frame(frame: &[u8]) -> Result<u8, DecodeError> {
 }
 
 const HELLO_WATCHER: u8 = 1;
+const BUMP_ALLOW_EXHAUSTION: u8 = 1 << 0;
+
+/// Whether the daemon judges the sender of a request of this kind (its
+/// first byte) for privilege: it then receives that frame with the
+/// sender's credentials (see `sysgenidd`'s `peer` module).
+pub fn is_privileged_kind(kind: u8) -> bool {
+    kind == codes::BUMP
+}
 const HELLO_UNTRACKED: u8 = 1 << 0;
 const HELLO_HAS_ACKED: u8 = 1 << 1;
 const HELLO_LIFECYCLE: u8 = 1 << 2;
@@ -531,7 +551,16 @@ impl Request {
             }
             Request::Ack { generation } => scalar(codes::ACK, generation),
             Request::WaitWatchers { timeout_ms } => scalar(codes::WAIT_WATCHERS, timeout_ms),
-            Request::Bump { min_generation } => scalar(codes::BUMP, min_generation),
+            Request::Bump {
+                min_generation,
+                allow_exhaustion,
+            } => {
+                let mut f = scalar(codes::BUMP, min_generation);
+                if allow_exhaustion {
+                    f.push(BUMP_ALLOW_EXHAUSTION);
+                }
+                f
+            }
             Request::Status => vec![codes::STATUS],
             Request::Freeze { timeout_ms } => scalar(codes::FREEZE, timeout_ms),
             Request::Thaw => vec![codes::THAW],
@@ -575,15 +604,39 @@ impl Request {
                 };
                 Ok(Request::Hello { version, role })
             }
+<<<<<<< HEAD
             codes::ACK | codes::WAIT_WATCHERS | codes::BUMP | codes::FREEZE | codes::CONFIRM => {
+=======
+            codes::BUMP => {
+                let flags = match frame.len() {
+                    6 => frame[5],
+                    _ => {
+                        expect_len(frame, 5)?;
+                        0
+                    }
+                };
+                if flags & !BUMP_ALLOW_EXHAUSTION != 0 {
+                    return Err(DecodeError::Invalid("unknown bump flags"));
+                }
+                Ok(Request::Bump {
+                    min_generation: u32_at(frame, 1),
+                    allow_exhaustion: flags & BUMP_ALLOW_EXHAUSTION != 0,
+                })
+            }
+            codes::ACK | codes::WAIT_WATCHERS => {
+>>>>>>> main
                 expect_len(frame, 5)?;
                 let v = u32_at(frame, 1);
                 Ok(match kind {
                     codes::ACK => Request::Ack { generation: v },
+<<<<<<< HEAD
                     codes::WAIT_WATCHERS => Request::WaitWatchers { timeout_ms: v },
                     codes::FREEZE => Request::Freeze { timeout_ms: v },
                     codes::CONFIRM => Request::Confirm { freeze: v },
                     _ => Request::Bump { min_generation: v },
+=======
+                    _ => Request::WaitWatchers { timeout_ms: v },
+>>>>>>> main
                 })
             }
             codes::STATUS => {

@@ -30,7 +30,12 @@ fn request() -> impl Strategy<Value = Request> {
         any::<u32>().prop_map(|freeze| Request::Confirm { freeze }),
         any::<u32>().prop_map(|generation| Request::Ack { generation }),
         any::<u32>().prop_map(|timeout_ms| Request::WaitWatchers { timeout_ms }),
-        any::<u32>().prop_map(|min_generation| Request::Bump { min_generation }),
+        (any::<u32>(), any::<bool>()).prop_map(|(min_generation, allow_exhaustion)| {
+            Request::Bump {
+                min_generation,
+                allow_exhaustion,
+            }
+        }),
         Just(Request::Status),
     ]
 }
@@ -269,4 +274,68 @@ fn oversized_status_reports_are_shortened_to_fit_one_frame() {
         }
         other => panic!("{other:?}"),
     }
+}
+
+#[test]
+fn bump_flag_byte_is_optional_and_checked() {
+    let old_client = [0x04, 10, 0, 0, 0];
+    assert_eq!(
+        Request::decode(&old_client),
+        Ok(Request::Bump {
+            min_generation: 10,
+            allow_exhaustion: false
+        })
+    );
+    let plain = Request::Bump {
+        min_generation: 10,
+        allow_exhaustion: false,
+    };
+    assert_eq!(plain.encode(), old_client, "no flag byte unless set");
+    let forced = Request::Bump {
+        min_generation: u32::MAX,
+        allow_exhaustion: true,
+    };
+    assert_eq!(forced.encode(), [0x04, 0xff, 0xff, 0xff, 0xff, 1]);
+    assert!(
+        Request::decode(&[0x04, 0, 0, 0, 0, 2]).is_err(),
+        "unknown bump flag"
+    );
+    assert!(Request::decode(&[0x04, 0, 0, 0, 0, 1, 0]).is_err());
+    assert!(is_privileged_kind(forced.encode()[0]));
+    assert!(!is_privileged_kind(Request::Status.encode()[0]));
+}
+
+#[test]
+fn last_kernel_lag_us_is_optional_both_ways() {
+    // A report from a daemon that predates the field decodes with None.
+    let mut old = vec![codes::STATUS_REPORT];
+    old.extend_from_slice(
+        br#"{"generation":3,"epoch":"00","watchers":0,"tracked":0,"outdated":0,
+        "outdated_untracked":0,"uptime_ms":1,"last_change_unix_ms":null,
+        "last_change_sources":[],"sources":[],"runtime_dir":"/r","device":null,
+        "daemon_version":"0.1.0"}"#,
+    );
+    match Reply::decode(&old).unwrap() {
+        Reply::Status(s) => {
+            assert_eq!(s.generation, 3);
+            assert_eq!(s.last_kernel_lag_us, None);
+        }
+        other => panic!("{other:?}"),
+    }
+    // Without a value the key is not sent at all (what older clients saw).
+    let f = Reply::Status(StatusReport::default()).encode();
+    assert!(!String::from_utf8_lossy(&f).contains("last_kernel_lag_us"));
+    // With one it round-trips.
+    let report = StatusReport {
+        last_kernel_lag_us: Some(1234),
+        ..StatusReport::default()
+    };
+    let f = Reply::Status(report.clone()).encode();
+    assert!(String::from_utf8_lossy(&f).contains("\"last_kernel_lag_us\":1234"));
+    assert_eq!(Reply::decode(&f).unwrap(), Reply::Status(report));
+    // A newer daemon's unknown keys are ignored by this client.
+    let mut newer = f.clone();
+    newer.pop();
+    newer.extend_from_slice(br#","a_field_from_the_future":[1,2]}"#);
+    assert!(matches!(Reply::decode(&newer).unwrap(), Reply::Status(_)));
 }

@@ -15,11 +15,17 @@
 //!   watcher.
 //! * [`Probe`]: the mapped page, for a zero-syscall check in hot paths.
 //! * `tokio` feature: [`AsyncWatcher`](asyncio::AsyncWatcher).
+<<<<<<< HEAD
 //! * The snapshot lifecycle: a watcher opened with
 //!   [`lifecycle(true)`](WatcherBuilder::lifecycle) is a participant that
 //!   [`read_event`](Watcher::read_event) tells to freeze, thaw, or renew,
 //!   and that [`confirm`](Watcher::confirm)s a freeze; [`Control::freeze`]
 //!   and [`Control::thaw`] are the orchestrator's side (see [`Event`]).
+=======
+//! * [`SnapSafe<T>`]: a value rebuilt on first use after a restore (one
+//!   load per use); `rand_core` feature: [`SnapSafeRng`], any seedable RNG
+//!   reseeded from the OS after a restore.
+>>>>>>> main
 //!
 //! ```no_run
 //! let mut watcher = sysgenid::Watcher::open()?;
@@ -34,7 +40,13 @@
 #[cfg(feature = "tokio")]
 pub mod asyncio;
 mod conn;
+<<<<<<< HEAD
 mod lifecycle;
+=======
+#[cfg(feature = "rand_core")]
+mod rng;
+mod snapsafe;
+>>>>>>> main
 
 use std::collections::VecDeque;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, RawFd};
@@ -49,6 +61,9 @@ pub use sysgenid_proto::{
 use sysgenid_proto::{Reply, Request, Role, MIN_PROTOCOL_VERSION, PAGE_NAME, SOCKET_NAME};
 
 use conn::{wait_fd, Conn, Try};
+#[cfg(feature = "rand_core")]
+pub use rng::SnapSafeRng;
+pub use snapsafe::SnapSafe;
 pub use sysgenid_proto::default_runtime_dir;
 
 /// Everything that can go wrong. [`Error::errno`] gives the errno a kernel
@@ -437,8 +452,27 @@ impl Watcher {
 
     /// The seed's `SYSGENID_FORCE_GEN_UPDATE`: privileged; returns the new
     /// generation, `max(min_generation, current + 1)`.
+    /// A minimum in the counter's last 2^20 values (which would leave no
+    /// generation for later restores) is refused with [`Error::Overflow`];
+    /// see [`Watcher::trigger_update_allowing_exhaustion`].
     pub fn trigger_update(&mut self, min_generation: u32) -> Result<u32, Error> {
-        self.request(&Request::Bump { min_generation })
+        self.request(&Request::Bump {
+            min_generation,
+            allow_exhaustion: false,
+        })
+    }
+
+    /// [`Watcher::trigger_update`] that also accepts a minimum in the
+    /// counter's last 2^20 values, up to `u32::MAX`: after that, no later
+    /// restore can ever be signalled. Only for an operator who means it.
+    pub fn trigger_update_allowing_exhaustion(
+        &mut self,
+        min_generation: u32,
+    ) -> Result<u32, Error> {
+        self.request(&Request::Bump {
+            min_generation,
+            allow_exhaustion: true,
+        })
     }
 
     /// The daemon's status.
@@ -593,9 +627,27 @@ impl Control {
         status_reply(&self.conn)
     }
 
-    /// Forced update (privileged): returns the new generation.
+    /// Forced update (privileged): returns the new generation,
+    /// `max(min_generation, current + 1)`. A minimum in the counter's last
+    /// 2^20 values (above 4 293 918 719, when it jumps past `current + 1`)
+    /// is refused with [`Error::Overflow`]: see
+    /// [`Control::bump_allowing_exhaustion`].
     pub fn bump(&mut self, min_generation: u32) -> Result<u32, Error> {
-        self.conn.send(&Request::Bump { min_generation })?;
+        self.send_bump(min_generation, false)
+    }
+
+    /// [`Control::bump`] that also accepts a minimum in the counter's last
+    /// 2^20 values, up to `u32::MAX`: after that, no later restore can ever
+    /// be signalled. Only for an operator who means it.
+    pub fn bump_allowing_exhaustion(&mut self, min_generation: u32) -> Result<u32, Error> {
+        self.send_bump(min_generation, true)
+    }
+
+    fn send_bump(&mut self, min_generation: u32, allow_exhaustion: bool) -> Result<u32, Error> {
+        self.conn.send(&Request::Bump {
+            min_generation,
+            allow_exhaustion,
+        })?;
         expect_done(self.conn.reply()?)
     }
 

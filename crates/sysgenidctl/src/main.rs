@@ -15,7 +15,8 @@ use sysgenid::{Control, Error, Event, LifecycleState, Watcher};
 const AFTER_HELP: &str = "\
 Exit codes:
   0  success
-  1  error (for example the daemon is not running: the message names the socket)
+  1  error (for example the daemon is not running: the message names the socket;
+     or a bump refused because it would exhaust the counter, see bump --help)
   2  usage error
   3  timeout (wait-watchers; freeze: the freeze was aborted and everything thawed)
   4  permission denied (bump, freeze, thaw without CAP_SYS_ADMIN or CAP_CHECKPOINT_RESTORE)
@@ -88,10 +89,19 @@ enum Cmd {
     Thaw,
     /// Force a new generation: max(MIN, current + 1). Needs CAP_SYS_ADMIN or
     /// CAP_CHECKPOINT_RESTORE (root). Prints the new generation.
+    ///
+    /// A MIN above 4293918719 (the counter's last 2^20 values) that jumps
+    /// past current + 1 is refused (exit 1, nothing changes) unless
+    /// --allow-exhaustion is given: the counter ends at 4294967295, and once
+    /// there no later restore can ever be signalled.
     Bump {
         /// The minimum value for the new generation.
         #[arg(long, default_value_t = 0, value_name = "N")]
         min: u32,
+        /// Accept a MIN in the counter's last 2^20 values (ends the
+        /// mechanism for good if MIN is 4294967295).
+        #[arg(long)]
+        allow_exhaustion: bool,
     },
     /// Wait until no tracked watcher is outdated.
     WaitWatchers {
@@ -182,6 +192,7 @@ fn run(args: &Args) -> Result<(), Error> {
                 seen += 1;
             }
         }
+<<<<<<< HEAD
         Cmd::Freeze { timeout_ms } => {
             let timeout = timeout_ms
                 .filter(|&ms| ms > 0)
@@ -193,6 +204,18 @@ fn run(args: &Args) -> Result<(), Error> {
         }
         Cmd::Bump { min } => {
             let generation = Control::connect(dir)?.bump(*min)?;
+=======
+        Cmd::Bump {
+            min,
+            allow_exhaustion,
+        } => {
+            let mut control = Control::connect(dir)?;
+            let generation = if *allow_exhaustion {
+                control.bump_allowing_exhaustion(*min)?
+            } else {
+                control.bump(*min)?
+            };
+>>>>>>> main
             println!("{generation}");
         }
         Cmd::WaitWatchers { timeout_ms } => {

@@ -116,6 +116,9 @@ pub struct EventLoop {
     /// kept by [`Watchers`]).
     sources: Vec<SourceStatus>,
     coalescer: sysgenid_sources::Coalescer,
+    /// Record timestamp → page, of the last bump by a timestamped kernel
+    /// signal (status `last_kernel_lag_us`).
+    last_kernel_lag_us: Option<u64>,
     shutting_down: bool,
     /// The hooks directory's runner, when hooks are on.
     hooks: Option<HooksState>,
@@ -132,12 +135,23 @@ struct HooksState {
     next_ticket: u64,
 }
 
+/// `CLOCK_MONOTONIC` in microseconds: the scale of a kernel log record's
+/// timestamp (the printk clock counts from boot like it, unslewed).
+fn monotonic_us() -> u64 {
+    let t = rustix::time::clock_gettime(rustix::time::ClockId::Monotonic);
+    t.tv_sec as u64 * 1_000_000 + t.tv_nsec as u64 / 1_000
+}
+
 /// The status report, from what the loop owns.
 fn status_report(
     watchers: &Watchers,
     sources: &[SourceStatus],
     device: Option<&Device>,
+<<<<<<< HEAD
     hooks: Option<&Hooks>,
+=======
+    last_kernel_lag_us: Option<u64>,
+>>>>>>> main
 ) -> StatusReport {
     let lifecycle = watchers.lifecycle_counts();
     let counts = watchers.counts();
@@ -154,6 +168,7 @@ fn status_report(
         last_change_unix_ms: (record.changed_unix_ns > 0)
             .then_some(record.changed_unix_ns / 1_000_000),
         last_change_sources: service.last_change_sources().to_vec(),
+        last_kernel_lag_us,
         sources: std::iter::once(watchers.manual_status().clone())
             .chain(sources.iter().cloned())
             .collect(),
@@ -208,6 +223,7 @@ impl EventLoop {
             work: WorkList::default(),
             sources: Vec::new(),
             coalescer,
+            last_kernel_lag_us: None,
             shutting_down: false,
             hooks: None,
         })
@@ -304,8 +320,13 @@ impl EventLoop {
     fn with_socket(&mut self, f: impl FnOnce(&mut SocketFrontend, &mut Context<'_>)) {
         let sources = &self.sources;
         let device = self.device.as_ref();
+<<<<<<< HEAD
         let hooks = self.hooks.as_ref().map(|h| &h.runner);
         let status = |w: &Watchers| status_report(w, sources, device, hooks);
+=======
+        let lag = self.last_kernel_lag_us;
+        let status = |w: &Watchers| status_report(w, sources, device, lag);
+>>>>>>> main
         let mut cx = Context {
             watchers: &mut self.watchers,
             work: &mut self.work,
@@ -394,7 +415,7 @@ impl EventLoop {
         match self.coalescer.offer(ev.source, Instant::now()) {
             sysgenid_sources::Offer::Bump => {
                 tracing::info!(source = ev.source, "restore signal: {}", ev.detail);
-                if let Err(e) = self.bump(0, BumpCause::Source(ev.source)) {
+                if let Err(e) = self.bump(0, BumpCause::Source(ev.source), ev.kernel_time_us) {
                     tracing::error!(source = ev.source, "could not bump: {e}");
                 }
             }
@@ -412,7 +433,13 @@ impl EventLoop {
     /// A privileged request checked by its frontend: bump (never coalesced:
     /// a manual bump is deliberate), then answer the requester.
     fn privileged_bump(&mut self, request: BumpRequest) {
-        let result = self.bump(request.min, BumpCause::Manual);
+        let result = match self
+            .watchers
+            .check_minimum(request.min, request.allow_exhaustion)
+        {
+            Ok(()) => self.bump(request.min, BumpCause::Manual, None),
+            Err(e) => Err(e.into()),
+        };
         match request.requester {
             Requester::Socket(key) => {
                 self.with_socket(|socket, cx| socket.answer_bump(key, &result, cx))
@@ -430,6 +457,7 @@ impl EventLoop {
 
     /// Bumps and tells everyone: the page is published (and the state
     /// saved) before the first watcher is told; barrier waits are settled
+<<<<<<< HEAD
     /// next, from the work list.
     fn bump(&mut self, min: Generation, cause: BumpCause) -> Result<Generation, BumpError> {
         let before = self.watchers.generation();
@@ -444,6 +472,36 @@ impl EventLoop {
         // waits for them too.
         let transition = self.watchers.restored();
         self.work.transition(transition);
+=======
+    /// next, from the work list. `kernel_time_us` is the kernel's timestamp
+    /// of the signal, if it has one: the lag from it to publication is
+    /// logged and kept for status.
+    fn bump(
+        &mut self,
+        min: Generation,
+        cause: BumpCause,
+        kernel_time_us: Option<u64>,
+    ) -> Result<Generation, BumpError> {
+        let bumped = self.watchers.bump(min, cause)?;
+        // Clamped at 0: the printk clock and CLOCK_MONOTONIC may disagree
+        // by a few microseconds.
+        let lag_us = kernel_time_us.map(|t| monotonic_us().saturating_sub(t));
+        if let Some(lag_us) = lag_us {
+            self.last_kernel_lag_us = Some(lag_us);
+            tracing::info!(
+                generation = bumped.generation,
+                source = cause.name(),
+                kernel_record_to_page_us = lag_us,
+                "generation changed"
+            );
+        } else {
+            tracing::info!(
+                generation = bumped.generation,
+                source = cause.name(),
+                "generation changed"
+            );
+        }
+>>>>>>> main
         if let Some(device) = &mut self.device {
             device.on_bump(&self.watchers);
         }

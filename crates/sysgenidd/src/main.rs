@@ -43,7 +43,8 @@ struct Args {
     #[arg(long, default_value = "auto", value_name = "LIST")]
     source: String,
 
-    /// Kernel log device followed by the vmfork source.
+    /// Kernel log device followed by the vmfork source (from its end). A
+    /// FIFO or other stream (tests, benchmarks) is read from its start.
     #[arg(long, default_value = "/dev/kmsg", value_name = "PATH")]
     kmsg: PathBuf,
 

@@ -258,6 +258,15 @@ impl Service {
         self.core.counts()
     }
 
+    /// The core's exhaustion rule for a forced minimum.
+    pub(crate) fn check_minimum(
+        &self,
+        min: Generation,
+        allow_exhaustion: bool,
+    ) -> Result<(), CoreError> {
+        self.core.check_minimum(min, allow_exhaustion)
+    }
+
     /// What the barrier would answer now for `caller`.
     pub fn barrier(&self, caller: Option<WatcherId>) -> Result<Barrier, CoreError> {
         self.core.barrier(caller)

@@ -53,7 +53,7 @@ use sysgenid_proto::{
     LIFECYCLE_VERSION, MAX_FRAME, MIN_PROTOCOL_VERSION, PROTOCOL_VERSION,
 };
 
-use crate::peer::Peer;
+use crate::peer::{Peer, Sender};
 use crate::service::BumpError;
 use crate::watchers::{Bumped, Watchers};
 use crate::work::{BumpRequest, Pending, Requester, WorkList};
@@ -161,8 +161,9 @@ fn interrupted(generation: u32) -> Reply {
 
 /// What one receive call got.
 enum Received {
-    /// A frame of this many bytes (at most `MAX_FRAME`).
-    Frame(usize),
+    /// A frame of this many bytes (at most `MAX_FRAME`), and its sender if
+    /// it is of a privileged kind (see `peer::recv_frame`).
+    Frame(usize, Option<Sender>),
     /// A frame over the limit, of this many bytes.
     TooLong(usize),
     /// The peer hung up.
@@ -176,10 +177,10 @@ enum Received {
 /// Receives one frame into `buf` (`MAX_FRAME + 1` bytes).
 fn receive(fd: &OwnedFd, buf: &mut [u8]) -> Received {
     loop {
-        return match rustix::net::recv(fd, &mut *buf, RecvFlags::DONTWAIT | RecvFlags::TRUNC) {
-            Ok((0, _)) => Received::Closed,
-            Ok((_, len)) if len > MAX_FRAME => Received::TooLong(len),
-            Ok((n, _)) => Received::Frame(n),
+        return match crate::peer::recv_frame(fd.as_fd(), &mut *buf) {
+            Ok((0, _, _)) => Received::Closed,
+            Ok((_, len, _)) if len > MAX_FRAME => Received::TooLong(len),
+            Ok((n, _, sender)) => Received::Frame(n, sender),
             Err(rustix::io::Errno::AGAIN) => Received::Empty,
             Err(rustix::io::Errno::INTR) => continue,
             Err(_) => Received::Failed,
@@ -348,7 +349,7 @@ impl SocketFrontend {
                 return;
             }
             match receive(&conn.fd, &mut buf) {
-                Received::Frame(n) => self.on_frame(key, &buf[..n], cx),
+                Received::Frame(n, sender) => self.on_frame(key, &buf[..n], sender, cx),
                 Received::TooLong(len) => {
                     self.fatal(
                         key,
@@ -369,7 +370,7 @@ impl SocketFrontend {
         cx.work.resume(key);
     }
 
-    fn on_frame(&mut self, key: usize, frame: &[u8], cx: &mut Context<'_>) {
+    fn on_frame(&mut self, key: usize, frame: &[u8], sender: Option<Sender>, cx: &mut Context<'_>) {
         let greeted = self.conns[key].greeted;
         if !greeted {
             if let Some(v) = Request::peek_hello_version(frame) {
@@ -418,7 +419,13 @@ impl SocketFrontend {
             }
             (true, Request::Ack { generation }) => self.on_ack(key, generation, cx),
             (true, Request::WaitWatchers { timeout_ms }) => self.on_wait(key, timeout_ms, cx),
-            (true, Request::Bump { min_generation }) => self.on_bump(key, min_generation, cx),
+            (
+                true,
+                Request::Bump {
+                    min_generation,
+                    allow_exhaustion,
+                },
+            ) => self.on_bump(key, min_generation, allow_exhaustion, sender, cx),
             (true, Request::Status) => {
                 let report = (cx.status)(cx.watchers);
                 self.send_reply(key, Reply::Status(report), cx.watchers);
@@ -695,13 +702,18 @@ impl SocketFrontend {
         }
     }
 
-    fn on_bump(&mut self, key: usize, min: u32, cx: &mut Context<'_>) {
-        let conn = &self.conns[key];
-        let peer = &conn.peer;
-        if !peer.may_bump(&conn.fd) {
+    fn on_bump(
+        &mut self,
+        key: usize,
+        min: u32,
+        allow_exhaustion: bool,
+        sender: Option<Sender>,
+        cx: &mut Context<'_>,
+    ) {
+        if let Err(why) = crate::peer::privileged(sender.as_ref()) {
+            let (pid, uid) = sender.as_ref().map_or((0, 0), |s| (s.pid(), s.uid()));
             let message = format!(
-                "permission denied: forcing a generation update needs CAP_SYS_ADMIN or CAP_CHECKPOINT_RESTORE (uid {}, pid {} has neither)",
-                peer.uid, peer.pid
+                "permission denied: forcing a generation update needs CAP_SYS_ADMIN or CAP_CHECKPOINT_RESTORE in sysgenidd's user namespace; the sender (pid {pid}, uid {uid}) was refused: {why}"
             );
             tracing::warn!("{message}");
             self.send_reply(
@@ -715,6 +727,7 @@ impl SocketFrontend {
         self.conns[key].busy = true;
         cx.work.bump(BumpRequest {
             min,
+            allow_exhaustion,
             requester: Requester::Socket(key),
         });
     }
@@ -742,6 +755,11 @@ impl SocketFrontend {
                     "generation {current} cannot be bumped: the next value would pass {}",
                     u32::MAX
                 ),
+            ),
+            Err(BumpError::Core(e @ CoreError::WouldExhaust { current, .. })) => error(
+                ErrorCode::Overflow,
+                *current,
+                format!("refused: {e} (sysgenidctl bump --allow-exhaustion; the generation stays {current})"),
             ),
             Err(e) => error(ErrorCode::Internal, 0, e.to_string()),
         };

@@ -315,6 +315,11 @@ impl Watchers {
         self.service.record()
     }
 
+    /// Whether a forced minimum may be used ([`sysgenid_core::Core::check_minimum`]).
+    pub fn check_minimum(&self, min: Generation, allow_exhaustion: bool) -> Result<(), CoreError> {
+        self.service.check_minimum(min, allow_exhaustion)
+    }
+
     /// Makes a bump durable and visible on the page (see [`Service::bump`]).
     /// Watchers are told by the event loop, which is the only caller.
     pub(crate) fn bump(&mut self, min: Generation, cause: BumpCause) -> Result<Bumped, BumpError> {

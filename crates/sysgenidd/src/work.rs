@@ -37,6 +37,9 @@ pub enum Requester {
 pub struct BumpRequest {
     /// The minimum generation asked for.
     pub min: Generation,
+    /// Whether a minimum that exhausts the counter was explicitly allowed
+    /// (`sysgenid_core::Core::check_minimum`; never on the device).
+    pub allow_exhaustion: bool,
     /// Who to answer.
     pub requester: Requester,
 }
@@ -218,10 +221,12 @@ mod tests {
         w.settle();
         let a = BumpRequest {
             min: 0,
+            allow_exhaustion: false,
             requester: Requester::Device(7),
         };
         let b = BumpRequest {
             min: 9,
+            allow_exhaustion: false,
             requester: Requester::Socket(1),
         };
         w.bump(a);

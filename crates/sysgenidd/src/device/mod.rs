@@ -529,8 +529,11 @@ impl Device {
                     ch.error(unique, libc::EACCES);
                 } else if let Ok(min) = u32::try_from(arg) {
                     // The loop bumps, fans out, then calls `answer_bump`.
+                    // The seed's ioctl has no flag: an exhausting minimum
+                    // is refused (EOVERFLOW).
                     work.bump(BumpRequest {
                         min,
+                        allow_exhaustion: false,
                         requester: Requester::Device(unique),
                     });
                 } else {
@@ -558,7 +561,7 @@ impl Device {
     pub fn answer_bump(&self, unique: u64, result: &Result<Generation, BumpError>) {
         match result {
             Ok(_) => self.channel().ioctl(unique, 0),
-            Err(BumpError::Core(CoreError::Overflow { .. })) => {
+            Err(BumpError::Core(CoreError::Overflow { .. } | CoreError::WouldExhaust { .. })) => {
                 self.channel().error(unique, libc::EOVERFLOW)
             }
             Err(_) => self.channel().error(unique, libc::EIO),
