@@ -178,6 +178,9 @@ impl Request {
 
 /// A frame sent by the daemon.
 #[derive(Debug, Clone, PartialEq, Eq)]
+// Status replies are rare and short-lived (built, encoded, dropped): boxing
+// the report would cost every caller a pattern change for no gain.
+#[allow(clippy::large_enum_variant)]
 pub enum Reply {
     /// Answer to `Hello`.
     Welcome {
@@ -506,7 +509,7 @@ const BUMP_ALLOW_EXHAUSTION: u8 = 1 << 0;
 /// first byte) for privilege: it then receives that frame with the
 /// sender's credentials (see `sysgenidd`'s `peer` module).
 pub fn is_privileged_kind(kind: u8) -> bool {
-    kind == codes::BUMP
+    matches!(kind, codes::BUMP | codes::FREEZE | codes::THAW)
 }
 const HELLO_UNTRACKED: u8 = 1 << 0;
 const HELLO_HAS_ACKED: u8 = 1 << 1;
@@ -604,9 +607,6 @@ impl Request {
                 };
                 Ok(Request::Hello { version, role })
             }
-<<<<<<< HEAD
-            codes::ACK | codes::WAIT_WATCHERS | codes::BUMP | codes::FREEZE | codes::CONFIRM => {
-=======
             codes::BUMP => {
                 let flags = match frame.len() {
                     6 => frame[5],
@@ -623,20 +623,14 @@ impl Request {
                     allow_exhaustion: flags & BUMP_ALLOW_EXHAUSTION != 0,
                 })
             }
-            codes::ACK | codes::WAIT_WATCHERS => {
->>>>>>> main
+            codes::ACK | codes::WAIT_WATCHERS | codes::FREEZE | codes::CONFIRM => {
                 expect_len(frame, 5)?;
                 let v = u32_at(frame, 1);
                 Ok(match kind {
                     codes::ACK => Request::Ack { generation: v },
-<<<<<<< HEAD
                     codes::WAIT_WATCHERS => Request::WaitWatchers { timeout_ms: v },
                     codes::FREEZE => Request::Freeze { timeout_ms: v },
-                    codes::CONFIRM => Request::Confirm { freeze: v },
-                    _ => Request::Bump { min_generation: v },
-=======
-                    _ => Request::WaitWatchers { timeout_ms: v },
->>>>>>> main
+                    _ => Request::Confirm { freeze: v },
                 })
             }
             codes::STATUS => {

@@ -15,17 +15,14 @@
 //!   watcher.
 //! * [`Probe`]: the mapped page, for a zero-syscall check in hot paths.
 //! * `tokio` feature: [`AsyncWatcher`](asyncio::AsyncWatcher).
-<<<<<<< HEAD
+//! * [`SnapSafe<T>`]: a value rebuilt on first use after a restore (one
+//!   load per use); `rand_core` feature: [`SnapSafeRng`], any seedable RNG
+//!   reseeded from the OS after a restore.
 //! * The snapshot lifecycle: a watcher opened with
 //!   [`lifecycle(true)`](WatcherBuilder::lifecycle) is a participant that
 //!   [`read_event`](Watcher::read_event) tells to freeze, thaw, or renew,
 //!   and that [`confirm`](Watcher::confirm)s a freeze; [`Control::freeze`]
 //!   and [`Control::thaw`] are the orchestrator's side (see [`Event`]).
-=======
-//! * [`SnapSafe<T>`]: a value rebuilt on first use after a restore (one
-//!   load per use); `rand_core` feature: [`SnapSafeRng`], any seedable RNG
-//!   reseeded from the OS after a restore.
->>>>>>> main
 //!
 //! ```no_run
 //! let mut watcher = sysgenid::Watcher::open()?;
@@ -40,13 +37,10 @@
 #[cfg(feature = "tokio")]
 pub mod asyncio;
 mod conn;
-<<<<<<< HEAD
 mod lifecycle;
-=======
 #[cfg(feature = "rand_core")]
 mod rng;
 mod snapsafe;
->>>>>>> main
 
 use std::collections::VecDeque;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, RawFd};

@@ -192,7 +192,6 @@ fn run(args: &Args) -> Result<(), Error> {
                 seen += 1;
             }
         }
-<<<<<<< HEAD
         Cmd::Freeze { timeout_ms } => {
             let timeout = timeout_ms
                 .filter(|&ms| ms > 0)
@@ -202,9 +201,6 @@ fn run(args: &Args) -> Result<(), Error> {
         Cmd::Thaw => {
             Control::connect(dir)?.thaw()?;
         }
-        Cmd::Bump { min } => {
-            let generation = Control::connect(dir)?.bump(*min)?;
-=======
         Cmd::Bump {
             min,
             allow_exhaustion,
@@ -215,7 +211,6 @@ fn run(args: &Args) -> Result<(), Error> {
             } else {
                 control.bump(*min)?
             };
->>>>>>> main
             println!("{generation}");
         }
         Cmd::WaitWatchers { timeout_ms } => {

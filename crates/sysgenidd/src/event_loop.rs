@@ -147,11 +147,8 @@ fn status_report(
     watchers: &Watchers,
     sources: &[SourceStatus],
     device: Option<&Device>,
-<<<<<<< HEAD
-    hooks: Option<&Hooks>,
-=======
     last_kernel_lag_us: Option<u64>,
->>>>>>> main
+    hooks: Option<&Hooks>,
 ) -> StatusReport {
     let lifecycle = watchers.lifecycle_counts();
     let counts = watchers.counts();
@@ -320,13 +317,9 @@ impl EventLoop {
     fn with_socket(&mut self, f: impl FnOnce(&mut SocketFrontend, &mut Context<'_>)) {
         let sources = &self.sources;
         let device = self.device.as_ref();
-<<<<<<< HEAD
-        let hooks = self.hooks.as_ref().map(|h| &h.runner);
-        let status = |w: &Watchers| status_report(w, sources, device, hooks);
-=======
         let lag = self.last_kernel_lag_us;
-        let status = |w: &Watchers| status_report(w, sources, device, lag);
->>>>>>> main
+        let hooks = self.hooks.as_ref().map(|h| &h.runner);
+        let status = |w: &Watchers| status_report(w, sources, device, lag, hooks);
         let mut cx = Context {
             watchers: &mut self.watchers,
             work: &mut self.work,
@@ -457,22 +450,6 @@ impl EventLoop {
 
     /// Bumps and tells everyone: the page is published (and the state
     /// saved) before the first watcher is told; barrier waits are settled
-<<<<<<< HEAD
-    /// next, from the work list.
-    fn bump(&mut self, min: Generation, cause: BumpCause) -> Result<Generation, BumpError> {
-        let before = self.watchers.generation();
-        let bumped = self.watchers.bump(min, cause)?;
-        tracing::info!(
-            generation = bumped.generation,
-            source = cause.name(),
-            "generation changed"
-        );
-        self.run_hooks(HookEvent::Change, Some(before));
-        // After the hooks' watchers are counted: a thaw after a restore
-        // waits for them too.
-        let transition = self.watchers.restored();
-        self.work.transition(transition);
-=======
     /// next, from the work list. `kernel_time_us` is the kernel's timestamp
     /// of the signal, if it has one: the lag from it to publication is
     /// logged and kept for status.
@@ -482,6 +459,7 @@ impl EventLoop {
         cause: BumpCause,
         kernel_time_us: Option<u64>,
     ) -> Result<Generation, BumpError> {
+        let before = self.watchers.generation();
         let bumped = self.watchers.bump(min, cause)?;
         // Clamped at 0: the printk clock and CLOCK_MONOTONIC may disagree
         // by a few microseconds.
@@ -501,7 +479,11 @@ impl EventLoop {
                 "generation changed"
             );
         }
->>>>>>> main
+        self.run_hooks(HookEvent::Change, Some(before));
+        // After the hooks' watchers are counted: a thaw after a restore
+        // waits for them too.
+        let transition = self.watchers.restored();
+        self.work.transition(transition);
         if let Some(device) = &mut self.device {
             device.on_bump(&self.watchers);
         }

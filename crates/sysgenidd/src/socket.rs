@@ -430,8 +430,8 @@ impl SocketFrontend {
                 let report = (cx.status)(cx.watchers);
                 self.send_reply(key, Reply::Status(report), cx.watchers);
             }
-            (true, Request::Freeze { timeout_ms }) => self.on_freeze(key, timeout_ms, cx),
-            (true, Request::Thaw) => self.on_thaw(key, cx),
+            (true, Request::Freeze { timeout_ms }) => self.on_freeze(key, timeout_ms, sender, cx),
+            (true, Request::Thaw) => self.on_thaw(key, sender, cx),
             (true, Request::Confirm { freeze }) => self.on_confirm(key, freeze, cx),
         }
     }
@@ -480,16 +480,22 @@ impl SocketFrontend {
         }
     }
 
-    /// Whether the peer of `key` may freeze and thaw: the rule of a forced
-    /// update. Answers the refusal itself.
-    fn check_privilege(&mut self, key: usize, what: &str, watchers: &Watchers) -> bool {
-        let conn = &self.conns[key];
-        if conn.peer.may_bump(&conn.fd) {
+    /// Whether the sender of a freeze or thaw frame may do it: the rule of
+    /// a forced update (`peer::privileged`), judged on the process that
+    /// sent the frame. Answers the refusal itself.
+    fn check_privilege(
+        &mut self,
+        key: usize,
+        what: &str,
+        sender: Option<&Sender>,
+        watchers: &Watchers,
+    ) -> bool {
+        let Err(why) = crate::peer::privileged(sender) else {
             return true;
-        }
+        };
+        let (pid, uid) = sender.map_or((0, 0), |s| (s.pid(), s.uid()));
         let message = format!(
-            "permission denied: {what} needs CAP_SYS_ADMIN or CAP_CHECKPOINT_RESTORE (uid {}, pid {} has neither)",
-            conn.peer.uid, conn.peer.pid
+            "permission denied: {what} needs CAP_SYS_ADMIN or CAP_CHECKPOINT_RESTORE in sysgenidd's user namespace; the sender (pid {pid}, uid {uid}) was refused: {why}"
         );
         tracing::warn!("{message}");
         self.send_reply(
@@ -500,8 +506,14 @@ impl SocketFrontend {
         false
     }
 
-    fn on_freeze(&mut self, key: usize, timeout_ms: u32, cx: &mut Context<'_>) {
-        if !self.check_privilege(key, "freezing", cx.watchers) {
+    fn on_freeze(
+        &mut self,
+        key: usize,
+        timeout_ms: u32,
+        sender: Option<Sender>,
+        cx: &mut Context<'_>,
+    ) {
+        if !self.check_privilege(key, "freezing", sender.as_ref(), cx.watchers) {
             return;
         }
         let timeout_ms = match timeout_ms {
@@ -539,8 +551,8 @@ impl SocketFrontend {
         }
     }
 
-    fn on_thaw(&mut self, key: usize, cx: &mut Context<'_>) {
-        if !self.check_privilege(key, "thawing", cx.watchers) {
+    fn on_thaw(&mut self, key: usize, sender: Option<Sender>, cx: &mut Context<'_>) {
+        if !self.check_privilege(key, "thawing", sender.as_ref(), cx.watchers) {
             return;
         }
         cx.work.transition(cx.watchers.thaw());
