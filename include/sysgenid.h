@@ -41,6 +41,13 @@
 #define SYSGENID_LIFECYCLE 4u
 
 /**
+ * Flag for [`sysgenid_trigger_update_flags`]: accept a minimum in the
+ * counter's last 2^20 values (up to `UINT32_MAX`, after which no later
+ * restore can ever be signalled).
+ */
+#define SYSGENID_UPDATE_ALLOW_EXHAUSTION 1
+
+/**
  * `sysgenid_event.kind`: quiesce, then `sysgenid_confirm(w, ev.freeze)`.
  */
 #define SYSGENID_EVENT_FREEZE 1
@@ -310,22 +317,16 @@ int sysgenid_wait_watchers(sysgenid_watcher *w, uint32_t timeout_ms);
  */
 int sysgenid_trigger_update(sysgenid_watcher *w, uint32_t min_generation);
 
-/** Flag for `sysgenid_trigger_update_flags`: accept a minimum in the
- * counter's last 2^20 values (up to `UINT32_MAX`, after which no later
- * restore can ever be signalled). */
-#define SYSGENID_UPDATE_ALLOW_EXHAUSTION 1u
-
 /**
  * `sysgenid_trigger_update` with `flags`: 0, or
  * `SYSGENID_UPDATE_ALLOW_EXHAUSTION`. Unknown flags give `-EINVAL` and
- * change nothing. Without the flag, a `min_generation` above 4293918719
- * that jumps past `current + 1` gives `-EOVERFLOW` and changes nothing.
+ * change nothing. Without the flag, a `min_generation` above
+ * 4293918719 that jumps past `current + 1` gives `-EOVERFLOW`.
  *
  * # Safety
  * `w` must be NULL or a live watcher.
  */
-int sysgenid_trigger_update_flags(sysgenid_watcher *w, uint32_t min_generation,
-                                  uint32_t flags);
+int sysgenid_trigger_update_flags(sysgenid_watcher *w, uint32_t min_generation, uint32_t flags);
 
 /**
  * Asks the daemon for its counters (generation, watchers, how many are
