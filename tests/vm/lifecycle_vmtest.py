@@ -375,7 +375,14 @@ class Harness:
         log(f"guest agent: {self.agent_pkg}; kernel {release}, modules: "
             f"{' '.join(n for n, _ in modules)}")
         if shutil.which("mkfs.ext4") is None:
-            raise TestFailure("mkfs.ext4 missing (apt-get install e2fsprogs)")
+            log("installing e2fsprogs (mkfs.ext4, for the guest's disk)")
+            env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
+            cmd = ["apt-get", "install", "-y", "-qq", "--no-install-recommends", "e2fsprogs"]
+            if subprocess.run(cmd, env=env, capture_output=True).returncode != 0:
+                subprocess.run(["apt-get", "update", "-qq"], capture_output=True)
+                subprocess.run(cmd, env=env, capture_output=True)
+            if shutil.which("mkfs.ext4") is None:
+                raise TestFailure("mkfs.ext4 missing and apt-get install e2fsprogs failed")
         self.disk = self.path("data.img")
         with open(self.disk, "wb") as f:
             f.truncate(DISK_MB << 20)
