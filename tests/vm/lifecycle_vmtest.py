@@ -31,6 +31,7 @@ import sys
 sys.dont_write_bytecode = True  # keep the source tree clean
 
 import base64  # noqa: E402
+import json  # noqa: E402
 import os  # noqa: E402
 import re  # noqa: E402
 import shutil  # noqa: E402
@@ -409,6 +410,21 @@ class Harness:
             raise TestFailure(f"{vm.name}: /sgtest-state failed ({rc}): {out}")
         return out.strip()
 
+    def wait_participants(self, vm, n, timeout=30):
+        """Waits until `status --json` counts N participants."""
+        deadline = time.monotonic() + timeout
+        while True:
+            rc, out = vm.guest_exec(vmtest.STATUS_JSON_CMD)
+            try:
+                got = json.loads(out).get("participants") if rc == 0 else None
+            except ValueError:
+                got = None
+            if got == n:
+                return
+            if time.monotonic() > deadline:
+                raise TestFailure(f"{vm.name}: expected {n} participants, status says {got} ({rc}): {out}")
+            time.sleep(0.2)
+
     def scenario_strict(self):
         """Our dispatcher: a participant that never confirms makes the
         agent's freeze fail, and nothing stays frozen."""
@@ -416,7 +432,7 @@ class Harness:
         rc, out = vm.guest_exec(f"{STUCK_WATCH_CMD} </dev/null >/dev/null 2>&1 & echo $! >/run/stuck.pid")
         if rc != 0:
             raise TestFailure(f"starting the stuck participant failed ({rc}): {out}")
-        time.sleep(1.5)  # let it register
+        self.wait_participants(vm, 2)
         n0 = len(vm.life())
         t = time.monotonic()
         try:
@@ -459,7 +475,7 @@ class Harness:
         rc, out = vm.guest_exec("kill -KILL $(cat /run/stuck.pid)")
         if rc != 0:
             raise TestFailure(f"stopping the stuck participant failed ({rc}): {out}")
-        time.sleep(1)
+        self.wait_participants(vm, 1)
         return (f"freeze returned {frozen} (status {st}) although the hook exited 3; "
                 f"thaw {thawed}; participant {events[:2]}")
 
@@ -516,8 +532,11 @@ class Harness:
         self.timed("restore clone (qemu start -> guest running)", vm.resume_after_incoming())
         # Frozen at the snapshot: its participant already had (freeze, 0).
         n0 = len([e for e in vm.life()])
-        events = vm.wait_life(n0, [("change", "1")], timeout=vmtest.GEN_TIMEOUT)
+        vm.wait_life(n0, [("change", "1")], timeout=vmtest.GEN_TIMEOUT)
         self.timed("clone: restore -> participant renews (change 1)", time.monotonic() - vm.t_start)
+        # Renewed and acknowledged: the daemon thaws by itself and tells it.
+        vm.wait_life(n0, [("change", "1"), ("thaw", "1")], timeout=vmtest.GEN_TIMEOUT)
+        self.timed("clone: restore -> participant told to thaw", time.monotonic() - vm.t_start)
         beat = vm.wait_alive(lambda r: field(r, "gen") == "1" and field(r, "state") == "running",
                              "gen=1 state=running", timeout=vmtest.GEN_TIMEOUT, fresh_only=False)
         self.timed("clone: restore -> running again, no thaw sent", time.monotonic() - vm.t_start)
