@@ -448,6 +448,11 @@ class Harness:
         if secs < FREEZE_TIMEOUT_MS / 1000 * 0.9:
             raise TestFailure(f"strict: the freeze failed after {secs:.1f}s, before its "
                               f"{FREEZE_TIMEOUT_MS} ms timeout: {err}")
+        # Far from the hook's 10 s default: /etc/default/sysgenid-qemu-ga was read.
+        if secs > 9:
+            raise TestFailure(f"strict: the freeze failed only after {secs:.1f}s: the hook did "
+                              f"not apply SYSGENID_QGA_FREEZE_TIMEOUT_MS={FREEZE_TIMEOUT_MS} "
+                              "from /etc/default/sysgenid-qemu-ga")
         st = vm.agent(1).cmd("guest-fsfreeze-status")
         if st != "thawed":
             raise TestFailure(f"strict: agent's filesystems are {st!r} after the failed freeze")

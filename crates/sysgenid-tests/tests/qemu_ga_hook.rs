@@ -220,3 +220,39 @@ fn strict_dispatcher_fails_the_freeze_and_thaws_the_scripts_it_froze() {
     assert_eq!(dispatch(root.path(), &d, "thaw", "10000").0, 0);
     assert_eq!(state(&d), LifecycleState::Running);
 }
+
+#[test]
+fn hook_reads_its_settings_file_only_when_only_root_can_write_it() {
+    use std::os::unix::fs::PermissionsExt;
+    if skip_unless_root("(the settings file must be owned by root)") {
+        return;
+    }
+    let dir = runtime_dir();
+    let conf = dir.path().join("sysgenid-qemu-ga");
+    // A value the hook refuses (exit 2) shows the file was read.
+    std::fs::write(&conf, "SYSGENID_QGA_FREEZE_TIMEOUT_MS=soon\n").unwrap();
+    let run = |conf: &Path| {
+        let mut cmd = Command::new(packaging("sysgenid"));
+        cmd.arg("freeze");
+        hook_env(&mut cmd, &dir.path().join("no-daemon-here"), "1000");
+        cmd.env("SYSGENID_QGA_CONF", conf);
+        cmd.output().unwrap()
+    };
+    std::fs::set_permissions(&conf, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let o = run(&conf);
+    assert_eq!(code(&o), 2, "root-owned 0644 file read: {}", stderr(&o));
+    assert!(
+        stderr(&o).contains("SYSGENID_QGA_FREEZE_TIMEOUT_MS=soon"),
+        "{}",
+        stderr(&o)
+    );
+    std::fs::set_permissions(&conf, std::fs::Permissions::from_mode(0o666)).unwrap();
+    let o = run(&conf);
+    assert_eq!(
+        code(&o),
+        1,
+        "world-writable file ignored, no daemon: {}",
+        stderr(&o)
+    );
+    assert!(stderr(&o).contains("ignoring"), "{}", stderr(&o));
+}
