@@ -536,7 +536,7 @@ class Harness:
                     incoming=self.path("F.state")).start()
         self.timed("restore clone (qemu start -> guest running)", vm.resume_after_incoming())
         # Frozen at the snapshot: its participant already had (freeze, 0).
-        n0 = len([e for e in vm.life()])
+        n0 = len(vm.life())
         vm.wait_life(n0, [("change", "1")], timeout=vmtest.GEN_TIMEOUT)
         self.timed("clone: restore -> participant renews (change 1)", time.monotonic() - vm.t_start)
         # Renewed and acknowledged: the daemon thaws by itself and tells it.
