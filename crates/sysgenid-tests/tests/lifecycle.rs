@@ -631,3 +631,37 @@ fn status_json_names_the_state() {
     let text = stdout(&d.ctl(&["status"]));
     assert!(text.contains("state:        frozen for"), "{text}");
 }
+
+#[test]
+fn a_failing_exec_leaves_the_event_unanswered_and_runs_once_per_event() {
+    let dir = runtime_dir();
+    let d = Daemon::start(dir.path());
+    let log = dir.path().join("events");
+    let script = format!(
+        "echo \"$SYSGENID_EVENT $SYSGENID_GENERATION\" >> {}; exit 1",
+        log.display()
+    );
+    let mut p = cli_participant(dir.path(), &script);
+    assert!(wait_until(LONG, || d.status().participants == 1));
+    d.ctl(&["bump"]);
+    assert!(wait_until(LONG, || std::fs::read_to_string(&log)
+        .unwrap_or_default()
+        .contains("change 1")));
+    let out = d.ctl(&["wait-watchers", "--timeout-ms", "300"]);
+    assert_eq!(
+        out.status.code(),
+        Some(3),
+        "the change was not acknowledged"
+    );
+    let out = d.ctl(&["freeze", "--timeout-ms", "300"]);
+    assert_eq!(out.status.code(), Some(3), "the freeze was not confirmed");
+    assert!(wait_until(LONG, || std::fs::read_to_string(&log)
+        .unwrap_or_default()
+        .contains("thaw 1")));
+    assert_eq!(
+        std::fs::read_to_string(&log).unwrap(),
+        "change 1\nfreeze 1\nthaw 1\n",
+        "CMD ran once per event (a failed change is not retried in a loop)"
+    );
+    kill_group(&mut p);
+}
