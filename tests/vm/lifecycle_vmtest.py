@@ -191,8 +191,7 @@ def build_initramfs(path, busybox, binaries, agent_tree, modules):
             c.symlink(applet, "/bin/busybox")
     libs = set()
     for name, src in binaries.items():
-        with open(src, "rb") as f:
-            c.file(f"usr/bin/{name}", f.read())
+        c.file(f"usr/bin/{name}", vmtest.stripped(src))
         libs.update(vmtest.shared_libs(src))
     agent = os.path.join(agent_tree, "usr/sbin/qemu-ga")
     with open(agent, "rb") as f:
