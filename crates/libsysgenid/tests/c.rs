@@ -245,14 +245,6 @@ impl Prog {
         }
     }
 
-    fn has(&self, needle: &str) -> bool {
-        self.lines
-            .lock()
-            .unwrap()
-            .iter()
-            .any(|l| l.contains(needle))
-    }
-
     fn send(&mut self, line: &str) {
         let stdin = self.stdin.as_mut().unwrap();
         // One write, so the program reads the line whole.
@@ -473,10 +465,11 @@ fn orchestrator_waits_for_a_slow_watcher() {
     orch.expect(&format!("orchestrator: generation {g}: pausing service"));
     orch.expect(&format!("orchestrator: acked {g}, waiting up to 5000 ms"));
     let done = orch.expect(&format!("orchestrator: all watchers caught up with {g}"));
-    assert!(
-        slow.has(&format!("watchdog: acked {g}")),
-        "resumed before the slow watcher acked"
-    );
+    // The daemon answers the watchdog's ack before it releases the
+    // orchestrator, but the two processes print in whatever order they are
+    // scheduled: the watchdog's line may trail by a moment. That the
+    // orchestrator really waited is the timing check below.
+    slow.expect(&format!("watchdog: acked {g}"));
     let waited = after_ms(&done);
     assert!(
         (700..5000).contains(&waited),
