@@ -29,6 +29,7 @@
 #[cfg(feature = "tokio")]
 pub mod asyncio;
 mod conn;
+mod trust;
 
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, RawFd};
 use std::path::{Path, PathBuf};
@@ -52,6 +53,20 @@ pub enum Error {
         socket: PathBuf,
         /// Why.
         source: std::io::Error,
+    },
+    /// The socket or page is served by someone this process does not trust
+    /// (not root, not its own uid): see [`Probe::open`] and the module
+    /// `trust` (`EPERM`).
+    #[error("refusing {}: {why}, not by root or by this process's uid {caller}; it may have been planted by another user. Use the system daemon (/run/sysgenid, the default) or point SYSGENID_RUNTIME_DIR at a daemon run by root or by you", path.display())]
+    Untrusted {
+        /// The socket or page path.
+        path: PathBuf,
+        /// The uid found (the daemon's, or the page file's owner).
+        owner: u32,
+        /// This process's effective uid.
+        caller: u32,
+        /// What was found.
+        why: String,
     },
     /// Non-blocking read with nothing new (`EAGAIN`).
     #[error("no new generation (would block)")]
@@ -158,6 +173,7 @@ impl Error {
     pub fn errno(&self) -> i32 {
         match self {
             Error::NotRunning { source, .. } => source.raw_os_error().unwrap_or(libc_errno::ENOENT),
+            Error::Untrusted { .. } => libc_errno::EPERM,
             Error::WouldBlock => libc_errno::EAGAIN,
             Error::WrongGeneration { .. } => ErrorCode::WrongGeneration.errno(),
             Error::Interrupted { .. } => ErrorCode::Interrupted.errno(),
@@ -174,6 +190,7 @@ impl Error {
 }
 
 mod libc_errno {
+    pub const EPERM: i32 = 1;
     pub const ENOENT: i32 = 2;
     pub const EIO: i32 = 5;
     pub const EAGAIN: i32 = 11;
@@ -484,7 +501,9 @@ pub struct Control {
 }
 
 impl Control {
-    /// Connects to the daemon in `runtime_dir` (`None`: the default).
+    /// Connects to the daemon in `runtime_dir` (`None`: the default). The
+    /// daemon must run as root or as this process's uid
+    /// ([`Error::Untrusted`] otherwise).
     pub fn connect(runtime_dir: Option<&Path>) -> Result<Control, Error> {
         let dir = runtime_dir.map_or_else(default_runtime_dir, Path::to_path_buf);
         let conn = Conn::connect(&dir.join(SOCKET_NAME), Role::Control)?;
@@ -527,15 +546,20 @@ pub struct Probe {
 }
 
 impl Probe {
-    /// Maps the page in `runtime_dir` (`None`: the default).
+    /// Maps the page in `runtime_dir` (`None`: the default). The page must
+    /// be owned by root or by this process's uid and writable by nobody
+    /// else ([`Error::Untrusted`] otherwise).
     pub fn open(runtime_dir: Option<&Path>) -> Result<Probe, Error> {
         let dir = runtime_dir.map_or_else(default_runtime_dir, Path::to_path_buf);
         let path = dir.join(PAGE_NAME);
-        let page = sysgenid_page::PageReader::open(&path).map_err(|e| match e {
-            sysgenid_page::PageError::Io { source, .. } => Error::NotRunning {
-                socket: path.clone(),
-                source,
-            },
+        let not_running = |source| Error::NotRunning {
+            socket: path.clone(),
+            source,
+        };
+        let file = std::fs::File::open(&path).map_err(not_running)?;
+        trust::check_page(&file, &path)?;
+        let page = sysgenid_page::PageReader::from_file(&file, &path).map_err(|e| match e {
+            sysgenid_page::PageError::Io { source, .. } => not_running(source),
             e => Error::Protocol(e.to_string()),
         })?;
         Ok(Probe { page })

@@ -3,82 +3,12 @@
 //! the interface (see `--help`).
 
 use std::io::Write;
-use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
-use clap::{Parser, Subcommand};
+use clap::Parser;
 use sysgenid::{Control, Error, Watcher};
-
-const AFTER_HELP: &str = "\
-Exit codes:
-  0  success
-  1  error (for example the daemon is not running: the message names the socket)
-  2  usage error
-  3  timeout (wait-watchers)
-  4  permission denied (bump without CAP_SYS_ADMIN or CAP_CHECKPOINT_RESTORE)
-
-Examples:
-  sysgenidctl get                       # print the generation
-  sysgenidctl watch --exec ./reseed.sh  # run a command on every restore, then acknowledge
-  sysgenidctl bump                      # as root: force a new generation (CRIU post-restore hook)
-  sysgenidctl wait-watchers --timeout-ms 5000   # wait until every tracked watcher caught up
-  sysgenidctl status --json";
-
-/// Watch and control the system generation (sysgenidd).
-///
-/// The system generation is a number that increases every time this machine
-/// is restored from a snapshot or cloned. Programs watch it, renew what must
-/// be unique (seeds, ids, keys), and acknowledge the new value.
-#[derive(Parser, Debug)]
-#[command(version, after_help = AFTER_HELP)]
-struct Args {
-    /// The daemon's runtime directory (socket and page). Default: /run/sysgenid
-    /// as root, else $XDG_RUNTIME_DIR/sysgenid.
-    #[arg(long, global = true, env = "SYSGENID_RUNTIME_DIR", value_name = "DIR")]
-    runtime_dir: Option<PathBuf>,
-
-    #[command(subcommand)]
-    command: Cmd,
-}
-
-#[derive(Subcommand, Debug)]
-enum Cmd {
-    /// Print the current generation.
-    Get,
-    /// Register a watcher; on each change print the new generation (one per
-    /// line), run CMD if given with SYSGENID_GENERATION set, then acknowledge.
-    Watch {
-        /// Exit after N changes (default: run until killed).
-        #[arg(long, value_name = "N")]
-        count: Option<u64>,
-        /// Do not hold up wait-watchers (for lazy adjusters).
-        #[arg(long)]
-        untracked: bool,
-        /// Command (and arguments) to run on each change before acknowledging.
-        #[arg(long, num_args = 1.., value_name = "CMD", allow_hyphen_values = true, trailing_var_arg = true)]
-        exec: Vec<String>,
-    },
-    /// Force a new generation: max(MIN, current + 1). Needs CAP_SYS_ADMIN or
-    /// CAP_CHECKPOINT_RESTORE (root). Prints the new generation.
-    Bump {
-        /// The minimum value for the new generation.
-        #[arg(long, default_value_t = 0, value_name = "N")]
-        min: u32,
-    },
-    /// Wait until no tracked watcher is outdated.
-    WaitWatchers {
-        /// Give up after MS milliseconds (exit 3); 0 waits forever.
-        #[arg(long, default_value_t = 0, value_name = "MS")]
-        timeout_ms: u32,
-    },
-    /// Show the generation, watchers, sources and last change.
-    Status {
-        /// Machine-readable JSON.
-        #[arg(long)]
-        json: bool,
-    },
-}
+use sysgenidctl::cli::{Args, Cmd};
 
 fn main() -> ExitCode {
     let args = Args::parse();

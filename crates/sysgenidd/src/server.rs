@@ -160,6 +160,8 @@ pub struct Server {
     shutting_down: bool,
     /// The FUSE device frontend, when serving one.
     device: Option<crate::device::Device>,
+    /// systemd's watchdog, pinged by this loop as one of its timers.
+    watchdog: crate::supervisor::Watchdog,
 }
 
 fn unix_ms_now() -> u64 {
@@ -234,6 +236,7 @@ impl Server {
             coalescer,
             shutting_down: false,
             device: None,
+            watchdog: crate::supervisor::Watchdog::from_env(),
         })
     }
 
@@ -286,6 +289,7 @@ impl Server {
             }
             self.expire_waits();
             self.expire_silent_connections();
+            self.watchdog.tick(Instant::now());
             self.reap();
         }
         self.shutdown();
@@ -322,6 +326,7 @@ impl Server {
             .filter_map(|&k| self.conns.get(k).and_then(|c| c.waiting.flatten()))
             .chain(self.device.as_ref().and_then(|d| d.next_deadline()))
             .chain(self.ungreeted.front().map(|&(_, _, deadline)| deadline))
+            .chain(self.watchdog.deadline())
             .min()
     }
 
@@ -363,7 +368,7 @@ impl Server {
                 None
             };
             if let Some(message) = refusal {
-                tracing::debug!(
+                tracing::warn!(
                     uid = peer.uid,
                     pid = peer.pid,
                     "refusing a connection: {message}"
@@ -808,7 +813,7 @@ impl Server {
     /// Sends an error and closes the connection once it is flushed.
     fn fatal(&mut self, key: usize, code: ErrorCode, message: impl Into<String>) {
         let message = message.into();
-        tracing::debug!(conn = key, "closing connection: {message}");
+        tracing::info!(conn = key, "closing connection: {message}");
         self.send_frame(
             key,
             &error(

@@ -29,6 +29,7 @@
 //! cache (`FUSE_DIRECT_IO_ALLOW_MMAP`): fills are answered from the page,
 //! and each bump invalidates the cache before any watcher wakes.
 
+pub mod access;
 pub mod fuse;
 
 use std::collections::HashMap;
@@ -46,6 +47,7 @@ use sysgenid_page::{PageRecord, PageWriter};
 use crate::runtime_dir::RuntimeDir;
 use crate::server::{Command, Limits, LoopHandle};
 use crate::service::BumpError;
+pub use access::WriteAccess;
 use fuse::{opcode, Channel, Op, Request};
 
 /// `SYSGENID_IOCTL`, the seed's ioctl type.
@@ -127,6 +129,8 @@ pub struct Device {
     /// Parked blocking reads: (unique, fh).
     reads: Vec<(u64, u64)>,
     waits: Vec<ParkedWait>,
+    /// Who may open for writing.
+    access: WriteAccess,
 }
 
 /// A request forwarded by the reader thread.
@@ -220,6 +224,7 @@ impl Device {
         dir: &RuntimeDir,
         record: &PageRecord,
         handle: LoopHandle,
+        access: WriteAccess,
     ) -> Result<Result<Device, Disabled>, String> {
         let path = match resolve(setting) {
             Ok(p) => p,
@@ -256,7 +261,7 @@ impl Device {
         let (mut mirror, page) =
             open_device_page(dir).map_err(|e| fail("preparing the device page", &e))?;
         mirror.publish(record);
-        let fd = fuse::mount(&path).map_err(|e| fail("mount", &e))?;
+        let fd = fuse::mount(&path, access.kernel_checked()).map_err(|e| fail("mount", &e))?;
         let mmap = match handshake(&fd, &page) {
             Ok(mode) => mode,
             Err(e) => {
@@ -268,7 +273,10 @@ impl Device {
         let reader_fd = fuse.clone();
         std::thread::Builder::new()
             .name("device".into())
-            .spawn(move || reader(reader_fd, page, handle))
+            .spawn({
+                let (mode, gid) = (access.file_mode(), access.file_gid());
+                move || reader(reader_fd, page, handle, mode, gid)
+            })
             .map_err(|e| fail("starting its thread", &e))?;
         // The root inode starts with size 0 until its first GETATTR, and a
         // mapping touched before that would fault (SIGBUS) in page-cache
@@ -283,18 +291,20 @@ impl Device {
             next_fh: 1,
             reads: Vec::new(),
             waits: Vec::new(),
+            access,
         }))
     }
 
     /// For status and the startup line.
     pub fn describe(&self) -> String {
         format!(
-            "{} (FUSE, mmap {})",
+            "{} (FUSE, mmap {}, {})",
             self.path.display(),
             match self.mmap {
                 MmapMode::Passthrough(_) => "passthrough to the page",
                 MmapMode::PageCache => "via page cache",
-            }
+            },
+            self.access.describe()
         )
     }
 
@@ -332,7 +342,12 @@ impl Device {
                 // program that maps /dev/sysgenid, so write opens are for
                 // privileged callers; everyone may open read-only, which
                 // reads, polls and maps but cannot acknowledge.
-                if !read_only && !crate::peer::process_may_bump(header.pid, header.uid) {
+                // With a device group the kernel has checked this open
+                // already (`access`).
+                if !read_only
+                    && !self.access.kernel_checked()
+                    && !crate::peer::process_may_bump(header.pid, header.uid)
+                {
                     tracing::info!(
                         uid = header.uid,
                         pid = header.pid,
@@ -690,13 +705,14 @@ fn now_secs() -> u64 {
 }
 
 /// The reader thread: answers what needs no state, forwards the rest.
-fn reader(fd: Arc<OwnedFd>, page: File, handle: LoopHandle) {
+fn reader(fd: Arc<OwnedFd>, page: File, handle: LoopHandle, mode: u32, gid: u32) {
     let mut buf = vec![0u8; fuse::READ_BUFFER];
     let ch = Channel::new(fd.as_fd());
     let attr = fuse::Attr {
         size: sysgenid_page::PAGE_SIZE as u64,
-        mode: libc::S_IFREG | 0o666,
+        mode: libc::S_IFREG | mode,
         time: now_secs(),
+        gid,
     };
     loop {
         let n = match fuse::read_request(&*fd, &mut buf) {
