@@ -57,7 +57,7 @@ pub enum Error {
     /// The socket or page is served by someone this process does not trust
     /// (not root, not its own uid): see [`Probe::open`] and the module
     /// `trust` (`EPERM`).
-    #[error("refusing {}: {why}, not by root or by this process's uid {caller}; it may have been planted by another user. Use the system daemon (/run/sysgenid, the default) or point SYSGENID_RUNTIME_DIR at a daemon run by root or by you", path.display())]
+    #[error("refusing {}: {why}, and only root or this process's own uid {caller} is trusted (another user may have planted it). Use the system daemon (/run/sysgenid, the default) or point SYSGENID_RUNTIME_DIR at a daemon run by root or by you", path.display())]
     Untrusted {
         /// The socket or page path.
         path: PathBuf,
