@@ -5,7 +5,8 @@
 //! (the Debian package ships it from there); `cargo run -p
 //! sysgenid-packaging` rewrites it and a test fails while it is stale.
 //! The overview page `sysgenid(7)` is written by hand
-//! (`packaging/man/sysgenid.7`).
+//! (`packaging/man/sysgenid.7`). Also generated: the Debian package's
+//! `sysgenid.pc`, from the same template as `install.sh` uses.
 
 use std::path::PathBuf;
 
@@ -62,9 +63,26 @@ fn completion_name(shell: Shell, bin: &str) -> String {
     }
 }
 
+/// `sysgenid.pc` for the Debian package: the template `install.sh` uses,
+/// with the multiarch library directory.
+fn debian_pkg_config() -> Generated {
+    let template = include_str!("../../libsysgenid/sysgenid.pc.in");
+    let contents = template
+        .replace("@PREFIX@", "/usr")
+        .replace("@VERSION@", env!("CARGO_PKG_VERSION"))
+        .replace(
+            "libdir=${prefix}/lib\n",
+            "libdir=${prefix}/lib/x86_64-linux-gnu\n",
+        );
+    Generated {
+        path: PathBuf::from("packaging/pkgconfig/sysgenid.pc"),
+        contents: contents.into_bytes(),
+    }
+}
+
 /// Every generated file.
 pub fn generate() -> Vec<Generated> {
-    let mut out = Vec::new();
+    let mut out = vec![debian_pkg_config()];
     for (cmd, section, bin) in commands() {
         man_pages(cmd.clone(), section, &mut out);
         for shell in [Shell::Bash, Shell::Zsh, Shell::Fish] {

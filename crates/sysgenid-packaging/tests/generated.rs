@@ -53,9 +53,13 @@ fn generated_man_pages_and_completions_are_current() {
     let expected: BTreeSet<PathBuf> = generated.into_iter().map(|f| f.path).collect();
     let mut present = files_under("packaging/man");
     present.extend(files_under("packaging/completions"));
+    present.extend(files_under("packaging/pkgconfig"));
     present.remove(&PathBuf::from("packaging/man/sysgenid.7"));
     let orphans: Vec<_> = present.difference(&expected).collect();
-    assert!(orphans.is_empty(), "no longer generated, remove: {orphans:?}");
+    assert!(
+        orphans.is_empty(),
+        "no longer generated, remove: {orphans:?}"
+    );
 }
 
 #[test]
@@ -68,17 +72,34 @@ fn the_pages_document_the_real_flags() {
             .unwrap_or_else(|| panic!("{name} not generated"))
     };
     let daemon = by_name("sysgenidd.8");
-    for flag in ["runtime\\-dir", "device\\-group", "max\\-connections\\-per\\-uid"] {
+    for flag in [
+        "runtime\\-dir",
+        "device\\-group",
+        "max\\-connections\\-per\\-uid",
+    ] {
         assert!(daemon.contains(flag), "sysgenidd(8) lacks --{flag}");
     }
-    assert!(daemon.starts_with(".ie") || daemon.contains(".TH sysgenidd 8"), "{}", &daemon[..200.min(daemon.len())]);
+    assert!(
+        daemon.starts_with(".ie") || daemon.contains(".TH sysgenidd 8"),
+        "{}",
+        &daemon[..200.min(daemon.len())]
+    );
     let ctl = by_name("sysgenidctl.1");
     for sub in ["get", "watch", "bump", "wait\\-watchers", "status"] {
         assert!(ctl.contains(sub), "sysgenidctl(1) lacks {sub}");
     }
-    assert!(ctl.contains("Exit codes"), "the exit codes are part of the page");
+    assert!(
+        ctl.contains("Exit codes"),
+        "the exit codes are part of the page"
+    );
     let watch = by_name("sysgenidctl-watch.1");
     assert!(watch.contains("\\-\\-exec"), "{watch}");
+    let pc = by_name("sysgenid.pc");
+    assert!(
+        pc.contains("libdir=${prefix}/lib/x86_64-linux-gnu\n"),
+        "{pc}"
+    );
+    assert!(!pc.contains('@'), "{pc}");
     let bash = by_name("bash/sysgenidctl");
     assert!(bash.contains("wait-watchers"), "{bash}");
 }
