@@ -96,7 +96,7 @@ cleanup() {
 trap cleanup EXIT
 pid1=
 for _ in $(seq 300); do
-	pid1=$(ps -o pid= --ppid "$nspawn" | tr -d ' ' | head -n 1)
+	pid1=$(ps -o pid= --ppid "$nspawn" | tr -d " " | head -n 1) || true
 	if [ -n "$pid1" ]; then
 		state=$(nsenter -t "$pid1" -a systemctl is-system-running 2>/dev/null || true)
 		case $state in running | degraded) break ;; esac
@@ -170,7 +170,7 @@ restarts=$(show NRestarts)
 sleep 5
 expect_eq "pinged by the loop: alive after 5 s with WatchdogSec=2s (NRestarts)" "$(show NRestarts)" "$restarts"
 wedged=$(show MainPID)
-inside kill -STOP "$wedged"
+inside systemctl kill --kill-whom=main -s STOP sysgenidd.service
 for _ in $(seq 150); do
 	[ "$(show MainPID)" != "$wedged" ] && [ "$(inside systemctl is-active sysgenidd.service || true)" = active ] && break
 	sleep 0.1
