@@ -32,6 +32,13 @@
 #define SYSGENID_UNTRACKED 2u
 
 /**
+ * Flag for [`sysgenid_trigger_update_flags`]: accept a minimum in the
+ * counter's last 2^20 values (up to `UINT32_MAX`, after which no later
+ * restore can ever be signalled).
+ */
+#define SYSGENID_UPDATE_ALLOW_EXHAUSTION 1
+
+/**
  * One watcher of the system generation: the seed's open file of
  * `/dev/sysgenid`. Opaque; created by `sysgenid_open`, freed by
  * `sysgenid_close`.
@@ -215,7 +222,9 @@ int sysgenid_wait_watchers(sysgenid_watcher *w, uint32_t timeout_ms);
  *
  * Returns 0, or:
  * - `-EACCES`: the caller may not force updates;
- * - `-EOVERFLOW`: the generation would pass `UINT32_MAX` (nothing changes);
+ * - `-EOVERFLOW`: the generation would pass `UINT32_MAX`, or the minimum
+ *   would exhaust the counter (see `sysgenid_trigger_update_flags`);
+ *   nothing changes;
  * - `-ENOENT`, `-ECONNREFUSED` (NULL `w`): the daemon is not running;
  * - `-EPERM` (NULL `w`): the daemon runs as neither root nor the caller;
  * - `-EIO`, `-EPROTO`: the daemon could not be reached or misbehaved.
@@ -224,6 +233,17 @@ int sysgenid_wait_watchers(sysgenid_watcher *w, uint32_t timeout_ms);
  * `w` must be NULL or a live watcher.
  */
 int sysgenid_trigger_update(sysgenid_watcher *w, uint32_t min_generation);
+
+/**
+ * `sysgenid_trigger_update` with `flags`: 0, or
+ * `SYSGENID_UPDATE_ALLOW_EXHAUSTION`. Unknown flags give `-EINVAL` and
+ * change nothing. Without the flag, a `min_generation` above
+ * 4293918719 that jumps past `current + 1` gives `-EOVERFLOW`.
+ *
+ * # Safety
+ * `w` must be NULL or a live watcher.
+ */
+int sysgenid_trigger_update_flags(sysgenid_watcher *w, uint32_t min_generation, uint32_t flags);
 
 /**
  * Asks the daemon for its counters (generation, watchers, how many are

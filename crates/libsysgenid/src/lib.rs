@@ -403,7 +403,9 @@ pub unsafe extern "C" fn sysgenid_wait_watchers(
 ///
 /// Returns 0, or:
 /// - `-EACCES`: the caller may not force updates;
-/// - `-EOVERFLOW`: the generation would pass `UINT32_MAX` (nothing changes);
+/// - `-EOVERFLOW`: the generation would pass `UINT32_MAX`, or the minimum
+///   would exhaust the counter (see `sysgenid_trigger_update_flags`);
+///   nothing changes;
 /// - `-ENOENT`, `-ECONNREFUSED` (NULL `w`): the daemon is not running;
 /// - `-EPERM` (NULL `w`): the daemon runs as neither root nor the caller;
 /// - `-EIO`, `-EPROTO`: the daemon could not be reached or misbehaved.
@@ -421,6 +423,52 @@ pub unsafe extern "C" fn sysgenid_trigger_update(
             Some(w) => w.with(|watcher| watcher.trigger_update(min_generation)),
             None => Control::connect(None)
                 .and_then(|mut c| c.bump(min_generation))
+                .map_err(|e| neg(&e)),
+        };
+        result.map_or_else(|e| e, |_| 0)
+    })
+}
+
+/// Flag for [`sysgenid_trigger_update_flags`]: accept a minimum in the
+/// counter's last 2^20 values (up to `UINT32_MAX`, after which no later
+/// restore can ever be signalled).
+pub const SYSGENID_UPDATE_ALLOW_EXHAUSTION: u32 = 1;
+
+/// `sysgenid_trigger_update` with `flags`: 0, or
+/// `SYSGENID_UPDATE_ALLOW_EXHAUSTION`. Unknown flags give `-EINVAL` and
+/// change nothing. Without the flag, a `min_generation` above
+/// 4293918719 that jumps past `current + 1` gives `-EOVERFLOW`.
+///
+/// # Safety
+/// `w` must be NULL or a live watcher.
+#[no_mangle]
+pub unsafe extern "C" fn sysgenid_trigger_update_flags(
+    w: *mut sysgenid_watcher,
+    min_generation: u32,
+    flags: u32,
+) -> c_int {
+    if flags & !SYSGENID_UPDATE_ALLOW_EXHAUSTION != 0 {
+        return -libc::EINVAL;
+    }
+    let allow = flags & SYSGENID_UPDATE_ALLOW_EXHAUSTION != 0;
+    guard(|| {
+        // SAFETY: by the caller's contract `w` is NULL or a live watcher.
+        let result = match unsafe { w.as_ref() } {
+            Some(w) => w.with(|watcher| {
+                if allow {
+                    watcher.trigger_update_allowing_exhaustion(min_generation)
+                } else {
+                    watcher.trigger_update(min_generation)
+                }
+            }),
+            None => Control::connect(None)
+                .and_then(|mut c| {
+                    if allow {
+                        c.bump_allowing_exhaustion(min_generation)
+                    } else {
+                        c.bump(min_generation)
+                    }
+                })
                 .map_err(|e| neg(&e)),
         };
         result.map_or_else(|e| e, |_| 0)

@@ -20,16 +20,39 @@
 //!   nothing.
 //! * The barrier is satisfied when no *tracked* watcher is outdated; it is
 //!   interrupted when the caller's own watcher is outdated.
+//! * A reconnecting watcher that claims to have acknowledged a generation
+//!   above the current one (which no honest client can have seen) starts
+//!   outdated, so its client renews, but it counts as untracked until it
+//!   acknowledges the current generation: a false claim cannot hold the
+//!   barrier up without a restore.
+//! * A forced update whose minimum jumps into the counter's last
+//!   [`EXHAUSTION_RESERVE`] values is refused unless explicitly allowed
+//!   ([`Core::check_minimum`]): it would leave no generation for later
+//!   restores. Bumps by one are never refused for this.
+//!
+//! The snapshot lifecycle (freeze before a snapshot, thaw after) is its own
+//! state machine in [`lifecycle`], next to this one and as pure.
 //!
 //! Bumps are two-phase ([`Core::next_generation`], then
 //! [`Core::commit_generation`]) so the daemon can make the new value durable
 //! between the two steps: a generation is never shown to anyone before it
 //! would survive a crash.
 
+#![forbid(unsafe_code)]
+
 use slab::Slab;
+
+pub mod lifecycle;
 
 /// The system generation counter, `u32` on every interface.
 pub type Generation = u32;
+
+/// How many of the counter's last values a forced minimum may not jump
+/// into without being explicitly allowed (2^20: at one restore a second,
+/// twelve days of restores). A minimum above `u32::MAX - EXHAUSTION_RESERVE`
+/// (4 293 918 719) that is more than `current + 1` is refused by
+/// [`Core::check_minimum`].
+pub const EXHAUSTION_RESERVE: Generation = 1 << 20;
 
 /// Names one registered watcher. Valid until [`Core::unregister`]; the
 /// number may be reused afterwards, like a file descriptor.
@@ -67,6 +90,15 @@ pub enum CoreError {
     /// The bump would pass `u32::MAX` (`EOVERFLOW`).
     #[error("generation {current} cannot be bumped: it would pass u32::MAX")]
     Overflow {
+        /// The generation that stays in force.
+        current: Generation,
+    },
+    /// A forced minimum in the counter's last [`EXHAUSTION_RESERVE`] values,
+    /// not explicitly allowed (`EOVERFLOW` on every interface).
+    #[error("a minimum of {min} would exhaust the counter (generation {current}; values above {} are reserved): allow it explicitly if you mean it", u32::MAX - EXHAUSTION_RESERVE)]
+    WouldExhaust {
+        /// The minimum asked for.
+        min: Generation,
         /// The generation that stays in force.
         current: Generation,
     },
@@ -128,6 +160,15 @@ impl Watcher {
     fn outdated(&self, current: Generation) -> bool {
         self.acked != Some(current)
     }
+
+    /// How the watcher counts: as asked, except that a claim from the
+    /// future counts as untracked until the watcher acknowledges.
+    fn counts_as(&self) -> Tracking {
+        match self.acked {
+            None => Tracking::Untracked,
+            Some(_) => self.tracking,
+        }
+    }
 }
 
 /// The generation counter and its watchers. See the crate docs for the rules.
@@ -161,7 +202,8 @@ impl Core {
     /// current one, the watcher starts outdated, so a change it missed while
     /// away is still delivered.
     /// A claim above the current generation (impossible unless the client
-    /// lies) makes the watcher outdated until it acknowledges.
+    /// lies) makes the watcher outdated until it acknowledges, and until
+    /// then it counts as untracked (it never holds the barrier up).
     pub fn register(&mut self, tracking: Tracking, acked: Option<Generation>) -> WatcherId {
         let acked = match acked {
             None => Some(self.generation),
@@ -169,11 +211,11 @@ impl Core {
             Some(_) => None,
         };
         let watcher = Watcher { acked, tracking };
-        if tracking == Tracking::Tracked {
+        if watcher.counts_as() == Tracking::Tracked {
             self.tracked += 1;
         }
         if watcher.outdated(self.generation) {
-            *self.outdated_counter(tracking) += 1;
+            *self.outdated_counter(watcher.counts_as()) += 1;
         }
         WatcherId(self.watchers.insert(watcher))
     }
@@ -185,11 +227,11 @@ impl Core {
             .watchers
             .try_remove(id.0)
             .ok_or(CoreError::UnknownWatcher(id.0))?;
-        if watcher.tracking == Tracking::Tracked {
+        if watcher.counts_as() == Tracking::Tracked {
             self.tracked -= 1;
         }
         if watcher.outdated(self.generation) {
-            *self.outdated_counter(watcher.tracking) -= 1;
+            *self.outdated_counter(watcher.counts_as()) -= 1;
         }
         Ok(watcher.tracking)
     }
@@ -226,9 +268,15 @@ impl Core {
         if !watcher.outdated(current) {
             return Ok(false);
         }
+        let counted_as = watcher.counts_as();
         watcher.acked = Some(current);
-        let tracking = watcher.tracking;
-        *self.outdated_counter(tracking) -= 1;
+        // A claim from the future ends here: from now on the watcher
+        // counts as it asked.
+        let tracked_now = counted_as != watcher.counts_as();
+        *self.outdated_counter(counted_as) -= 1;
+        if tracked_now {
+            self.tracked += 1;
+        }
         Ok(true)
     }
 
@@ -240,6 +288,25 @@ impl Core {
             current: self.generation,
         })?;
         Ok(next.max(min_generation))
+    }
+
+    /// The exhaustion rule for a forced update: a `min_generation` above
+    /// `u32::MAX - EXHAUSTION_RESERVE` that jumps past `current + 1` is
+    /// refused with [`CoreError::WouldExhaust`] unless `allow_exhaustion`.
+    /// Changes nothing; frontends call it before bumping on request.
+    pub fn check_minimum(
+        &self,
+        min_generation: Generation,
+        allow_exhaustion: bool,
+    ) -> Result<(), CoreError> {
+        let jumps = u64::from(min_generation) > u64::from(self.generation) + 1;
+        if jumps && min_generation > u32::MAX - EXHAUSTION_RESERVE && !allow_exhaustion {
+            return Err(CoreError::WouldExhaust {
+                min: min_generation,
+                current: self.generation,
+            });
+        }
+        Ok(())
     }
 
     /// Second half of a bump: moves to `generation` (which must be greater
@@ -295,7 +362,8 @@ impl Core {
         }
     }
 
-    /// The tracking of a registered watcher.
+    /// The tracking a registered watcher asked for (a claim from the future
+    /// counts as untracked until it acknowledges, whatever it asked).
     pub fn tracking(&self, id: WatcherId) -> Result<Tracking, CoreError> {
         Ok(self.watcher(id)?.tracking)
     }
@@ -318,7 +386,7 @@ impl Core {
             .watchers
             .iter()
             .filter(|(_, w)| w.outdated(self.generation))
-            .fold((0, 0), |(t, u), (_, w)| match w.tracking {
+            .fold((0, 0), |(t, u), (_, w)| match w.counts_as() {
                 Tracking::Tracked => (t + 1, u),
                 Tracking::Untracked => (t, u + 1),
             });

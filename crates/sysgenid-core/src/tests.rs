@@ -163,6 +163,72 @@ fn a_claim_from_the_future_stays_outdated_until_acknowledged() {
 }
 
 #[test]
+fn a_claim_from_the_future_does_not_hold_the_barrier_until_acknowledged() {
+    let mut core = Core::new(3);
+    let liar = core.register(Tracking::Tracked, Some(9));
+    assert_eq!(core.poll_read(liar), Ok(Some(3)), "its client must renew");
+    assert_eq!(core.barrier(None), Ok(Barrier::Satisfied));
+    assert_eq!(
+        core.barrier(Some(liar)),
+        Ok(Barrier::Interrupted { generation: 3 }),
+        "it is still outdated itself"
+    );
+    let c = core.counts();
+    assert_eq!((c.tracked, c.outdated, c.outdated_untracked), (0, 0, 1));
+    core.bump(0).unwrap();
+    assert_eq!(
+        core.barrier(None),
+        Ok(Barrier::Satisfied),
+        "nor after a bump"
+    );
+    assert_eq!(core.ack(liar, 4), Ok(true));
+    let c = core.counts();
+    assert_eq!((c.tracked, c.outdated, c.outdated_untracked), (1, 0, 0));
+    core.bump(0).unwrap();
+    assert_eq!(
+        core.barrier(None),
+        Ok(Barrier::Pending { outdated: 1 }),
+        "once it acknowledged, it counts as the tracked watcher it asked to be"
+    );
+    assert_eq!(core.unregister(liar), Ok(Tracking::Tracked));
+    assert_eq!(
+        core.counts(),
+        Counts {
+            generation: 5,
+            ..Counts::default()
+        }
+    );
+}
+
+#[test]
+fn a_minimum_that_exhausts_the_counter_needs_explicit_permission() {
+    let core = Core::new(7);
+    let edge = u32::MAX - EXHAUSTION_RESERVE;
+    assert_eq!(core.check_minimum(edge, false), Ok(()));
+    assert_eq!(
+        core.check_minimum(edge + 1, false),
+        Err(CoreError::WouldExhaust {
+            min: edge + 1,
+            current: 7
+        })
+    );
+    assert_eq!(
+        core.check_minimum(u32::MAX, false),
+        Err(CoreError::WouldExhaust {
+            min: u32::MAX,
+            current: 7
+        })
+    );
+    assert_eq!(core.check_minimum(u32::MAX, true), Ok(()));
+    // Deep in the reserve already: the next value is never refused.
+    let core = Core::new(u32::MAX - 1);
+    assert_eq!(core.check_minimum(0, false), Ok(()));
+    assert_eq!(core.check_minimum(u32::MAX, false), Ok(()), "= current + 1");
+    let core = Core::new(u32::MAX - 5);
+    assert!(core.check_minimum(u32::MAX, false).is_err(), "a jump of 5");
+}
+
+#[test]
 fn unknown_watcher_is_an_error_not_a_panic() {
     let core = Core::new(0);
     let mut other = Core::new(0);
@@ -191,13 +257,21 @@ fn op() -> impl Strategy<Value = Op> {
         (0usize..8).prop_map(Op::Read),
         (0usize..8, proptest::option::weighted(0.3, 0u32..12)).prop_map(|(i, g)| Op::Ack(i, g)),
         (0usize..8).prop_map(Op::Close),
-        prop_oneof![Just(0u32), 0u32..15, Just(u32::MAX - 1), Just(u32::MAX)].prop_map(Op::Bump),
+        prop_oneof![
+            Just(0u32),
+            0u32..15,
+            Just(u32::MAX - (1 << 20)),
+            Just(u32::MAX - 1),
+            Just(u32::MAX)
+        ]
+        .prop_map(Op::Bump),
         proptest::option::of(0usize..8).prop_map(Op::Barrier),
     ]
 }
 
 /// The reference: a list of (acked, tracked) with everything recomputed by
-/// brute force on each question.
+/// brute force on each question. A watcher that claimed the future counts
+/// as untracked until it acknowledges.
 #[derive(Default)]
 struct Model {
     generation: u64,
@@ -206,11 +280,15 @@ struct Model {
     watchers: Vec<(u64, bool)>,
 }
 
+fn counts_as_tracked(&(acked, tracked): &(u64, bool)) -> bool {
+    tracked && acked != u64::MAX
+}
+
 impl Model {
     fn outdated(&self, tracked: bool) -> u32 {
         self.watchers
             .iter()
-            .filter(|(a, t)| *t == tracked && *a != self.generation)
+            .filter(|w| counts_as_tracked(w) == tracked && w.0 != self.generation)
             .count() as u32
     }
 }
@@ -259,6 +337,15 @@ proptest! {
                     prop_assert_eq!(core.unregister(id), Ok(expect));
                 }
                 Op::Bump(min) => {
+                    let exhausts = u64::from(min) > model.generation + 1
+                        && u64::from(min) > u64::from(u32::MAX - EXHAUSTION_RESERVE);
+                    let expect = if exhausts {
+                        Err(CoreError::WouldExhaust { min, current: model.generation as u32 })
+                    } else {
+                        Ok(())
+                    };
+                    prop_assert_eq!(core.check_minimum(min, false), expect);
+                    prop_assert_eq!(core.check_minimum(min, true), Ok(()));
                     let next = (model.generation + 1).max(u64::from(min));
                     let result = core.bump(min);
                     if next > u64::from(u32::MAX) {
@@ -285,7 +372,7 @@ proptest! {
             let counts = core.counts();
             prop_assert_eq!(u64::from(counts.generation), model.generation);
             prop_assert_eq!(counts.watchers as usize, model.watchers.len());
-            prop_assert_eq!(counts.tracked as usize, model.watchers.iter().filter(|w| w.1).count());
+            prop_assert_eq!(counts.tracked as usize, model.watchers.iter().filter(|w| counts_as_tracked(w)).count());
             prop_assert_eq!(counts.outdated, model.outdated(true));
             prop_assert_eq!(counts.outdated_untracked, model.outdated(false));
         }

@@ -40,7 +40,6 @@
 //! comma separated list of names) and returns the opened sources plus, for
 //! status output, the ones that are inactive and why.
 
-#![deny(unsafe_op_in_unsafe_fn)]
 #![warn(missing_docs)]
 
 pub mod coalesce;
@@ -61,6 +60,12 @@ pub struct SourceEvent {
     pub source: &'static str,
     /// Human readable detail for logs and status (what exactly was seen).
     pub detail: String,
+    /// The kernel's own timestamp of the signal, in microseconds since
+    /// boot: a `/dev/kmsg` record's `USEC` field (the printk clock, which
+    /// counts like `CLOCK_MONOTONIC`). `None` when the signal carries no
+    /// timestamp (vmclock, uevent, lost records). The daemon reports the
+    /// lag from it to publication.
+    pub kernel_time_us: Option<u64>,
 }
 
 /// A restore-signal source. One instance runs in one thread.

@@ -316,6 +316,7 @@ impl Source for UeventSource {
                             ev.devpath,
                             ev.get("SEQNUM").unwrap_or("?")
                         ),
+                        kernel_time_us: None,
                     });
                 }
                 Received::Overrun if may_send => {
@@ -328,6 +329,7 @@ impl Source for UeventSource {
                         detail: "uevents were lost (socket overflow, ENOBUFS); bumping \
                                  conservatively: a spurious bump is safe, a missed one is not"
                             .to_owned(),
+                        kernel_time_us: None,
                     });
                 }
                 Received::Overrun => {

@@ -106,7 +106,7 @@ fn a_newer_client_gets_a_clear_version_error() {
     match Reply::decode(&buf[..n]).unwrap() {
         Reply::Error(e) => {
             assert_eq!(e.code, ErrorCode::VersionMismatch);
-            assert_eq!(e.value, 1);
+            assert_eq!(e.value, u32::from(sysgenid::PROTOCOL_VERSION));
             assert!(e.message.contains("protocol 99"), "{}", e.message);
         }
         other => panic!("{other:?}"),

@@ -218,7 +218,14 @@ fn forced_update_honours_the_minimum_and_refuses_overflow() {
     let mut c = d.control();
     assert_eq!(c.bump(10).unwrap(), 10);
     assert_eq!(c.bump(3).unwrap(), 11);
-    assert_eq!(c.bump(u32::MAX).unwrap(), u32::MAX);
+    let e = c.bump(u32::MAX).unwrap_err();
+    assert!(
+        matches!(e, Error::Overflow { current: 11, .. }),
+        "a minimum that exhausts the counter needs explicit permission: {e:?}"
+    );
+    assert!(e.to_string().contains("--allow-exhaustion"), "{e}");
+    assert_eq!(d.generation(), 11, "the refusal changed nothing");
+    assert_eq!(c.bump_allowing_exhaustion(u32::MAX).unwrap(), u32::MAX);
     let e = c.bump(0).unwrap_err();
     assert!(
         matches!(

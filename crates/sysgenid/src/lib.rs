@@ -15,6 +15,14 @@
 //!   watcher.
 //! * [`Probe`]: the mapped page, for a zero-syscall check in hot paths.
 //! * `tokio` feature: [`AsyncWatcher`](asyncio::AsyncWatcher).
+//! * [`SnapSafe<T>`]: a value rebuilt on first use after a restore (one
+//!   load per use); `rand_core` feature: [`SnapSafeRng`], any seedable RNG
+//!   reseeded from the OS after a restore.
+//! * The snapshot lifecycle: a watcher opened with
+//!   [`lifecycle(true)`](WatcherBuilder::lifecycle) is a participant that
+//!   [`read_event`](Watcher::read_event) tells to freeze, thaw, or renew,
+//!   and that [`confirm`](Watcher::confirm)s a freeze; [`Control::freeze`]
+//!   and [`Control::thaw`] are the orchestrator's side (see [`Event`]).
 //!
 //! ```no_run
 //! let mut watcher = sysgenid::Watcher::open()?;
@@ -29,17 +37,28 @@
 #[cfg(feature = "tokio")]
 pub mod asyncio;
 mod conn;
+mod lifecycle;
+#[cfg(feature = "rand_core")]
+mod rng;
+mod snapsafe;
 mod trust;
 
+use std::collections::VecDeque;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, RawFd};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+pub use lifecycle::Event;
 use rustix::event::PollFlags;
-pub use sysgenid_proto::{ErrorCode, SourceStatus, StatusReport, PROTOCOL_VERSION};
-use sysgenid_proto::{Reply, Request, Role, PAGE_NAME, SOCKET_NAME};
+pub use sysgenid_proto::{
+    ErrorCode, HooksStatus, LifecycleState, SourceStatus, StatusReport, PROTOCOL_VERSION,
+};
+use sysgenid_proto::{Reply, Request, Role, MIN_PROTOCOL_VERSION, PAGE_NAME, SOCKET_NAME};
 
 use conn::{wait_fd, Conn, Try};
+#[cfg(feature = "rand_core")]
+pub use rng::SnapSafeRng;
+pub use snapsafe::SnapSafe;
 pub use sysgenid_proto::default_runtime_dir;
 
 /// Everything that can go wrong. [`Error::errno`] gives the errno a kernel
@@ -95,7 +114,16 @@ pub enum Error {
         /// The daemon's message.
         message: String,
     },
-    /// Not privileged to bump (`EACCES`).
+    /// The freeze was aborted (timed out, thawed, or a restore came first)
+    /// and every participant was thawed (`ETIMEDOUT`).
+    #[error("{message}")]
+    FreezeAborted {
+        /// Tracked participants (and hooks) that had not confirmed.
+        pending: u32,
+        /// The daemon's message.
+        message: String,
+    },
+    /// Not privileged to bump, freeze or thaw (`EACCES`).
     #[error("{0}")]
     PermissionDenied(String),
     /// Bump past `u32::MAX` (`EOVERFLOW`).
@@ -165,6 +193,10 @@ impl Error {
                 daemon: e.value as u16,
                 message,
             },
+            ErrorCode::FreezeAborted => Error::FreezeAborted {
+                pending: e.value,
+                message,
+            },
             code => Error::Refused { code, message },
         }
     }
@@ -178,6 +210,7 @@ impl Error {
             Error::WrongGeneration { .. } => ErrorCode::WrongGeneration.errno(),
             Error::Interrupted { .. } => ErrorCode::Interrupted.errno(),
             Error::TimedOut { .. } => ErrorCode::TimedOut.errno(),
+            Error::FreezeAborted { .. } => ErrorCode::FreezeAborted.errno(),
             Error::PermissionDenied(_) => ErrorCode::PermissionDenied.errno(),
             Error::Overflow { .. } => ErrorCode::Overflow.errno(),
             Error::VersionMismatch { .. } => ErrorCode::VersionMismatch.errno(),
@@ -220,6 +253,7 @@ pub struct WatcherBuilder {
     untracked: bool,
     nonblocking: bool,
     reconnect: bool,
+    lifecycle: bool,
 }
 
 impl Default for WatcherBuilder {
@@ -229,6 +263,7 @@ impl Default for WatcherBuilder {
             untracked: false,
             nonblocking: false,
             reconnect: true,
+            lifecycle: false,
         }
     }
 }
@@ -261,22 +296,45 @@ impl WatcherBuilder {
         self
     }
 
+    /// Opt in to the snapshot lifecycle: the watcher becomes a participant
+    /// that [`Watcher::read_event`] tells to freeze and thaw, and that must
+    /// [`Watcher::confirm`] each freeze (tracked participants hold a freeze
+    /// up until they do). Needs a daemon speaking protocol 2.
+    pub fn lifecycle(mut self, lifecycle: bool) -> Self {
+        self.lifecycle = lifecycle;
+        self
+    }
+
+    /// The role and protocol version of this watcher's `Hello`: plain
+    /// watchers announce version 1, so they work with any daemon; only
+    /// participants need the lifecycle's version.
+    fn hello(&self, acked: Option<u32>) -> (Role, u16) {
+        let role = Role::Watcher {
+            untracked: self.untracked,
+            acked,
+            lifecycle: self.lifecycle,
+        };
+        let version = if self.lifecycle {
+            sysgenid_proto::LIFECYCLE_VERSION
+        } else {
+            MIN_PROTOCOL_VERSION
+        };
+        (role, version)
+    }
+
     /// Connects and registers the watcher.
     pub fn open(self) -> Result<Watcher, Error> {
         let socket = self.runtime_dir.join(SOCKET_NAME);
-        let conn = Conn::connect(
-            &socket,
-            Role::Watcher {
-                untracked: self.untracked,
-                acked: None,
-            },
-        )?;
+        let (role, version) = self.hello(None);
+        let conn = Conn::connect(&socket, role, version)?;
         let acked = expect_welcome(&conn)?;
         Ok(Watcher {
             conn,
             socket,
             opts: self,
             acked,
+            events: VecDeque::new(),
+            skipped: None,
         })
     }
 }
@@ -291,6 +349,11 @@ pub struct Watcher {
     opts: WatcherBuilder,
     /// The generation this watcher last acknowledged (or registered at).
     acked: u32,
+    /// Lifecycle events read while waiting for a reply, oldest first.
+    events: VecDeque<Event>,
+    /// A generation the caller chose not to acknowledge yet
+    /// ([`Watcher::skip`]).
+    skipped: Option<u32>,
 }
 
 impl Watcher {
@@ -313,7 +376,18 @@ impl Watcher {
     /// generation; returns it again on every call until acknowledged. In
     /// non-blocking mode returns [`Error::WouldBlock`] when there is nothing
     /// new. Survives daemon restarts when reconnecting is on.
+    ///
+    /// On a lifecycle participant, use [`read_event`](Self::read_event):
+    /// `read` returns changes only and drops freeze and thaw events (their
+    /// freezes then go unconfirmed).
     pub fn read(&mut self) -> Result<u32, Error> {
+        if self.opts.lifecycle {
+            return loop {
+                if let Event::Change { generation } = self.read_event()? {
+                    break Ok(generation);
+                }
+            };
+        }
         loop {
             match self.conn.try_changed() {
                 Ok(Try::Ready(generation)) => return Ok(generation),
@@ -335,6 +409,14 @@ impl Watcher {
     /// (without waiting) and otherwise returns [`Error::Disconnected`] or
     /// [`Error::NotRunning`].
     pub fn try_read(&mut self) -> Result<Option<u32>, Error> {
+        if self.opts.lifecycle {
+            while let Some(event) = self.try_read_event()? {
+                if let Event::Change { generation } = event {
+                    return Ok(Some(generation));
+                }
+            }
+            return Ok(None);
+        }
         match self.conn.try_changed() {
             Ok(Try::Ready(g)) => Ok(Some(g)),
             Ok(Try::WouldBlock) => Ok(None),
@@ -364,6 +446,7 @@ impl Watcher {
     pub fn ack(&mut self, generation: u32) -> Result<(), Error> {
         self.request(&Request::Ack { generation })?;
         self.acked = generation;
+        self.skipped = None;
         Ok(())
     }
 
@@ -380,8 +463,27 @@ impl Watcher {
 
     /// The seed's `SYSGENID_FORCE_GEN_UPDATE`: privileged; returns the new
     /// generation, `max(min_generation, current + 1)`.
+    /// A minimum in the counter's last 2^20 values (which would leave no
+    /// generation for later restores) is refused with [`Error::Overflow`];
+    /// see [`Watcher::trigger_update_allowing_exhaustion`].
     pub fn trigger_update(&mut self, min_generation: u32) -> Result<u32, Error> {
-        self.request(&Request::Bump { min_generation })
+        self.request(&Request::Bump {
+            min_generation,
+            allow_exhaustion: false,
+        })
+    }
+
+    /// [`Watcher::trigger_update`] that also accepts a minimum in the
+    /// counter's last 2^20 values, up to `u32::MAX`: after that, no later
+    /// restore can ever be signalled. Only for an operator who means it.
+    pub fn trigger_update_allowing_exhaustion(
+        &mut self,
+        min_generation: u32,
+    ) -> Result<u32, Error> {
+        self.request(&Request::Bump {
+            min_generation,
+            allow_exhaustion: true,
+        })
     }
 
     /// The daemon's status.
@@ -398,7 +500,7 @@ impl Watcher {
     /// visible to the caller: if the frames consumed show this watcher is
     /// still outdated, the daemon's trailing `Changed` is awaited.
     fn watcher_reply(&mut self, is_ack: bool) -> Result<Reply, Error> {
-        let (reply, newest) = self.conn.reply_noting_changes()?;
+        let (reply, newest) = self.conn.reply_noting_changes(&mut self.events)?;
         // Only a successful Ack of the newest generation makes the watcher
         // up to date (a Bump's Done names the new generation while the
         // watcher is outdated).
@@ -454,13 +556,8 @@ impl Watcher {
 
     /// One reconnection attempt, without waiting.
     fn reconnect_once(&mut self) -> Result<(), Error> {
-        let conn = Conn::connect(
-            &self.socket,
-            Role::Watcher {
-                untracked: self.opts.untracked,
-                acked: Some(self.acked),
-            },
-        )?;
+        let (role, version) = self.opts.hello(Some(self.acked));
+        let conn = Conn::connect(&self.socket, role, version)?;
         expect_welcome(&conn)?;
         self.conn = conn;
         Ok(())
@@ -498,17 +595,38 @@ fn status_reply(conn: &Conn) -> Result<StatusReport, Error> {
 pub struct Control {
     conn: Conn,
     generation: u32,
+    /// The protocol version this connection speaks.
+    version: u16,
 }
 
 impl Control {
-    /// Connects to the daemon in `runtime_dir` (`None`: the default). The
-    /// daemon must run as root or as this process's uid
+    /// Connects to the daemon in `runtime_dir` (`None`: the default). Speaks
+    /// the newest protocol; a daemon that only speaks version 1 is served
+    /// with version 1 (everything but the lifecycle works).
+    /// The daemon must run as root or as this process's uid
     /// ([`Error::Untrusted`] otherwise).
     pub fn connect(runtime_dir: Option<&Path>) -> Result<Control, Error> {
         let dir = runtime_dir.map_or_else(default_runtime_dir, Path::to_path_buf);
-        let conn = Conn::connect(&dir.join(SOCKET_NAME), Role::Control)?;
-        let generation = expect_welcome(&conn)?;
-        Ok(Control { conn, generation })
+        let socket = dir.join(SOCKET_NAME);
+        let mut version = PROTOCOL_VERSION;
+        loop {
+            let conn = Conn::connect(&socket, Role::Control, version)?;
+            match expect_welcome(&conn) {
+                Ok(generation) => {
+                    return Ok(Control {
+                        conn,
+                        generation,
+                        version,
+                    })
+                }
+                Err(Error::VersionMismatch { daemon, .. })
+                    if daemon < version && daemon >= MIN_PROTOCOL_VERSION =>
+                {
+                    version = daemon;
+                }
+                Err(e) => return Err(e),
+            }
+        }
     }
 
     /// The generation when this connection was made.
@@ -522,9 +640,27 @@ impl Control {
         status_reply(&self.conn)
     }
 
-    /// Forced update (privileged): returns the new generation.
+    /// Forced update (privileged): returns the new generation,
+    /// `max(min_generation, current + 1)`. A minimum in the counter's last
+    /// 2^20 values (above 4 293 918 719, when it jumps past `current + 1`)
+    /// is refused with [`Error::Overflow`]: see
+    /// [`Control::bump_allowing_exhaustion`].
     pub fn bump(&mut self, min_generation: u32) -> Result<u32, Error> {
-        self.conn.send(&Request::Bump { min_generation })?;
+        self.send_bump(min_generation, false)
+    }
+
+    /// [`Control::bump`] that also accepts a minimum in the counter's last
+    /// 2^20 values, up to `u32::MAX`: after that, no later restore can ever
+    /// be signalled. Only for an operator who means it.
+    pub fn bump_allowing_exhaustion(&mut self, min_generation: u32) -> Result<u32, Error> {
+        self.send_bump(min_generation, true)
+    }
+
+    fn send_bump(&mut self, min_generation: u32, allow_exhaustion: bool) -> Result<u32, Error> {
+        self.conn.send(&Request::Bump {
+            min_generation,
+            allow_exhaustion,
+        })?;
         expect_done(self.conn.reply()?)
     }
 

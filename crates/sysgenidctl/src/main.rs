@@ -2,12 +2,14 @@
 //! Every subcommand is a few lines over the library; exit codes are part of
 //! the interface (see `--help`).
 
+#![forbid(unsafe_code)]
+
 use std::io::Write;
 use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::Parser;
-use sysgenid::{Control, Error, Watcher};
+use sysgenid::{Control, Error, Event, LifecycleState, Watcher};
 use sysgenidctl::cli::{Args, Cmd};
 
 fn main() -> ExitCode {
@@ -17,7 +19,7 @@ fn main() -> ExitCode {
         Err(e) => {
             eprintln!("sysgenidctl: {e}");
             ExitCode::from(match e {
-                Error::TimedOut { .. } => 3,
+                Error::TimedOut { .. } | Error::FreezeAborted { .. } => 3,
                 Error::PermissionDenied(_) => 4,
                 _ => 1,
             })
@@ -35,6 +37,19 @@ fn run(args: &Args) -> Result<(), Error> {
         Cmd::Watch {
             count,
             untracked,
+            lifecycle: true,
+            exec,
+        } => {
+            let mut builder = Watcher::builder().untracked(*untracked).lifecycle(true);
+            if let Some(dir) = dir {
+                builder = builder.runtime_dir(dir);
+            }
+            watch_lifecycle(builder.open()?, *count, exec)?;
+        }
+        Cmd::Watch {
+            count,
+            untracked,
+            lifecycle: false,
             exec,
         } => {
             let mut builder = Watcher::builder().untracked(*untracked);
@@ -72,8 +87,25 @@ fn run(args: &Args) -> Result<(), Error> {
                 seen += 1;
             }
         }
-        Cmd::Bump { min } => {
-            let generation = Control::connect(dir)?.bump(*min)?;
+        Cmd::Freeze { timeout_ms } => {
+            let timeout = timeout_ms
+                .filter(|&ms| ms > 0)
+                .map(|ms| Duration::from_millis(u64::from(ms)));
+            Control::connect(dir)?.freeze(timeout)?;
+        }
+        Cmd::Thaw => {
+            Control::connect(dir)?.thaw()?;
+        }
+        Cmd::Bump {
+            min,
+            allow_exhaustion,
+        } => {
+            let mut control = Control::connect(dir)?;
+            let generation = if *allow_exhaustion {
+                control.bump_allowing_exhaustion(*min)?
+            } else {
+                control.bump(*min)?
+            };
             println!("{generation}");
         }
         Cmd::WaitWatchers { timeout_ms } => {
@@ -91,6 +123,70 @@ fn run(args: &Args) -> Result<(), Error> {
                 print_status(&s);
             }
         }
+    }
+    Ok(())
+}
+
+/// `watch --lifecycle`: one line per event, CMD once per event, confirm or
+/// acknowledge when it succeeded.
+fn watch_lifecycle(mut watcher: Watcher, count: Option<u64>, exec: &[String]) -> Result<(), Error> {
+    let mut seen = 0u64;
+    let mut last_change = None;
+    while count.is_none_or(|n| seen < n) {
+        let event = watcher.read_event()?;
+        if let Event::Change { generation } = event {
+            // Reported again until acknowledged: handle each change once.
+            if last_change == Some(generation) {
+                watcher.skip(generation);
+                continue;
+            }
+            last_change = Some(generation);
+        }
+        let mut out = std::io::stdout().lock();
+        match event {
+            Event::Change { generation } => writeln!(out, "{generation}")?,
+            other => writeln!(out, "{}", other.name())?,
+        }
+        out.flush()?;
+        drop(out);
+        let succeeded = match exec.split_first() {
+            None => true,
+            Some((program, rest)) => match std::process::Command::new(program)
+                .args(rest)
+                .env("SYSGENID_EVENT", event.name())
+                .env("SYSGENID_GENERATION", event.generation().to_string())
+                .status()
+            {
+                Ok(status) if status.success() => true,
+                Ok(status) => {
+                    eprintln!(
+                        "sysgenidctl: {program} exited with {status} on {}; not {}",
+                        event.name(),
+                        match event {
+                            Event::Freeze { .. } => "confirming the freeze",
+                            Event::Change { .. } => "acknowledging the change",
+                            Event::Thaw { .. } => "stopping (thaw needs no answer)",
+                        }
+                    );
+                    false
+                }
+                Err(e) => {
+                    eprintln!("sysgenidctl: cannot run {program}: {e}");
+                    false
+                }
+            },
+        };
+        match event {
+            Event::Freeze { freeze, .. } if succeeded => watcher.confirm(freeze)?,
+            Event::Change { generation } if succeeded => match watcher.ack(generation) {
+                // A newer change arrived meanwhile: the next read returns it.
+                Ok(()) | Err(Error::WrongGeneration { .. }) => {}
+                Err(e) => return Err(e),
+            },
+            Event::Change { generation } => watcher.skip(generation),
+            _ => {}
+        }
+        seen += 1;
     }
     Ok(())
 }
@@ -122,6 +218,40 @@ fn print_status(s: &sysgenid::StatusReport) {
         "watchers:     {} ({} tracked, {} outdated, {} untracked outdated; counts are advisory)",
         s.watchers, s.tracked, s.outdated, s.outdated_untracked
     );
+    let state = match s.state {
+        LifecycleState::Running => "running".to_string(),
+        LifecycleState::Freezing => format!(
+            "freezing (freeze {}, {} participant(s) or hooks still to confirm)",
+            s.freeze, s.pending
+        ),
+        LifecycleState::Frozen => format!(
+            "frozen for {:.1} s (freeze {}){}",
+            s.frozen_ms.unwrap_or(0) as f64 / 1000.0,
+            s.freeze,
+            if s.thaw_after_acks {
+                "; restored, thawing once every tracked watcher acknowledges"
+            } else {
+                ""
+            }
+        ),
+    };
+    println!("state:        {state}");
+    println!("participants: {}", s.participants);
+    if let Some(h) = &s.hooks {
+        println!(
+            "hooks:        {} in {} ({} runs, {} failed, {} timed out, {} refused){}",
+            h.hooks,
+            h.dir,
+            h.runs,
+            h.failures,
+            h.timeouts,
+            h.refused,
+            h.last_problem
+                .as_deref()
+                .map(|p| format!("; latest: {p}"))
+                .unwrap_or_default()
+        );
+    }
     println!("uptime:       {:.1} s", s.uptime_ms as f64 / 1000.0);
     println!("runtime dir:  {}", s.runtime_dir);
     println!("device:       {}", s.device.as_deref().unwrap_or("off"));

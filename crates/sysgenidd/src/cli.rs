@@ -6,7 +6,7 @@ use std::path::PathBuf;
 
 use clap::Parser;
 
-use crate::server::Limits;
+use crate::watchers::Limits;
 
 /// The System Generation ID daemon.
 ///
@@ -47,7 +47,8 @@ pub struct Args {
     #[arg(long, default_value = "auto", value_name = "LIST")]
     pub source: String,
 
-    /// Kernel log device followed by the vmfork source.
+    /// Kernel log device followed by the vmfork source (from its end). A
+    /// FIFO or other stream (tests, benchmarks) is read from its start.
     #[arg(long, default_value = "/dev/kmsg", value_name = "PATH")]
     pub kmsg: PathBuf,
 
@@ -98,4 +99,29 @@ pub struct Args {
     /// exists, else none.
     #[arg(long, value_name = "NAME|none")]
     pub device_group: Option<String>,
+
+    /// Run every executable file in DIR, in name order, on each lifecycle
+    /// event (`HOOK freeze|thaw|change`), or `off`. Default:
+    /// /etc/sysgenid/hooks.d, if it exists.
+    #[arg(long, value_name = "DIR|off")]
+    pub hooks_dir: Option<String>,
+
+    /// A hook still running after this long is killed (with its process
+    /// group) and counted as timed out.
+    #[arg(long, default_value_t = 10_000, value_name = "MS")]
+    pub hook_timeout_ms: u64,
+
+    /// The longest the system stays frozen: after this the daemon thaws by
+    /// itself and logs it, so an orchestrator that died between freeze and
+    /// thaw cannot leave every program quiesced.
+    #[arg(long, default_value_t = sysgenid_core::lifecycle::DEFAULT_MAX_FROZEN_MS, value_name = "MS",
+          value_parser = clap::value_parser!(u64).range(1..))]
+    pub max_frozen_ms: u64,
+
+    /// After a restore while frozen: `auto` thaws once every tracked watcher
+    /// has acknowledged the new generation; `manual` leaves thawing to the
+    /// orchestrator (or the freeze bound).
+    #[arg(long, default_value = "auto", value_name = "auto|manual",
+          value_parser = ["auto", "manual"])]
+    pub restore_thaw: String,
 }

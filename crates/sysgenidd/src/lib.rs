@@ -5,24 +5,38 @@
 //! * [`cli`]: the command line, shared with the man page and completions;
 //! * [`service`]: the pure `sysgenid-core` state machine plus the saved
 //!   state ([`state`]) and the published page, in crash-safe order;
-//! * [`server`]: the socket frontend and the single-threaded event loop;
-//! * [`runtime_dir`]: where the socket, page, state and lock live, created
-//!   without following anyone's symlinks;
+//! * [`watchers`]: the one owner of the service, the watcher limits, the
+//!   per-uid accounting and the `manual` source's statistics;
+//! * [`work`]: the work list and the requests pending with a deadline,
+//!   which both frontends fill and the loop drains;
+//! * [`socket`]: the socket frontend (accept, frames, outboxes);
 //! * [`device`]: `/dev/sysgenid`, the seed's device ABI served through
 //!   FUSE, its handles watchers in the same core;
+//! * [`event_loop`]: the single-threaded loop that owns the watchers and
+//!   both frontends, drives them and fans a bump out to both;
+//! * [`runtime_dir`]: where the socket, page, state and lock live, created
+//!   without following anyone's symlinks;
 //! * [`peer`]: who is on the other end, and whether they may bump;
+//! * [`hooks`]: the hooks directory's runner, on a thread of its own;
 //! * [`supervisor`]: readiness and the watchdog for systemd;
 //! * restore-signal sources come from the `sysgenid-sources` crate and run
 //!   in their own threads, feeding the loop through a channel.
 //!
 //! May depend on: `sysgenid-core`, `sysgenid-proto`, `sysgenid-page`,
-//! `sysgenid-sources`. Nothing depends on it but its binary.
+//! `sysgenid-sources`. Nothing depends on it but its binary and the man
+//! page generator (`sysgenid-packaging`, through [`cli`]). Inside, the
+//! frontends (`socket`, `device`) depend on `watchers` and `work` only;
+//! `event_loop` is the one module that uses both frontends.
 
 pub mod cli;
 pub mod device;
+pub mod event_loop;
+pub mod hooks;
 pub mod peer;
 pub mod runtime_dir;
-pub mod server;
 pub mod service;
+pub mod socket;
 pub mod state;
 pub mod supervisor;
+pub mod watchers;
+pub mod work;

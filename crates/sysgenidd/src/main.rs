@@ -8,10 +8,13 @@ use std::time::Duration;
 use clap::Parser;
 use sysgenid_proto::{SourceStatus, SYSTEM_RUNTIME_DIR};
 use sysgenidd::cli::Args;
+use sysgenidd::device::{Device, Setting, Started, WriteAccess};
+use sysgenidd::event_loop::{Command, EventLoop};
+use sysgenidd::hooks::{Hooks, Setting as HooksSetting};
 use sysgenidd::runtime_dir::RuntimeDir;
-use sysgenidd::server::{Command, Limits, Server};
 use sysgenidd::service::Service;
 use sysgenidd::supervisor;
+use sysgenidd::watchers::Limits;
 
 /// Logs go to stderr: coloured on a terminal, plain text otherwise (a file,
 /// a pipe, the journal), and without our own timestamps under systemd,
@@ -88,8 +91,29 @@ fn run(args: Args) -> Result<(), String> {
         hello_timeout: Duration::from_millis(args.hello_timeout_ms),
     };
     let coalescer = sysgenid_sources::Coalescer::new(Duration::from_millis(args.coalesce_ms));
-    let mut server = Server::new(service, listener, limits, coalescer)
+    let mut server = EventLoop::new(service, listener, limits, coalescer)
         .map_err(|e| format!("cannot start the event loop: {e}"))?;
+    server.configure_lifecycle(sysgenid_core::lifecycle::Config {
+        thaw_on_restore: args.restore_thaw == "auto",
+        max_frozen_ms: Some(args.max_frozen_ms),
+    });
+    let handle = server.handle();
+    let hooks = Hooks::start(
+        &HooksSetting::parse(args.hooks_dir.as_deref()),
+        Duration::from_millis(args.hook_timeout_ms),
+        move |finished| {
+            handle.send(Command::Hooks(finished));
+        },
+    )
+    .map_err(|e| e.to_string())?;
+    let hooks_description = match hooks {
+        Some(hooks) => {
+            let description = format!("{} ({} found)", hooks.dir().display(), hooks.known());
+            server.attach_hooks(hooks);
+            description
+        }
+        None => "off".to_string(),
+    };
 
     let config = sysgenid_sources::SourceConfig {
         kmsg_path: args.kmsg.clone(),
@@ -131,19 +155,22 @@ fn run(args: Args) -> Result<(), String> {
             .map_err(|e| format!("cannot start source {name}: {e}"))?;
     }
 
-    let device = match sysgenidd::device::Device::start(
-        &sysgenidd::device::Setting::parse(args.device.as_deref()),
+    let access = WriteAccess::resolve(args.device_group.as_deref())?;
+    let device = match Device::start(
+        &Setting::parse(args.device.as_deref()),
         server.service().dir(),
         server.service().record(),
-        server.handle(),
-        sysgenidd::device::WriteAccess::resolve(args.device_group.as_deref())?,
-    )? {
-        Ok(device) => {
+        server.handle().device_forward(),
+        access,
+    )
+    .map_err(|e| e.to_string())?
+    {
+        Started::Serving(device) => {
             let description = device.describe();
             server.attach_device(device);
             description
         }
-        Err(why) => why,
+        Started::Disabled(why) => why.to_string(),
     };
 
     let record = server.service().record();
@@ -153,12 +180,13 @@ fn run(args: Args) -> Result<(), String> {
         active_names.join(", ")
     };
     tracing::info!(
-        "sysgenidd {} ready: runtime dir {}, generation {}, epoch {}, device: {}, sources: {}",
+        "sysgenidd {} ready: runtime dir {}, generation {}, epoch {}, device: {}, hooks: {}, sources: {}",
         env!("CARGO_PKG_VERSION"),
         dir_path.display(),
         record.generation,
         sysgenidd::state::epoch_hex(&record.epoch),
         device,
+        hooks_description,
         sources
     );
     supervisor::ready(&format!(

@@ -1,178 +1,66 @@
-//! Who is on the other end of a socket, and may they force a bump?
+//! Who sent a request, and may they do a privileged thing (force a bump;
+//! later freeze and thaw)? [`privileged`] is the one place that decides.
 //!
-//! The seed allows `SYSGENID_FORCE_GEN_UPDATE` to processes with
-//! `CAP_CHECKPOINT_RESTORE` or `CAP_SYS_ADMIN`. We apply the same rule to the
-//! socket peer, in the daemon's own user namespace (a process that is root
-//! only inside a user namespace it created is not privileged here).
+//! # The rule
+//! The seed allows `SYSGENID_FORCE_GEN_UPDATE` to a caller with
+//! `CAP_SYS_ADMIN` or `CAP_CHECKPOINT_RESTORE`, checked at `ioctl` time. We
+//! judge the process that *sent* each privileged request, as the kernel
+//! recorded it with that request: on the socket, `SCM_CREDENTIALS` (pid and
+//! real uid at `sendmsg` time) and `SCM_PIDFD` (a pidfd for that very
+//! process); on the device, the FUSE header's thread id and uid, whose
+//! thread is blocked in the request while we look. It is privileged iff
+//! these facts, read in this order, all hold:
+//! 1. its effective capabilities include `CAP_SYS_ADMIN` or
+//!    `CAP_CHECKPOINT_RESTORE` (`capget`);
+//! 2. it is in the daemon's user namespace;
+//! 3. its real and effective uid both equal the uid recorded with the
+//!    request;
+//! 4. its pidfd still names a process (thread, on the device) that has not
+//!    exited.
 //!
-//! Identity comes from the kernel, never from the client: `SO_PEERCRED`
-//! (uid, pid at `connect()` time) and, on Linux 6.5+, `SO_PEERPIDFD`, a
-//! pidfd for exactly that process, asked of the socket when a bump is
-//! requested (so a watcher holds no extra descriptor). Capabilities are read
-//! with `capget(2)`, and the pidfd is checked *afterwards* to still name a
-//! live process: a pid cannot be reused while its process is alive, so what
-//! we read belonged to the peer. Without `SO_PEERPIDFD` (kernels before 6.5)
-//! a pidfd is opened with `pidfd_open` at accept time instead, which leaves
-//! the small window between `connect` and `accept` documented in
-//! `docs/design.md`.
+//! or, when the daemon is not root (developer mode), the recorded uid is
+//! the daemon's own. A request without credentials, with pid 0 (a sender in
+//! a pid namespace we cannot see) or without a pidfd is refused.
 //!
-//! When the daemon itself is not root (developer mode), peers with the
-//! daemon's uid are privileged too.
+//! # Why this order
+//! An unprivileged process gains capabilities only by entering a new user
+//! namespace (never our own again: a namespace cannot be left for its
+//! parent) or by executing a set-user-ID or file-capability program.
+//! Reading capabilities first means that a gain we see was made before the
+//! namespace read, which then sees the new namespace; a set-user-ID gain
+//! changes the effective uid, which the identity read sees. The liveness
+//! read comes last: a pid is not reused while its process lives, so if the
+//! pidfd's process is alive after every read, every read was of it. What
+//! this cannot see is stated in `docs/design.md` ("Who may bump").
 //!
 //! # References
-//! `unix(7)` (`SO_PEERCRED`, `SO_PEERPIDFD`), `pidfd_open(2)`,
-//! `capget(2)`, `capabilities(7)`, `pidfd_send_signal(2)`.
+//! `unix(7)`, `capget(2)`, `user_namespaces(7)`, `pidfd_open(2)`,
+//! `proc_pid_status(5)`.
 
-use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
+mod scm;
 
-/// `SO_PEERPIDFD` from `<asm-generic/socket.h>` (Linux 6.5).
-const SO_PEERPIDFD: libc::c_int = 77;
-const CAP_SYS_ADMIN: u32 = 21;
-const CAP_CHECKPOINT_RESTORE: u32 = 40;
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
+use std::sync::atomic::{AtomicBool, Ordering};
 
-/// A connected peer's identity. Holds no descriptor: the peer's pidfd is
-/// asked of the socket only when the peer requests a bump (the socket keeps
-/// a reference to the process that connected), so a watcher costs the
-/// daemon one descriptor, not two.
+use rustix::io::Errno;
+use rustix::process::{Pid, PidfdFlags};
+use rustix::thread::CapabilitySet;
+
+/// The connecting process, from `SO_PEERCRED`: for per-uid limits and logs
+/// only, never for privilege (the connection can change hands).
 #[derive(Debug)]
 pub struct Peer {
     /// Effective uid at connect time.
     pub uid: u32,
-    /// Pid at connect time.
+    /// Pid at connect time (0 if in a pid namespace we cannot see).
     pub pid: i32,
-    /// Only on kernels without `SO_PEERPIDFD`: a pidfd opened at accept.
-    fallback_pidfd: Option<OwnedFd>,
-}
-
-/// Whether this kernel has `SO_PEERPIDFD` (learned at the first accept).
-fn kernel_has_peerpidfd(sock: BorrowedFd<'_>) -> bool {
-    static HAS: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    *HAS.get_or_init(|| peer_pidfd(sock).is_some())
-}
-
-fn peer_pidfd(sock: BorrowedFd<'_>) -> Option<OwnedFd> {
-    let mut fd: libc::c_int = -1;
-    let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
-    // SAFETY: getsockopt writes at most `len` bytes into `fd`, a c_int we
-    // own; the socket descriptor is valid for the call.
-    let rc = unsafe {
-        libc::getsockopt(
-            sock.as_raw_fd(),
-            libc::SOL_SOCKET,
-            SO_PEERPIDFD,
-            (&mut fd as *mut libc::c_int).cast(),
-            &mut len,
-        )
-    };
-    // SAFETY: on success the kernel returned a new descriptor that nothing
-    // else owns.
-    (rc == 0 && fd >= 0).then(|| unsafe { OwnedFd::from_raw_fd(fd) })
-}
-
-/// Whether the process behind `pidfd` is still alive (signal 0 through the
-/// pidfd: `EPERM` still means it exists).
-fn pidfd_alive(pidfd: &OwnedFd) -> bool {
-    // SAFETY: pidfd_send_signal with signal 0 and a null siginfo only
-    // checks that the target exists; the descriptor is valid for the call.
-    let rc = unsafe {
-        libc::syscall(
-            libc::SYS_pidfd_send_signal,
-            pidfd.as_raw_fd(),
-            0,
-            std::ptr::null::<libc::siginfo_t>(),
-            0,
-        )
-    };
-    rc == 0 || std::io::Error::last_os_error().raw_os_error() == Some(libc::EPERM)
-}
-
-/// The user namespace of `pid` ("self" for ours) as (device, inode).
-fn user_ns(pid: &str) -> Option<(u64, u64)> {
-    let st = rustix::fs::stat(format!("/proc/{pid}/ns/user")).ok()?;
-    Some((st.st_dev, st.st_ino))
-}
-
-fn own_user_ns() -> Option<(u64, u64)> {
-    static OWN: std::sync::OnceLock<Option<(u64, u64)>> = std::sync::OnceLock::new();
-    *OWN.get_or_init(|| user_ns("self"))
-}
-
-/// Effective capabilities of `pid` through capget(2) (no /proc parsing).
-fn effective_caps(pid: i32) -> Option<u64> {
-    #[repr(C)]
-    struct Header {
-        version: u32,
-        pid: libc::c_int,
-    }
-    #[repr(C)]
-    #[derive(Default, Clone, Copy)]
-    struct Data {
-        effective: u32,
-        permitted: u32,
-        inheritable: u32,
-    }
-    const LINUX_CAPABILITY_VERSION_3: u32 = 0x2008_0522;
-    let mut header = Header {
-        version: LINUX_CAPABILITY_VERSION_3,
-        pid,
-    };
-    let mut data = [Data::default(); 2];
-    // SAFETY: capget reads `header` and writes two `Data` structs (the
-    // version 3 layout) into `data`, both owned by this frame.
-    let rc = unsafe {
-        libc::syscall(
-            libc::SYS_capget,
-            &mut header as *mut Header,
-            data.as_mut_ptr(),
-        )
-    };
-    (rc == 0).then(|| u64::from(data[0].effective) | u64::from(data[1].effective) << 32)
-}
-
-/// Real and effective uid of `pid` now (`/proc/<pid>/status`, `Uid:`).
-fn current_uids(pid: i32) -> Option<(u32, u32)> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    let line = status.lines().find_map(|l| l.strip_prefix("Uid:"))?;
-    let mut ids = line.split_whitespace().map(|v| v.parse::<u32>().ok());
-    Some((ids.next()??, ids.next()??))
-}
-
-/// The rule itself, for a process we hold a pidfd of: capable, in our user
-/// namespace, and still the same live process after we looked.
-///
-/// `connect_uid` is set for socket peers: the effective uid the kernel
-/// recorded when the process connected. A socket outlives an `execve`, so
-/// an unprivileged process could connect, let a child keep the socket, and
-/// exec a set-user-ID program: its capabilities now would be root's. So
-/// the process must still have that uid as both real and effective uid.
-/// The order matters: capabilities are read *before* the uids, so an exec
-/// between the two reads is seen either way (caps read before it are the
-/// old ones; uids read after it are the new ones).
-fn capable(pid: i32, pidfd: Option<&OwnedFd>, connect_uid: Option<u32>) -> bool {
-    let Some(pidfd) = pidfd else {
-        return false;
-    };
-    let same_ns = own_user_ns().is_some() && user_ns(&pid.to_string()) == own_user_ns();
-    let caps = effective_caps(pid).unwrap_or(0);
-    let capable = caps & (1 << CAP_SYS_ADMIN | 1 << CAP_CHECKPOINT_RESTORE) != 0;
-    let same_uid = match connect_uid {
-        None => true,
-        Some(uid) => current_uids(pid) == Some((uid, uid)),
-    };
-    // Checked last: a pid cannot be reused while its process lives, so if
-    // it is alive now, what we read belonged to it.
-    same_ns && capable && same_uid && pidfd_alive(pidfd)
-}
-
-/// Developer mode: an unprivileged daemon trusts its own uid.
-fn same_uid_as_unprivileged_daemon(uid: u32) -> bool {
-    let daemon_euid = rustix::process::geteuid();
-    !daemon_euid.is_root() && uid == daemon_euid.as_raw()
 }
 
 impl Peer {
     /// Reads the peer of an accepted socket.
     pub fn of(sock: &impl AsFd) -> std::io::Result<Peer> {
+        // By hand, not rustix's `socket_peercred`: its `UCred` cannot hold
+        // the pid 0 the kernel reports for an invisible pid namespace.
         let mut cred = libc::ucred {
             pid: 0,
             uid: u32::MAX,
@@ -193,56 +81,265 @@ impl Peer {
         if rc != 0 {
             return Err(std::io::Error::last_os_error());
         }
-        // pid 0: the peer is in a pid namespace we cannot see. It may still
-        // watch; it can never be found privileged (no pidfd, no /proc).
-        let fallback_pidfd = match rustix::process::Pid::from_raw(cred.pid) {
-            Some(pid) if !kernel_has_peerpidfd(sock.as_fd()) => {
-                rustix::process::pidfd_open(pid, rustix::process::PidfdFlags::empty()).ok()
-            }
-            _ => None,
-        };
         Ok(Peer {
             uid: cred.uid,
             pid: cred.pid,
-            fallback_pidfd,
         })
-    }
-
-    /// Whether the peer on `sock` may force a generation update (see the
-    /// module docs).
-    pub fn may_bump(&self, sock: &impl AsFd) -> bool {
-        if same_uid_as_unprivileged_daemon(self.uid) {
-            return true;
-        }
-        if self.pid <= 0 {
-            return false;
-        }
-        match &self.fallback_pidfd {
-            Some(pidfd) => capable(self.pid, Some(pidfd), Some(self.uid)),
-            None => capable(self.pid, peer_pidfd(sock.as_fd()).as_ref(), Some(self.uid)),
-        }
     }
 }
 
-/// Whether the caller of a FUSE device request (`fuse_in_header` pid and
-/// uid, a thread id) may force an update or open the device for writing.
-/// The caller is blocked in that request while we check, so its id cannot
-/// be reused meanwhile; the thread pidfd makes the check hold afterwards too.
-pub fn process_may_bump(pid: u32, uid: u32) -> bool {
-    if same_uid_as_unprivileged_daemon(uid) {
-        return true;
+/// The process (or, on the device, thread) that made one request, as the
+/// kernel recorded it with the request.
+#[derive(Debug)]
+pub struct Sender {
+    /// Pid (thread id on the device) in our pid namespace; 0 if unknown.
+    pid: i32,
+    /// The uid recorded with the request (real uid on the socket, the
+    /// caller's fsuid on the device).
+    uid: u32,
+    /// A pidfd for exactly that process.
+    pidfd: Option<OwnedFd>,
+}
+
+impl Sender {
+    /// The recorded pid (for messages).
+    pub fn pid(&self) -> i32 {
+        self.pid
     }
-    // 0 (a caller in a pid namespace we cannot see) or out of range: never.
-    let Ok(pid) = i32::try_from(pid) else {
-        return false;
+
+    /// The recorded uid (for messages).
+    pub fn uid(&self) -> u32 {
+        self.uid
+    }
+}
+
+/// Why a request was not found privileged (for the log and the reply).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum Refusal {
+    /// The frame carried no sender credentials, or a pid we cannot see.
+    #[error("the kernel recorded no usable sender for this request")]
+    NoSender,
+    /// No pidfd for the sender, so its pid could not be pinned.
+    #[error("the sender could not be pinned with a pidfd")]
+    NoPidfd,
+    /// Neither capability is effective.
+    #[error("it has neither CAP_SYS_ADMIN nor CAP_CHECKPOINT_RESTORE")]
+    NotCapable,
+    /// Its capabilities belong to another user namespace.
+    #[error("it is not in sysgenidd's user namespace")]
+    OtherUserNamespace,
+    /// Its uids are not the one recorded with the request.
+    #[error("its real and effective uid are not the uid it sent the request with")]
+    IdentityChanged,
+    /// It exited while we looked.
+    #[error("it exited before the check completed")]
+    Exited,
+}
+
+/// Whether the kernel gives `SCM_PIDFD` (set when the listener is set up).
+static KERNEL_PASSES_PIDFD: AtomicBool = AtomicBool::new(false);
+
+/// Makes the kernel attach sender credentials to every frame received on
+/// `listener`'s connections. Call on the listening socket before `listen`.
+pub fn pass_credentials(listener: BorrowedFd<'_>) -> std::io::Result<()> {
+    let pidfd = scm::pass_credentials(listener)?;
+    KERNEL_PASSES_PIDFD.store(pidfd, Ordering::Relaxed);
+    if !pidfd {
+        tracing::warn!(
+            "this kernel has no SO_PASSPIDFD (Linux 6.5+): bump senders are pinned with pidfd_open on receipt, which leaves a pid-reuse window (docs/design.md)"
+        );
+    }
+    Ok(())
+}
+
+/// Receives one frame from a client connection: (bytes copied, datagram
+/// length, sender). Frames of a privileged kind are received with their
+/// sender's credentials; others with plain `recv` (no pidfd is made for
+/// them). A datagram of length 0 means the peer hung up.
+pub fn recv_frame(
+    sock: BorrowedFd<'_>,
+    buf: &mut [u8],
+) -> Result<(usize, usize, Option<Sender>), Errno> {
+    use rustix::net::RecvFlags;
+    let mut kind = [0u8; 1];
+    let (peeked, _) = rustix::net::recv(
+        sock,
+        &mut kind,
+        RecvFlags::PEEK | RecvFlags::DONTWAIT | RecvFlags::TRUNC,
+    )?;
+    if peeked == 0 || !sysgenid_proto::is_privileged_kind(kind[0]) {
+        let (n, len) = rustix::net::recv(sock, buf, RecvFlags::DONTWAIT | RecvFlags::TRUNC)?;
+        return Ok((n, len, None));
+    }
+    let (n, len, sent_by) = scm::recv_with_sender(sock, buf)?;
+    Ok((n, len, Some(sender_of(sent_by))))
+}
+
+fn sender_of(sent_by: scm::SentBy) -> Sender {
+    let Some(cred) = sent_by.cred else {
+        return Sender {
+            pid: 0,
+            uid: u32::MAX,
+            pidfd: None,
+        };
     };
-    // PIDFD_THREAD (Linux 6.9) is O_EXCL: FUSE reports thread ids.
-    let thread = rustix::process::PidfdFlags::from_bits_retain(libc::O_EXCL as _);
-    let pidfd = rustix::process::Pid::from_raw(pid).and_then(|p| {
+    let pidfd = match sent_by.pidfd {
+        Some(fd) => Some(fd),
+        // Only where the kernel cannot pass one: pin the pid now. If the
+        // kernel can and did not (descriptors crowded it out), refuse.
+        None if !KERNEL_PASSES_PIDFD.load(Ordering::Relaxed) => Pid::from_raw(cred.pid)
+            .and_then(|pid| rustix::process::pidfd_open(pid, PidfdFlags::empty()).ok()),
+        None => None,
+    };
+    Sender {
+        pid: cred.pid,
+        uid: cred.uid,
+        pidfd,
+    }
+}
+
+/// The caller of a FUSE device request (`fuse_in_header` thread id and
+/// uid). It is blocked in that request while we check: the thread cannot
+/// exit, exec or change its credentials meanwhile.
+pub fn device_caller(tid: u32, uid: u32) -> Sender {
+    // 0 (a caller in a pid namespace we cannot see) or out of range: never.
+    let pid = i32::try_from(tid).unwrap_or(0);
+    // PIDFD_THREAD (Linux 6.9) is O_EXCL: FUSE reports thread ids. Before
+    // 6.9 only a thread-group leader can be pinned.
+    let thread = PidfdFlags::from_bits_retain(libc::O_EXCL as _);
+    let pidfd = Pid::from_raw(pid).and_then(|p| {
         rustix::process::pidfd_open(p, thread)
-            .or_else(|_| rustix::process::pidfd_open(p, rustix::process::PidfdFlags::empty()))
+            .or_else(|_| rustix::process::pidfd_open(p, PidfdFlags::empty()))
             .ok()
     });
-    // The caller is blocked in its own request: it is checked as it is now.
-    capable(pid, pidfd.as_ref(), None)
+    Sender { pid, uid, pidfd }
+}
+
+/// The one privilege check (see the module docs for the rule and its
+/// order). `None`: the kernel recorded no sender.
+pub fn privileged(sender: Option<&Sender>) -> Result<(), Refusal> {
+    let sender = sender.ok_or(Refusal::NoSender)?;
+    let pid = Pid::from_raw(sender.pid).ok_or(Refusal::NoSender)?;
+    if same_uid_as_unprivileged_daemon(sender.uid) {
+        return Ok(());
+    }
+    let pidfd = sender.pidfd.as_ref().ok_or(Refusal::NoPidfd)?;
+    // 1. Capabilities.
+    let caps = rustix::thread::capabilities(Some(pid)).map_err(|_| Refusal::Exited)?;
+    if !caps
+        .effective
+        .intersects(CapabilitySet::SYS_ADMIN | CapabilitySet::CHECKPOINT_RESTORE)
+    {
+        return Err(Refusal::NotCapable);
+    }
+    // 2. User namespace.
+    if own_user_ns().is_none() || user_ns(pid) != own_user_ns() {
+        return Err(Refusal::OtherUserNamespace);
+    }
+    // 3. Identity.
+    if current_uids(pid) != Some((sender.uid, sender.uid)) {
+        return Err(Refusal::IdentityChanged);
+    }
+    // 4. Liveness.
+    if !pidfd_alive(pidfd.as_fd()) {
+        return Err(Refusal::Exited);
+    }
+    Ok(())
+}
+
+/// Whether the device caller may force an update or open the device for
+/// writing: [`privileged`] for [`device_caller`].
+pub fn process_may_bump(tid: u32, uid: u32) -> bool {
+    privileged(Some(&device_caller(tid, uid))).is_ok()
+}
+
+/// Developer mode: an unprivileged daemon trusts its own uid.
+fn same_uid_as_unprivileged_daemon(uid: u32) -> bool {
+    let daemon_euid = rustix::process::geteuid();
+    !daemon_euid.is_root() && uid == daemon_euid.as_raw()
+}
+
+/// Whether the process behind `pidfd` has not exited (a pidfd polls
+/// readable once it has).
+fn pidfd_alive(pidfd: BorrowedFd<'_>) -> bool {
+    use rustix::event::{PollFd, PollFlags};
+    let mut fds = [PollFd::new(&pidfd, PollFlags::IN)];
+    let zero = rustix::time::Timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    matches!(rustix::event::poll(&mut fds, Some(&zero)), Ok(0))
+}
+
+/// A user namespace as (device, inode) of its `/proc` link.
+fn ns_id(path: &str) -> Option<(u64, u64)> {
+    let st = rustix::fs::stat(path).ok()?;
+    Some((st.st_dev, st.st_ino))
+}
+
+fn user_ns(pid: Pid) -> Option<(u64, u64)> {
+    ns_id(&format!("/proc/{}/ns/user", pid.as_raw_nonzero()))
+}
+
+fn own_user_ns() -> Option<(u64, u64)> {
+    static OWN: std::sync::OnceLock<Option<(u64, u64)>> = std::sync::OnceLock::new();
+    *OWN.get_or_init(|| ns_id("/proc/self/ns/user"))
+}
+
+/// Real and effective uid of `pid` now (`/proc/<pid>/status`, `Uid:`, as
+/// seen from our user namespace).
+fn current_uids(pid: Pid) -> Option<(u32, u32)> {
+    let status = std::fs::read_to_string(format!("/proc/{}/status", pid.as_raw_nonzero())).ok()?;
+    let line = status.lines().find_map(|l| l.strip_prefix("Uid:"))?;
+    let mut ids = line.split_whitespace().map(|v| v.parse::<u32>().ok());
+    Some((ids.next()??, ids.next()??))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn me() -> Sender {
+        let pid = rustix::process::getpid();
+        Sender {
+            pid: pid.as_raw_nonzero().get(),
+            uid: rustix::process::getuid().as_raw(),
+            pidfd: rustix::process::pidfd_open(pid, PidfdFlags::empty()).ok(),
+        }
+    }
+
+    #[test]
+    fn missing_credentials_are_refused() {
+        assert_eq!(privileged(None), Err(Refusal::NoSender));
+        let no_pid = Sender {
+            pid: 0,
+            uid: rustix::process::geteuid().as_raw(),
+            pidfd: None,
+        };
+        assert_eq!(
+            privileged(Some(&no_pid)),
+            Err(Refusal::NoSender),
+            "pid 0 is never privileged, not even with the daemon's uid"
+        );
+    }
+
+    #[test]
+    fn a_sender_with_another_recorded_uid_is_refused() {
+        let mut req = me();
+        req.uid = req.uid.wrapping_add(12345);
+        if rustix::process::geteuid().is_root() {
+            assert_eq!(privileged(Some(&req)), Err(Refusal::IdentityChanged));
+        } else {
+            assert!(privileged(Some(&req)).is_err());
+        }
+    }
+
+    #[test]
+    fn this_process_is_judged_as_it_is() {
+        let req = me();
+        let expect_ok = rustix::process::geteuid().is_root()
+            || !rustix::process::geteuid().is_root()
+                && req.uid == rustix::process::geteuid().as_raw();
+        assert_eq!(privileged(Some(&req)).is_ok(), expect_ok);
+    }
 }

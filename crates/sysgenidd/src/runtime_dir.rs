@@ -1,12 +1,16 @@
 //! The runtime directory: where the socket, the page, the saved state and
 //! the lock live, created so that nobody else can plant anything in it.
 //!
-//! Rules: the directory is created `0755` (or reused if it is a real
-//! directory owned by us and not writable by others); every file inside is
-//! opened relative to the directory's descriptor with `O_NOFOLLOW`; a
-//! symlink or a file owned by someone else at the socket or page path is
-//! refused, never followed or replaced. An exclusive `flock` on `lock`
-//! keeps a second daemon out.
+//! Rules: the directory is created `0755`, or reused if it is a real
+//! directory owned by us that nobody else can write to: one that is (or
+//! was, before we came) group- or world-writable is refused, not tightened,
+//! because someone else may already have planted files in it. Every file
+//! inside is opened relative to the directory's descriptor with
+//! `O_NOFOLLOW`; a symlink, a hard link or a file owned by someone else at
+//! the socket, page, state or lock path is refused, never followed or
+//! replaced. An exclusive `flock` on `lock` keeps a second daemon out; the
+//! lock's owner is checked before it is locked, so a planted lock is an
+//! error that says so, not a "daemon already running".
 
 use std::fs::File;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
@@ -103,10 +107,17 @@ impl RuntimeDir {
             });
         }
         if st.st_mode & 0o022 != 0 {
-            // Group/world writable: someone else could plant files. We own
-            // it, so tighten it rather than refuse.
-            rustix::fs::fchmod(&dir, Mode::from_raw_mode(0o755)).map_err(io("chmod", path))?;
+            // Someone else could have planted files here already: tightening
+            // now would not remove them.
+            return Err(RuntimeDirError::Unsafe {
+                path: path.display().to_string(),
+                why: format!(
+                    "it is group- or world-writable (mode {:04o}), so another user may have planted files in it; remove it and let sysgenidd create it (mode 0755), or pass a --runtime-dir that only this daemon's user can write to",
+                    st.st_mode & 0o7777
+                ),
+            });
         }
+        // Others must be able to reach the socket and the page.
         rustix::fs::fchmod(&dir, Mode::from_raw_mode(0o755)).map_err(io("chmod", path))?;
         let lock = rustix::fs::openat(
             &dir,
@@ -115,6 +126,19 @@ impl RuntimeDir {
             Mode::from_raw_mode(0o600),
         )
         .map_err(io("opening lock in", path))?;
+        let lock_st = rustix::fs::fstat(&lock).map_err(io("inspecting lock in", path))?;
+        if lock_st.st_uid != euid.as_raw()
+            || lock_st.st_nlink != 1
+            || FileType::from_raw_mode(lock_st.st_mode) != FileType::RegularFile
+        {
+            return Err(RuntimeDirError::Unsafe {
+                path: path.join("lock").display().to_string(),
+                why: format!(
+                    "it is not a plain file owned by this daemon (owner uid {}, {} links), so someone else may hold it; remove it",
+                    lock_st.st_uid, lock_st.st_nlink
+                ),
+            });
+        }
         rustix::fs::flock(&lock, FlockOperation::NonBlockingLockExclusive).map_err(|e| {
             if e == rustix::io::Errno::WOULDBLOCK {
                 RuntimeDirError::Busy(path.display().to_string())
@@ -232,6 +256,13 @@ impl RuntimeDir {
         .map_err(io("creating socket", &path))?;
         let addr = SocketAddrUnix::new(&path).map_err(io("socket path", &path))?;
         rustix::net::bind(&fd, &addr).map_err(io("binding", &path))?;
+        // Before listen: every connection, and every frame, then carries
+        // its sender's credentials (see `peer`).
+        crate::peer::pass_credentials(fd.as_fd()).map_err(|source| RuntimeDirError::Io {
+            what: "enabling sender credentials on",
+            path: path.display().to_string(),
+            source,
+        })?;
         rustix::fs::chmodat(
             &self.dir,
             SOCKET_NAME,

@@ -8,6 +8,11 @@
 //! the core. Only then does the server notify watchers. So a value is never
 //! visible (page, socket, device) before it would survive `kill -9`, and the
 //! page is always current before any watcher wakes up.
+//!
+//! The core is private: the only way to change the generation is
+//! [`Service::bump`], and only [`crate::watchers::Watchers`] (which owns
+//! the service and the admission limits) registers, releases and
+//! acknowledges watchers.
 
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
@@ -16,7 +21,10 @@ use rustix::fs::AtFlags;
 use sysgenid_core::{Core, CoreError, Generation};
 use sysgenid_page::{PageRecord, PageWriter};
 
-use crate::runtime_dir::RuntimeDir;
+use sysgenid_core::{Barrier, Counts, Tracking, WatcherId};
+use sysgenid_page::PageError;
+
+use crate::runtime_dir::{RuntimeDir, RuntimeDirError};
 use crate::state::{SavedState, StateError, StateFile};
 
 /// Why the daemon cannot start from what is on disk. Each message says what
@@ -54,9 +62,26 @@ pub enum StartError {
     /// `--recover` was given but the page has no valid record.
     #[error("--recover needs a valid page at {0}, and there is none")]
     NothingToRecover(String),
-    /// Saving or mapping failed.
-    #[error("{0}")]
-    Io(String),
+    /// The page file could not be opened in the runtime directory.
+    #[error(transparent)]
+    Dir(#[from] RuntimeDirError),
+    /// The page file could not be sized or mapped.
+    #[error(transparent)]
+    Page(#[from] PageError),
+    /// The state file could not be opened again or saved.
+    #[error(transparent)]
+    Save(StateError),
+    /// `--recover` could not remove the corrupt state file.
+    #[error("removing the corrupt state file {path}: {source}")]
+    RemoveCorrupt {
+        /// The state path.
+        path: String,
+        /// What failed.
+        source: std::io::Error,
+    },
+    /// The kernel RNG failed while drawing the first epoch id.
+    #[error("could not draw an epoch id: {0}")]
+    Random(getrandom::Error),
 }
 
 /// Why a bump was refused. Nothing changed.
@@ -70,7 +95,7 @@ pub enum BumpError {
     Save(#[from] StateError),
     /// The kernel RNG failed.
     #[error("could not draw an epoch id: {0}")]
-    Random(String),
+    Random(getrandom::Error),
 }
 
 fn now_unix_ns() -> u64 {
@@ -80,16 +105,15 @@ fn now_unix_ns() -> u64 {
         .unwrap_or(0)
 }
 
-fn random_epoch() -> Result<[u8; 16], BumpError> {
+fn random_epoch() -> Result<[u8; 16], getrandom::Error> {
     let mut epoch = [0u8; 16];
-    getrandom::fill(&mut epoch).map_err(|e| BumpError::Random(e.to_string()))?;
+    getrandom::fill(&mut epoch)?;
     Ok(epoch)
 }
 
 /// The live generation state of the daemon.
 pub struct Service {
-    /// The state machine.
-    pub core: Core,
+    core: Core,
     dir: RuntimeDir,
     state_file: StateFile,
     page: PageWriter,
@@ -104,9 +128,8 @@ impl Service {
     pub fn start(dir: RuntimeDir, recover: bool) -> Result<Service, StartError> {
         let page_path = dir.page_path().display().to_string();
         let dir_path = dir.path().display().to_string();
-        let page_file = dir.open_page().map_err(|e| StartError::Io(e.to_string()))?;
-        let page = PageWriter::new(page_file, &dir.page_path())
-            .map_err(|e| StartError::Io(e.to_string()))?;
+        let page_file = dir.open_page()?;
+        let page = PageWriter::new(page_file, &dir.page_path())?;
         let on_page = page.existing();
         let from_page = || -> Result<SavedState, StartError> {
             let rec = on_page.ok_or_else(|| StartError::NothingToRecover(page_path.clone()))?;
@@ -135,9 +158,11 @@ impl Service {
             Err(StateError::Corrupt { .. }) if recover => {
                 // Replace the corrupt file: --recover was asked for.
                 rustix::fs::unlinkat(dir.fd(), crate::state::STATE_NAME, AtFlags::empty())
-                    .map_err(|e| StartError::Io(format!("removing the corrupt state file: {e}")))?;
-                let (file, _) = StateFile::open(dir.fd(), &dir_path)
-                    .map_err(|e| StartError::Io(e.to_string()))?;
+                    .map_err(|e| StartError::RemoveCorrupt {
+                        path: format!("{dir_path}/{}", crate::state::STATE_NAME),
+                        source: e.into(),
+                    })?;
+                let (file, _) = StateFile::open(dir.fd(), &dir_path).map_err(StartError::Save)?;
                 (file, Some(from_page()?))
             }
             Err(source) => {
@@ -165,13 +190,11 @@ impl Service {
             }
             (None, _) => SavedState {
                 generation: 0,
-                epoch: random_epoch().map_err(|e| StartError::Io(e.to_string()))?,
+                epoch: random_epoch().map_err(StartError::Random)?,
                 changed_unix_ns: 0,
             },
         };
-        state_file
-            .save(&state)
-            .map_err(|e| StartError::Io(e.to_string()))?;
+        state_file.save(&state).map_err(StartError::Save)?;
         let record = PageRecord {
             generation: state.generation,
             epoch: state.epoch,
@@ -207,7 +230,7 @@ impl Service {
 
     /// Bumps (see the module docs for the order). `source` names what
     /// caused it, for status.
-    pub fn bump(
+    pub(crate) fn bump(
         &mut self,
         min_generation: Generation,
         source: &str,
@@ -215,7 +238,7 @@ impl Service {
         let next = self.core.next_generation(min_generation)?;
         let state = SavedState {
             generation: next,
-            epoch: random_epoch()?,
+            epoch: random_epoch().map_err(BumpError::Random)?,
             changed_unix_ns: now_unix_ns(),
         };
         self.state_file.save(&state)?;
@@ -230,8 +253,54 @@ impl Service {
         Ok(next)
     }
 
+    /// Counts at this instant (advisory).
+    pub fn counts(&self) -> Counts {
+        self.core.counts()
+    }
+
+    /// The core's exhaustion rule for a forced minimum.
+    pub(crate) fn check_minimum(
+        &self,
+        min: Generation,
+        allow_exhaustion: bool,
+    ) -> Result<(), CoreError> {
+        self.core.check_minimum(min, allow_exhaustion)
+    }
+
+    /// What the barrier would answer now for `caller`.
+    pub fn barrier(&self, caller: Option<WatcherId>) -> Result<Barrier, CoreError> {
+        self.core.barrier(caller)
+    }
+
+    /// The generation a watcher must handle, if it is outdated.
+    pub fn poll_read(&self, id: WatcherId) -> Result<Option<Generation>, CoreError> {
+        self.core.poll_read(id)
+    }
+
+    /// Whether a watcher is outdated.
+    pub fn is_outdated(&self, id: WatcherId) -> Result<bool, CoreError> {
+        self.core.is_outdated(id)
+    }
+
+    /// Registers a watcher. Only [`crate::watchers::Watchers`] calls this,
+    /// after its admission checks.
+    pub(crate) fn register(&mut self, tracking: Tracking, acked: Option<Generation>) -> WatcherId {
+        self.core.register(tracking, acked)
+    }
+
+    /// Removes a watcher.
+    pub(crate) fn unregister(&mut self, id: WatcherId) -> Result<Tracking, CoreError> {
+        self.core.unregister(id)
+    }
+
+    /// Acknowledges `generation` for a watcher; true if the barrier may
+    /// have moved.
+    pub(crate) fn ack(&mut self, id: WatcherId, generation: Generation) -> Result<bool, CoreError> {
+        self.core.ack(id, generation)
+    }
+
     /// Records that another source reported the same change (coalesced).
-    pub fn note_agreeing_source(&mut self, source: &str) {
+    pub(crate) fn note_agreeing_source(&mut self, source: &str) {
         if !self.last_change_sources.iter().any(|s| s == source) {
             self.last_change_sources.push(source.to_string());
         }

@@ -131,7 +131,11 @@ int main(int argc, char **argv)
 
 	CHECK("trigger_update(w, min)", sysgenid_trigger_update(w, 1000), 0);
 	CHECK("min honoured", *g1, 1000);
-	CHECK("trigger_update(UINT32_MAX)", sysgenid_trigger_update(w, UINT32_MAX), 0);
+	CHECK("exhausting minimum -> -EOVERFLOW", sysgenid_trigger_update(w, UINT32_MAX), -EOVERFLOW);
+	CHECK("refusal changed nothing", *g1, 1000);
+	CHECK("unknown flag -> -EINVAL", sysgenid_trigger_update_flags(w, UINT32_MAX, 2), -EINVAL);
+	CHECK("trigger_update_flags(UINT32_MAX, ALLOW_EXHAUSTION)",
+	      sysgenid_trigger_update_flags(w, UINT32_MAX, SYSGENID_UPDATE_ALLOW_EXHAUSTION), 0);
 	CHECK("at UINT32_MAX", *g1, UINT32_MAX);
 	CHECK("overflow -> -EOVERFLOW", sysgenid_trigger_update(w, 0), -EOVERFLOW);
 	CHECK("generation stays", *g1, UINT32_MAX);

@@ -11,7 +11,8 @@
 //! A reader thread reads requests from `/dev/fuse`. It answers on its own
 //! what needs no state (attributes, flush, page-cache fills of the mapping
 //! in fallback mode) and forwards the rest to the event loop as
-//! [`Command::Device`]. The loop owns [`Device`] and answers by writing to
+//! [`DeviceRequest`]s through the forwarding function the loop gave
+//! [`Device::start`]. The loop owns [`Device`] and answers by writing to
 //! the same descriptor (replies are whole messages, safe from any thread).
 //! Requests that must wait (a blocking `read`, `SYSGENID_WAIT_WATCHERS`)
 //! are *parked*: remembered by their `unique` and answered later, on a
@@ -40,15 +41,16 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use sysgenid_core::{Barrier, Core, CoreError, Tracking, WatcherId};
+use sysgenid_core::{Barrier, CoreError, Generation, Tracking, WatcherId};
 
 use sysgenid_page::{PageRecord, PageWriter};
 
 use crate::runtime_dir::RuntimeDir;
-use crate::server::{Command, Limits, LoopHandle};
 use crate::service::BumpError;
+use crate::watchers::Watchers;
+use crate::work::{BumpRequest, Pending, Requester, WorkList};
 pub use access::WriteAccess;
-use fuse::{opcode, Channel, Op, Request};
+use fuse::{opcode, Channel, InHeader, Op, Request};
 
 /// `SYSGENID_IOCTL`, the seed's ioctl type.
 pub const SYSGENID_IOCTL: u32 = 0x2d;
@@ -101,20 +103,11 @@ struct Handle {
     poll_kh: Option<u64>,
 }
 
+/// A parked `SYSGENID_WAIT_WATCHERS`: its FUSE `unique` and handle.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 struct ParkedWait {
     unique: u64,
     fh: u64,
-    deadline: Option<Instant>,
-}
-
-/// What the loop must do after a device request.
-#[derive(Debug, Default)]
-pub struct Effect {
-    /// A watcher was acknowledged or released: re-evaluate barrier waits.
-    pub settle: bool,
-    /// A privileged `SYSGENID_FORCE_GEN_UPDATE`: bump to at least `.1`,
-    /// then call [`Device::answer_bump`] with `.0`.
-    pub bump: Option<(u64, u32)>,
 }
 
 /// The device frontend, owned by the event loop.
@@ -128,7 +121,7 @@ pub struct Device {
     next_fh: u64,
     /// Parked blocking reads: (unique, fh).
     reads: Vec<(u64, u64)>,
-    waits: Vec<ParkedWait>,
+    waits: Pending<ParkedWait>,
     /// Who may open for writing.
     access: WriteAccess,
 }
@@ -137,31 +130,65 @@ pub struct Device {
 #[derive(Debug)]
 pub struct DeviceRequest(Request);
 
+/// How the reader thread hands a request to the loop; false when the loop
+/// is gone (the thread then ends).
+pub type Forward = Box<dyn Fn(DeviceRequest) -> bool + Send>;
+
 fn errno_of(e: &std::io::Error) -> i32 {
     e.raw_os_error().unwrap_or(0)
 }
 
-/// Why there is no device, for the startup line.
-pub type Disabled = String;
+/// Why the daemon runs without the device (not an error: the startup line
+/// says it).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Disabled {
+    /// `--device off`.
+    #[error("off (--device off)")]
+    Off,
+    /// The default, and not root.
+    #[error("off (not root; pass --device PATH to serve one)")]
+    NotRoot,
+    /// The default, and `/dev/sysgenid` is taken.
+    #[error("off ({DEFAULT_PATH} is not free: {0})")]
+    DefaultTaken(String),
+    /// No `/dev/fuse`.
+    #[error("off (/dev/fuse is missing, so {0} cannot be served; load the fuse module)")]
+    NoFuse(String),
+}
 
-/// Decides the mount point from the setting; `Err` is a reason to run
-/// without the device (`Ok(None)` from [`Device::start`]), or, for an
-/// explicit path, a fatal error.
-fn resolve(setting: &Setting) -> Result<PathBuf, (bool, String)> {
+/// Why a device that should be served cannot be: the daemon stops.
+#[derive(Debug, thiserror::Error)]
+#[error("cannot serve the device {path}: {step}: {source} (pass --device off to run without it)")]
+pub struct DeviceError {
+    /// The mount point.
+    path: String,
+    /// What was being done.
+    step: &'static str,
+    /// What failed.
+    source: std::io::Error,
+}
+
+/// What [`Device::start`] did.
+pub enum Started {
+    /// Serving the device.
+    Serving(Device),
+    /// Running without it, and why.
+    Disabled(Disabled),
+}
+
+/// Decides the mount point from the setting.
+fn resolve(setting: &Setting) -> Result<PathBuf, Disabled> {
     match setting {
-        Setting::Off => Err((false, "off (--device off)".into())),
+        Setting::Off => Err(Disabled::Off),
         Setting::Path(p) => Ok(p.clone()),
         Setting::Default => {
             if !rustix::process::geteuid().is_root() {
-                return Err((
-                    false,
-                    "off (not root; pass --device PATH to serve one)".into(),
-                ));
+                return Err(Disabled::NotRoot);
             }
             let p = PathBuf::from(DEFAULT_PATH);
             match check_mount_point(&p) {
                 Ok(_) => Ok(p),
-                Err(why) => Err((false, format!("off ({DEFAULT_PATH} is not free: {why})"))),
+                Err(why) => Err(Disabled::DefaultTaken(why)),
             }
         }
     }
@@ -217,56 +244,58 @@ fn check_mount_point(path: &Path) -> Result<MountPoint, String> {
 }
 
 impl Device {
-    /// Mounts the device (unless off) and starts its reader thread.
-    /// `Ok(Err(why))`: running without the device, and why.
+    /// Mounts the device (unless off) and starts its reader thread, which
+    /// hands requests to the loop through `forward`.
     pub fn start(
         setting: &Setting,
         dir: &RuntimeDir,
         record: &PageRecord,
-        handle: LoopHandle,
+        forward: Forward,
         access: WriteAccess,
-    ) -> Result<Result<Device, Disabled>, String> {
+    ) -> Result<Started, DeviceError> {
         let path = match resolve(setting) {
             Ok(p) => p,
-            Err((_, why)) => return Ok(Err(why)),
+            Err(why) => return Ok(Started::Disabled(why)),
         };
         if !Path::new("/dev/fuse").exists() {
-            return Ok(Err(format!(
-                "off (/dev/fuse is missing, so {} cannot be served; load the fuse module)",
-                path.display()
+            return Ok(Started::Disabled(Disabled::NoFuse(
+                path.display().to_string(),
             )));
         }
-        let fail = |what: &str, e: &dyn std::fmt::Display| {
-            format!(
-                "cannot serve the device {}: {what}: {e} (pass --device off to run without it)",
-                path.display()
-            )
+        let fail = |step: &'static str| {
+            let path = path.display().to_string();
+            move |source: std::io::Error| DeviceError { path, step, source }
         };
-        match check_mount_point(&path).map_err(|why| fail("refusing the mount point", &why))? {
+        let refused = |why: String| std::io::Error::other(why);
+        match check_mount_point(&path)
+            .map_err(refused)
+            .map_err(fail("refusing the mount point"))?
+        {
             MountPoint::Stale => {
                 tracing::warn!(
                     "replacing the stale device mount on {} left by a daemon that died",
                     path.display()
                 );
-                fuse::unmount(&path).map_err(|e| fail("detaching the stale mount", &e))?;
-                if let MountPoint::Absent =
-                    check_mount_point(&path).map_err(|why| fail("after detaching", &why))?
+                fuse::unmount(&path).map_err(fail("detaching the stale mount"))?;
+                if let MountPoint::Absent = check_mount_point(&path)
+                    .map_err(refused)
+                    .map_err(fail("after detaching"))?
                 {
-                    create_mount_point(&path).map_err(|e| fail("creating", &e))?;
+                    create_mount_point(&path).map_err(fail("creating"))?;
                 }
             }
-            MountPoint::Absent => create_mount_point(&path).map_err(|e| fail("creating", &e))?,
+            MountPoint::Absent => create_mount_point(&path).map_err(fail("creating"))?,
             MountPoint::EmptyFile => {}
         }
         let (mut mirror, page) =
-            open_device_page(dir).map_err(|e| fail("preparing the device page", &e))?;
+            open_device_page(dir).map_err(fail("preparing the device page"))?;
         mirror.publish(record);
-        let fd = fuse::mount(&path, access.kernel_checked()).map_err(|e| fail("mount", &e))?;
+        let fd = fuse::mount(&path, access.kernel_checked()).map_err(fail("mount"))?;
         let mmap = match handshake(&fd, &page) {
             Ok(mode) => mode,
             Err(e) => {
                 let _ = fuse::unmount(&path);
-                return Err(fail("FUSE handshake", &e));
+                return Err(fail("FUSE handshake")(e));
             }
         };
         let fuse = Arc::new(fd);
@@ -275,14 +304,14 @@ impl Device {
             .name("device".into())
             .spawn({
                 let (mode, gid) = (access.file_mode(), access.file_gid());
-                move || reader(reader_fd, page, handle, mode, gid)
+                move || reader(reader_fd, page, forward, mode, gid)
             })
-            .map_err(|e| fail("starting its thread", &e))?;
+            .map_err(fail("starting its thread"))?;
         // The root inode starts with size 0 until its first GETATTR, and a
         // mapping touched before that would fault (SIGBUS) in page-cache
         // mode: fetch the attributes now (answered by the reader thread).
-        std::fs::metadata(&path).map_err(|e| fail("checking the mount", &e))?;
-        Ok(Ok(Device {
+        std::fs::metadata(&path).map_err(fail("checking the mount"))?;
+        Ok(Started::Serving(Device {
             fuse,
             mirror,
             path,
@@ -290,7 +319,7 @@ impl Device {
             handles: HashMap::new(),
             next_fh: 1,
             reads: Vec::new(),
-            waits: Vec::new(),
+            waits: Pending::default(),
             access,
         }))
     }
@@ -312,195 +341,242 @@ impl Device {
         Channel::new(self.fuse.as_fd())
     }
 
-    /// Handles one forwarded request.
-    pub fn handle(
-        &mut self,
-        request: DeviceRequest,
-        core: &mut Core,
-        per_uid: &mut HashMap<u32, u32>,
-        limits: &Limits,
-    ) -> Effect {
-        let DeviceRequest(Request { header, op }) = request;
-        let unique = header.unique;
-        let mut effect = Effect::default();
-        let ch = Channel::new(self.fuse.as_fd());
-        let watcher = |fh: &u64| self.handles.get(fh).map(|h| h.watcher);
-        match op {
-            Op::Open { flags } => {
-                let counts = core.counts();
-                let mine = per_uid.get(&header.uid).copied().unwrap_or(0);
-                if counts.watchers >= limits.max_watchers || mine >= limits.max_watchers_per_uid {
-                    ch.error(unique, libc::EUSERS);
-                    return effect;
-                }
-                let read_only = flags & libc::O_ACCMODE as u32 == libc::O_RDONLY as u32;
-                // A handle opened for writing can map the shared page
-                // writable (the kernel checks only the FUSE file's mode; with
-                // passthrough the backing file is reopened read-write, and
-                // without it the page cache is shared by every mapper). An
-                // unprivileged writer could then hide a restore from every
-                // program that maps /dev/sysgenid, so write opens are for
-                // privileged callers; everyone may open read-only, which
-                // reads, polls and maps but cannot acknowledge.
-                // With a device group the kernel has checked this open
-                // already (`access`).
-                if !read_only
-                    && !self.access.kernel_checked()
-                    && !crate::peer::process_may_bump(header.pid, header.uid)
-                {
-                    tracing::info!(
-                        uid = header.uid,
-                        pid = header.pid,
-                        "device: refused a write open by an unprivileged process (open it read-only, or use the socket client to acknowledge)"
-                    );
-                    ch.error(unique, libc::EACCES);
-                    return effect;
-                }
-                // A read-only handle can never acknowledge (write(2) needs
-                // write access), so it never holds up the barrier.
-                let tracking = if read_only {
-                    Tracking::Untracked
-                } else {
-                    Tracking::Tracked
-                };
-                let id = core.register(tracking, None);
-                *per_uid.entry(header.uid).or_insert(0) += 1;
-                let fh = self.next_fh;
-                self.next_fh += 1;
-                self.handles.insert(
-                    fh,
-                    Handle {
-                        watcher: id,
-                        uid: header.uid,
-                        poll_kh: None,
-                    },
-                );
-                // DIRECT_IO: read/write/poll/ioctl come to us even with
-                // passthrough (only mmap goes to the backing file). The
-                // kernel refuses STREAM with PASSTHROUGH (FOPEN_PASSTHROUGH_MASK).
-                use fuse::fopen::{DIRECT_IO, PASSTHROUGH, STREAM};
-                match self.mmap {
-                    MmapMode::Passthrough(id) => ch.open(unique, fh, DIRECT_IO | PASSTHROUGH, id),
-                    MmapMode::PageCache => ch.open(unique, fh, DIRECT_IO | STREAM, 0),
-                }
-            }
-            Op::Release { fh } => {
-                if let Some(h) = self.handles.remove(&fh) {
-                    effect.settle = core.unregister(h.watcher).is_ok();
-                    if let Some(n) = per_uid.get_mut(&h.uid) {
-                        *n -= 1;
-                        if *n == 0 {
-                            per_uid.remove(&h.uid);
-                        }
-                    }
-                }
-                self.reads.retain(|&(_, f)| f != fh);
-                self.waits.retain(|w| w.fh != fh);
-                ch.ok(unique, &[]);
-            }
-            Op::Read {
-                fh, size, flags, ..
-            } => match watcher(&fh).map(|w| core.poll_read(w)) {
-                None | Some(Err(_)) => ch.error(unique, libc::EBADF),
-                Some(_) if size == 0 => ch.ok(unique, &[]),
-                Some(_) if size < 4 => ch.error(unique, libc::EINVAL),
-                Some(Ok(Some(generation))) => ch.ok(unique, &generation.to_ne_bytes()),
-                Some(Ok(None)) if flags & libc::O_NONBLOCK as u32 != 0 => {
-                    ch.error(unique, libc::EAGAIN)
-                }
-                Some(Ok(None)) => self.reads.push((unique, fh)),
-            },
-            Op::Write { fh, data, .. } => {
-                let Some(id) = watcher(&fh) else {
-                    ch.error(unique, libc::EBADF);
-                    return effect;
-                };
-                let Ok(bytes) = <[u8; 4]>::try_from(data.as_slice()) else {
-                    ch.error(unique, libc::EINVAL);
-                    return effect;
-                };
-                match core.ack(id, u32::from_ne_bytes(bytes)) {
-                    Ok(changed) => {
-                        effect.settle = changed;
-                        ch.written(unique, 4);
-                    }
-                    Err(_) => ch.error(unique, libc::EINVAL),
-                }
-            }
-            Op::Poll { fh, kh, flags } => {
-                let Some(h) = self.handles.get_mut(&fh) else {
-                    ch.error(unique, libc::EBADF);
-                    return effect;
-                };
-                if flags & fuse::POLL_SCHEDULE_NOTIFY != 0 {
-                    h.poll_kh = Some(kh);
-                }
-                let outdated = core.is_outdated(h.watcher).unwrap_or(false);
-                let revents = if outdated {
-                    (libc::POLLIN | libc::POLLRDNORM) as u32
-                } else {
-                    0
-                };
-                ch.poll(unique, revents);
-            }
-            Op::Ioctl { fh, cmd, arg } => {
-                let Some(id) = watcher(&fh) else {
-                    ch.error(unique, libc::EBADF);
-                    return effect;
-                };
-                match cmd {
-                    SYSGENID_GET_OUTDATED_WATCHERS => {
-                        ch.ioctl(unique, core.counts().outdated as i32)
-                    }
-                    SYSGENID_WAIT_WATCHERS => match core.barrier(Some(id)) {
-                        Ok(Barrier::Satisfied) => ch.ioctl(unique, 0),
-                        Ok(Barrier::Interrupted { .. }) => ch.error(unique, libc::EINTR),
-                        Ok(Barrier::Pending { .. }) => self.waits.push(ParkedWait {
-                            unique,
-                            fh,
-                            deadline: (arg > 0)
-                                .then(|| Instant::now() + Duration::from_millis(arg)),
-                        }),
-                        Err(_) => ch.error(unique, libc::EIO),
-                    },
-                    SYSGENID_FORCE_GEN_UPDATE => {
-                        if !crate::peer::process_may_bump(header.pid, header.uid) {
-                            tracing::warn!(
-                                uid = header.uid,
-                                pid = header.pid,
-                                "device: refused SYSGENID_FORCE_GEN_UPDATE (needs CAP_SYS_ADMIN or CAP_CHECKPOINT_RESTORE)"
-                            );
-                            ch.error(unique, libc::EACCES);
-                        } else if let Ok(min) = u32::try_from(arg) {
-                            effect.bump = Some((unique, min));
-                        } else {
-                            ch.error(unique, libc::EINVAL);
-                        }
-                    }
-                    _ => ch.error(unique, libc::ENOTTY),
-                }
-            }
-            Op::Interrupt { unique: target } => {
-                if let Some(i) = self.reads.iter().position(|&(u, _)| u == target) {
-                    self.reads.swap_remove(i);
-                    ch.error(target, libc::EINTR);
-                } else if let Some(i) = self.waits.iter().position(|w| w.unique == target) {
-                    self.waits.swap_remove(i);
-                    ch.error(target, libc::EINTR);
-                }
-                // Otherwise it was already answered: nothing to do (an
-                // interrupt never gets a reply of its own).
-            }
-            Op::Init { .. } | Op::Other => ch.error(unique, libc::ENOSYS),
-        }
-        effect
+    fn watcher(&self, fh: u64) -> Option<WatcherId> {
+        self.handles.get(&fh).map(|h| h.watcher)
     }
 
-    /// Ends a forced update started by [`Effect::bump`].
-    pub fn answer_bump(&self, unique: u64, result: &Result<u32, BumpError>) {
+    /// Handles one forwarded request: one function per operation. What
+    /// follows for others (a settle, a forced update) goes on `work`.
+    pub fn handle(&mut self, request: DeviceRequest, watchers: &mut Watchers, work: &mut WorkList) {
+        let DeviceRequest(Request { header, op }) = request;
+        match op {
+            Op::Open { flags } => self.open(&header, flags, watchers),
+            Op::Release { fh } => self.release(header.unique, fh, watchers, work),
+            Op::Read {
+                fh, size, flags, ..
+            } => self.read(header.unique, fh, size, flags, watchers),
+            Op::Write { fh, data, .. } => self.write(header.unique, fh, &data, watchers, work),
+            Op::Poll { fh, kh, flags } => self.poll(header.unique, fh, kh, flags, watchers),
+            Op::Ioctl { fh, cmd, arg } => self.ioctl(&header, fh, cmd, arg, watchers, work),
+            Op::Interrupt { unique } => self.interrupt(unique),
+            Op::Init { .. } | Op::Other => self.channel().error(header.unique, libc::ENOSYS),
+        }
+    }
+
+    /// `open(2)`: a new watcher, if the limits allow (`EUSERS`) and, for
+    /// write access, the caller is privileged (`EACCES`).
+    fn open(&mut self, header: &InHeader, flags: u32, watchers: &mut Watchers) {
+        let unique = header.unique;
+        let read_only = flags & libc::O_ACCMODE as u32 == libc::O_RDONLY as u32;
+        // A handle opened for writing can map the shared page
+        // writable (the kernel checks only the FUSE file's mode; with
+        // passthrough the backing file is reopened read-write, and
+        // without it the page cache is shared by every mapper). An
+        // unprivileged writer could then hide a restore from every
+        // program that maps /dev/sysgenid, so write opens are for
+        // privileged callers; everyone may open read-only, which
+        // reads, polls and maps but cannot acknowledge.
+        if watchers.check_admission(header.uid).is_err() {
+            // Before the privilege check: a full daemon answers EUSERS to
+            // everyone.
+            self.channel().error(unique, libc::EUSERS);
+            return;
+        }
+        // With a device group the kernel has checked this open already
+        // (`access`).
+        if !read_only
+            && !self.access.kernel_checked()
+            && !crate::peer::process_may_bump(header.pid, header.uid)
+        {
+            tracing::info!(
+                uid = header.uid,
+                pid = header.pid,
+                "device: refused a write open by an unprivileged process (open it read-only, or use the socket client to acknowledge)"
+            );
+            self.channel().error(unique, libc::EACCES);
+            return;
+        }
+        // A read-only handle can never acknowledge (write(2) needs
+        // write access), so it never holds up the barrier.
+        let tracking = if read_only {
+            Tracking::Untracked
+        } else {
+            Tracking::Tracked
+        };
+        let Ok(id) = watchers.admit(header.uid, tracking, None) else {
+            self.channel().error(unique, libc::EUSERS);
+            return;
+        };
+        let fh = self.next_fh;
+        self.next_fh += 1;
+        self.handles.insert(
+            fh,
+            Handle {
+                watcher: id,
+                uid: header.uid,
+                poll_kh: None,
+            },
+        );
+        // DIRECT_IO: read/write/poll/ioctl come to us even with
+        // passthrough (only mmap goes to the backing file). The
+        // kernel refuses STREAM with PASSTHROUGH (FOPEN_PASSTHROUGH_MASK).
+        use fuse::fopen::{DIRECT_IO, PASSTHROUGH, STREAM};
+        let ch = self.channel();
+        match self.mmap {
+            MmapMode::Passthrough(id) => ch.open(unique, fh, DIRECT_IO | PASSTHROUGH, id),
+            MmapMode::PageCache => ch.open(unique, fh, DIRECT_IO | STREAM, 0),
+        }
+    }
+
+    /// The last `close(2)` of a handle: the watcher goes, and with it
+    /// whatever it had parked.
+    fn release(&mut self, unique: u64, fh: u64, watchers: &mut Watchers, work: &mut WorkList) {
+        if let Some(h) = self.handles.remove(&fh) {
+            if watchers.release(h.watcher, h.uid) {
+                work.settle();
+            }
+        }
+        self.reads.retain(|&(_, f)| f != fh);
+        self.waits.remove_where(|w| w.fh == fh);
+        self.channel().ok(unique, &[]);
+    }
+
+    /// `read(2)`: the new generation, `EAGAIN` when non-blocking and up to
+    /// date, else parked until a bump.
+    fn read(&mut self, unique: u64, fh: u64, size: u32, flags: u32, watchers: &Watchers) {
+        let ch = self.channel();
+        match self.watcher(fh).map(|w| watchers.poll_read(w)) {
+            None | Some(Err(_)) => ch.error(unique, libc::EBADF),
+            Some(_) if size == 0 => ch.ok(unique, &[]),
+            Some(_) if size < 4 => ch.error(unique, libc::EINVAL),
+            Some(Ok(Some(generation))) => ch.ok(unique, &generation.to_ne_bytes()),
+            Some(Ok(None)) if flags & libc::O_NONBLOCK as u32 != 0 => {
+                ch.error(unique, libc::EAGAIN)
+            }
+            Some(Ok(None)) => self.reads.push((unique, fh)),
+        }
+    }
+
+    /// `write(2)`: acknowledges the generation written (`EINVAL` if it is
+    /// not the current one).
+    fn write(
+        &mut self,
+        unique: u64,
+        fh: u64,
+        data: &[u8],
+        watchers: &mut Watchers,
+        work: &mut WorkList,
+    ) {
+        let ch = self.channel();
+        let Some(id) = self.watcher(fh) else {
+            ch.error(unique, libc::EBADF);
+            return;
+        };
+        let Ok(bytes) = <[u8; 4]>::try_from(data) else {
+            ch.error(unique, libc::EINVAL);
+            return;
+        };
+        match watchers.ack(id, u32::from_ne_bytes(bytes)) {
+            Ok(changed) => {
+                if changed {
+                    work.settle();
+                }
+                ch.written(unique, 4);
+            }
+            Err(_) => ch.error(unique, libc::EINVAL),
+        }
+    }
+
+    /// `poll(2)`: readable while outdated; remembers the kernel's handle to
+    /// notify on the next bump.
+    fn poll(&mut self, unique: u64, fh: u64, kh: u64, flags: u32, watchers: &Watchers) {
+        let ch = Channel::new(self.fuse.as_fd());
+        let Some(h) = self.handles.get_mut(&fh) else {
+            ch.error(unique, libc::EBADF);
+            return;
+        };
+        if flags & fuse::POLL_SCHEDULE_NOTIFY != 0 {
+            h.poll_kh = Some(kh);
+        }
+        let outdated = watchers.is_outdated(h.watcher).unwrap_or(false);
+        let revents = if outdated {
+            (libc::POLLIN | libc::POLLRDNORM) as u32
+        } else {
+            0
+        };
+        ch.poll(unique, revents);
+    }
+
+    /// The seed's three ioctls.
+    fn ioctl(
+        &mut self,
+        header: &InHeader,
+        fh: u64,
+        cmd: u32,
+        arg: u64,
+        watchers: &mut Watchers,
+        work: &mut WorkList,
+    ) {
+        let unique = header.unique;
+        let ch = self.channel();
+        let Some(id) = self.watcher(fh) else {
+            ch.error(unique, libc::EBADF);
+            return;
+        };
+        match cmd {
+            SYSGENID_GET_OUTDATED_WATCHERS => ch.ioctl(unique, watchers.counts().outdated as i32),
+            SYSGENID_WAIT_WATCHERS => match watchers.barrier(Some(id)) {
+                Ok(Barrier::Satisfied) => ch.ioctl(unique, 0),
+                Ok(Barrier::Interrupted { .. }) => ch.error(unique, libc::EINTR),
+                Ok(Barrier::Pending { .. }) => self.waits.add(
+                    ParkedWait { unique, fh },
+                    (arg > 0).then(|| Instant::now() + Duration::from_millis(arg)),
+                ),
+                Err(_) => ch.error(unique, libc::EIO),
+            },
+            SYSGENID_FORCE_GEN_UPDATE => {
+                if !crate::peer::process_may_bump(header.pid, header.uid) {
+                    tracing::warn!(
+                        uid = header.uid,
+                        pid = header.pid,
+                        "device: refused SYSGENID_FORCE_GEN_UPDATE (needs CAP_SYS_ADMIN or CAP_CHECKPOINT_RESTORE)"
+                    );
+                    ch.error(unique, libc::EACCES);
+                } else if let Ok(min) = u32::try_from(arg) {
+                    // The loop bumps, fans out, then calls `answer_bump`.
+                    // The seed's ioctl has no flag: an exhausting minimum
+                    // is refused (EOVERFLOW).
+                    work.bump(BumpRequest {
+                        min,
+                        allow_exhaustion: false,
+                        requester: Requester::Device(unique),
+                    });
+                } else {
+                    ch.error(unique, libc::EINVAL);
+                }
+            }
+            _ => ch.error(unique, libc::ENOTTY),
+        }
+    }
+
+    /// `FUSE_INTERRUPT`: a parked request's caller got a signal (`EINTR`).
+    fn interrupt(&mut self, target: u64) {
+        let ch = Channel::new(self.fuse.as_fd());
+        if let Some(i) = self.reads.iter().position(|&(u, _)| u == target) {
+            self.reads.swap_remove(i);
+            ch.error(target, libc::EINTR);
+        } else if !self.waits.remove_where(|w| w.unique == target).is_empty() {
+            ch.error(target, libc::EINTR);
+        }
+        // Otherwise it was already answered: nothing to do (an
+        // interrupt never gets a reply of its own).
+    }
+
+    /// Ends a forced update queued as [`Requester::Device`].
+    pub fn answer_bump(&self, unique: u64, result: &Result<Generation, BumpError>) {
         match result {
             Ok(_) => self.channel().ioctl(unique, 0),
-            Err(BumpError::Core(CoreError::Overflow { .. })) => {
+            Err(BumpError::Core(CoreError::Overflow { .. } | CoreError::WouldExhaust { .. })) => {
                 self.channel().error(unique, libc::EOVERFLOW)
             }
             Err(_) => self.channel().error(unique, libc::EIO),
@@ -510,8 +586,8 @@ impl Device {
     /// After a bump (the page is published): make mappings current, then
     /// wake blocked readers and pollers. Barrier waits are settled by
     /// [`Device::settle`], which the loop calls next.
-    pub fn on_bump(&mut self, core: &Core, record: &PageRecord) {
-        self.mirror.publish(record);
+    pub fn on_bump(&mut self, watchers: &Watchers) {
+        self.mirror.publish(watchers.record());
         let ch = Channel::new(self.fuse.as_fd());
         if self.mmap == MmapMode::PageCache {
             // Before any watcher wakes; the reader thread answers the
@@ -522,7 +598,7 @@ impl Device {
             let generation = self
                 .handles
                 .get(&fh)
-                .and_then(|h| core.poll_read(h.watcher).ok().flatten());
+                .and_then(|h| watchers.poll_read(h.watcher).ok().flatten());
             match generation {
                 Some(g) => ch.ok(unique, &g.to_ne_bytes()),
                 None => self.reads.push((unique, fh)),
@@ -536,46 +612,39 @@ impl Device {
     }
 
     /// Answers every parked barrier wait that is no longer pending.
-    pub fn settle(&mut self, core: &Core) {
+    pub fn settle(&mut self, watchers: &Watchers) {
         let ch = Channel::new(self.fuse.as_fd());
-        self.waits.retain(|w| {
-            let Some(h) = self.handles.get(&w.fh) else {
-                ch.error(w.unique, libc::EBADF);
-                return false;
+        let handles = &self.handles;
+        let done = self.waits.settle(|w| {
+            let Some(h) = handles.get(&w.fh) else {
+                return Some(libc::EBADF);
             };
-            match core.barrier(Some(h.watcher)) {
-                Ok(Barrier::Pending { .. }) => true,
-                Ok(Barrier::Satisfied) => {
-                    ch.ioctl(w.unique, 0);
-                    false
-                }
-                Ok(Barrier::Interrupted { .. }) => {
-                    ch.error(w.unique, libc::EINTR);
-                    false
-                }
-                Err(_) => {
-                    ch.error(w.unique, libc::EIO);
-                    false
-                }
+            match watchers.barrier(Some(h.watcher)) {
+                Ok(Barrier::Pending { .. }) => None,
+                Ok(Barrier::Satisfied) => Some(0),
+                Ok(Barrier::Interrupted { .. }) => Some(libc::EINTR),
+                Err(_) => Some(libc::EIO),
             }
         });
+        for (w, errno) in done {
+            match errno {
+                0 => ch.ioctl(w.unique, 0),
+                errno => ch.error(w.unique, errno),
+            }
+        }
     }
 
     /// Ends barrier waits whose deadline passed with `ETIMEDOUT`.
     pub fn expire(&mut self, now: Instant) {
         let ch = Channel::new(self.fuse.as_fd());
-        self.waits.retain(|w| match w.deadline {
-            Some(d) if d <= now => {
-                ch.error(w.unique, libc::ETIMEDOUT);
-                false
-            }
-            _ => true,
-        });
+        for w in self.waits.expire(now) {
+            ch.error(w.unique, libc::ETIMEDOUT);
+        }
     }
 
     /// The earliest barrier deadline.
     pub fn next_deadline(&self) -> Option<Instant> {
-        self.waits.iter().filter_map(|w| w.deadline).min()
+        self.waits.next_deadline()
     }
 
     /// Clean exit: ends parked requests, detaches the mount and removes
@@ -585,7 +654,7 @@ impl Device {
         for (unique, _) in self.reads.drain(..) {
             ch.error(unique, libc::ENOTCONN);
         }
-        for w in self.waits.drain(..) {
+        for w in self.waits.drain() {
             ch.error(w.unique, libc::ENOTCONN);
         }
         if let Err(e) = fuse::unmount(&self.path) {
@@ -705,7 +774,7 @@ fn now_secs() -> u64 {
 }
 
 /// The reader thread: answers what needs no state, forwards the rest.
-fn reader(fd: Arc<OwnedFd>, page: File, handle: LoopHandle, mode: u32, gid: u32) {
+fn reader(fd: Arc<OwnedFd>, page: File, forward: Forward, mode: u32, gid: u32) {
     let mut buf = vec![0u8; fuse::READ_BUFFER];
     let ch = Channel::new(fd.as_fd());
     let attr = fuse::Attr {
@@ -781,7 +850,7 @@ fn reader(fd: Arc<OwnedFd>, page: File, handle: LoopHandle, mode: u32, gid: u32)
                 | Op::Interrupt { .. },
                 _,
             ) => {
-                if !handle.send(Command::Device(DeviceRequest(request))) {
+                if !forward(DeviceRequest(request)) {
                     return;
                 }
             }

@@ -1,0 +1,619 @@
+//! The event loop: one thread, one `epoll` (via mio), and everything that
+//! happens in the daemon happens here, in turns.
+//!
+//! Everything that changes the generation or a watcher runs on this thread,
+//! so the core needs no locks. Sources and the device's reader thread run
+//! in their own threads and hand their events over a channel plus a
+//! [`mio::Waker`] ([`LoopHandle`], [`Command`]).
+//!
+//! The loop owns the [`Watchers`] and both frontends ([`SocketFrontend`],
+//! [`Device`]) and is the only code that calls both: the frontends know
+//! only `watchers` and `work`, never each other or the loop.
+//!
+//! # A turn
+//! 1. Wait for readiness, a command or the earliest deadline (without
+//!    blocking when connections are queued to be read again).
+//! 2. Dispatch: accept, read each ready connection (a bounded number of
+//!    frames each), drain the command channel.
+//! 3. Read the connections the work list names again, once each.
+//! 4. Process the work list until it is empty: each privileged bump is made
+//!    durable and then fanned out ([`EventLoop::bump`]: device mirror and
+//!    readers first, then one `Changed` per socket watcher), then pending
+//!    barrier waits on both frontends are settled. Nothing here calls back
+//!    into frame reading: a connection whose wait ends is queued for step 3
+//!    of the next turn.
+//! 5. Expire deadlines (barrier waits, `Hello` timeouts, the lifecycle's
+//!    freeze deadline and freeze bound), process the work list again, close
+//!    connections marked for closing (their watchers' release queues a
+//!    settle) and process it once more.
+//!
+//! # The lifecycle
+//! Lifecycle transitions (`sysgenid_core::lifecycle`) are queued on the work
+//! list by whoever caused them and announced here, in order
+//! ([`EventLoop::announce`]): `Freeze`/`Thaw` to the socket's participants,
+//! a job to the hooks runner, the outcome to the orchestrator waiting for
+//! its freeze. The hooks directory counts as one participant for a freeze
+//! (confirmed when every hook exited) and as one tracked watcher per hook
+//! for a change (released when the change's hooks exited). The device's
+//! watchers are plain watchers: they count for the thaw after a restore,
+//! never for a freeze.
+
+use std::collections::HashMap;
+use std::io;
+use std::os::fd::OwnedFd;
+use std::sync::mpsc::{Receiver, Sender};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use mio::{Events, Interest, Poll, Token, Waker};
+use sysgenid_core::lifecycle::{self, AbortReason, ParticipantId, ThawReason, Transition};
+use sysgenid_core::{Generation, Tracking, WatcherId};
+use sysgenid_proto::{LifecycleState, Reply, SourceStatus, StatusReport};
+
+use crate::device::{Device, DeviceRequest, Forward};
+use crate::hooks::{Finished, HookEvent, Hooks, Job};
+use crate::service::{BumpError, Service};
+use crate::socket::{self, Context, FreezeOutcome, SocketFrontend};
+use crate::state::epoch_hex;
+use crate::watchers::{BumpCause, Limits, Watchers};
+use crate::work::{BumpRequest, Requester, WorkList};
+
+const WAKER: Token = Token(usize::MAX - 2);
+const SIGNALS: Token = Token(usize::MAX - 3);
+
+/// Work handed to the event loop by other threads.
+#[derive(Debug)]
+pub enum Command {
+    /// A restore-signal source saw a restore.
+    SourceEvent(sysgenid_sources::SourceEvent),
+    /// A source thread ended.
+    SourceStopped {
+        /// The source.
+        name: &'static str,
+        /// Why.
+        error: String,
+    },
+    /// A request on the `/dev/sysgenid` FUSE device (see `device`).
+    Device(DeviceRequest),
+    /// The hooks runner finished a job (see `hooks`).
+    Hooks(Finished),
+}
+
+/// A handle other threads use to reach the loop.
+#[derive(Clone)]
+pub struct LoopHandle {
+    tx: Sender<Command>,
+    waker: Arc<Waker>,
+}
+
+impl LoopHandle {
+    /// Sends a command and wakes the loop. Returns false when the loop is
+    /// gone (the daemon is exiting).
+    pub fn send(&self, command: Command) -> bool {
+        self.tx.send(command).is_ok() && self.waker.wake().is_ok()
+    }
+
+    /// The device reader thread's way in.
+    pub fn device_forward(&self) -> Forward {
+        let handle = self.clone();
+        Box::new(move |request| handle.send(Command::Device(request)))
+    }
+}
+
+/// The event loop and everything it owns.
+pub struct EventLoop {
+    poll: Poll,
+    /// Kept open: the signal handler writes to its other end.
+    _signals: mio::unix::pipe::Receiver,
+    commands: Receiver<Command>,
+    handle: LoopHandle,
+    watchers: Watchers,
+    socket: SocketFrontend,
+    /// The FUSE device frontend, when serving one.
+    device: Option<Device>,
+    work: WorkList,
+    /// Status lines of the restore-signal sources (the `manual` one is
+    /// kept by [`Watchers`]).
+    sources: Vec<SourceStatus>,
+    coalescer: sysgenid_sources::Coalescer,
+    /// Record timestamp → page, of the last bump by a timestamped kernel
+    /// signal (status `last_kernel_lag_us`).
+    last_kernel_lag_us: Option<u64>,
+    shutting_down: bool,
+    /// The hooks directory's runner, when hooks are on.
+    hooks: Option<HooksState>,
+    /// systemd's watchdog, pinged by this loop as one of its timers.
+    watchdog: crate::supervisor::Watchdog,
+}
+
+/// The hooks runner and what the loop tracks for it.
+struct HooksState {
+    runner: Hooks,
+    /// The hooks' lifecycle participant (confirmed when a freeze's hooks
+    /// have all exited).
+    participant: ParticipantId,
+    /// The tracked watchers each change job holds, by ticket.
+    watchers: HashMap<u64, Vec<WatcherId>>,
+    next_ticket: u64,
+}
+
+/// `CLOCK_MONOTONIC` in microseconds: the scale of a kernel log record's
+/// timestamp (the printk clock counts from boot like it, unslewed).
+fn monotonic_us() -> u64 {
+    let t = rustix::time::clock_gettime(rustix::time::ClockId::Monotonic);
+    t.tv_sec as u64 * 1_000_000 + t.tv_nsec as u64 / 1_000
+}
+
+/// The status report, from what the loop owns.
+fn status_report(
+    watchers: &Watchers,
+    sources: &[SourceStatus],
+    device: Option<&Device>,
+    last_kernel_lag_us: Option<u64>,
+    hooks: Option<&Hooks>,
+) -> StatusReport {
+    let lifecycle = watchers.lifecycle_counts();
+    let counts = watchers.counts();
+    let service = watchers.service();
+    let record = service.record();
+    StatusReport {
+        generation: counts.generation,
+        epoch: epoch_hex(&record.epoch),
+        watchers: counts.watchers,
+        tracked: counts.tracked,
+        outdated: counts.outdated,
+        outdated_untracked: counts.outdated_untracked,
+        uptime_ms: service.uptime().as_millis() as u64,
+        last_change_unix_ms: (record.changed_unix_ns > 0)
+            .then_some(record.changed_unix_ns / 1_000_000),
+        last_change_sources: service.last_change_sources().to_vec(),
+        last_kernel_lag_us,
+        sources: std::iter::once(watchers.manual_status().clone())
+            .chain(sources.iter().cloned())
+            .collect(),
+        runtime_dir: service.dir().path().display().to_string(),
+        device: device.map(|d| d.describe()),
+        daemon_version: env!("CARGO_PKG_VERSION").to_string(),
+        state: match lifecycle.state {
+            lifecycle::State::Running => LifecycleState::Running,
+            lifecycle::State::Freezing => LifecycleState::Freezing,
+            lifecycle::State::Frozen => LifecycleState::Frozen,
+        },
+        pending: lifecycle.pending,
+        frozen_ms: lifecycle.frozen_ms,
+        participants: lifecycle.participants,
+        freeze: lifecycle.freeze,
+        thaw_after_acks: lifecycle.thaw_after_acks,
+        hooks: hooks.map(|h| Box::new(h.status())),
+    }
+}
+
+impl EventLoop {
+    /// Sets up the loop around a started service and a bound listener.
+    pub fn new(
+        service: Service,
+        listener: OwnedFd,
+        limits: Limits,
+        coalescer: sysgenid_sources::Coalescer,
+    ) -> io::Result<EventLoop> {
+        let poll = Poll::new()?;
+        let waker = Arc::new(Waker::new(poll.registry(), WAKER)?);
+        let (tx, commands) = std::sync::mpsc::channel();
+        let socket = SocketFrontend::new(listener, poll.registry().try_clone()?)?;
+        let (sig_tx, mut signals) = mio::unix::pipe::new()?;
+        let sig_tx = OwnedFd::from(sig_tx);
+        for sig in [signal_hook::consts::SIGTERM, signal_hook::consts::SIGINT] {
+            signal_hook::low_level::pipe::register(sig, sig_tx.try_clone()?)?;
+        }
+        poll.registry()
+            .register(&mut signals, SIGNALS, Interest::READABLE)?;
+        // Writing to a socket whose peer is gone must be an error, not death.
+        // SAFETY: setting SIGPIPE to SIG_IGN is async-signal-safe and has no
+        // memory-safety preconditions.
+        unsafe { libc::signal(libc::SIGPIPE, libc::SIG_IGN) };
+        Ok(EventLoop {
+            poll,
+            _signals: signals,
+            commands,
+            handle: LoopHandle { tx, waker },
+            watchers: Watchers::new(service, limits),
+            socket,
+            device: None,
+            work: WorkList::default(),
+            sources: Vec::new(),
+            coalescer,
+            last_kernel_lag_us: None,
+            shutting_down: false,
+            hooks: None,
+            watchdog: crate::supervisor::Watchdog::from_env(),
+        })
+    }
+
+    /// Sets the lifecycle's settings (before `run`).
+    pub fn configure_lifecycle(&mut self, config: lifecycle::Config) {
+        self.watchers.configure_lifecycle(config);
+    }
+
+    /// Runs the hooks directory from now on (see `hooks`); its runner
+    /// reports through [`Command::Hooks`].
+    pub fn attach_hooks(&mut self, runner: Hooks) {
+        let participant = self.watchers.join(Tracking::Tracked).id;
+        self.hooks = Some(HooksState {
+            runner,
+            participant,
+            watchers: HashMap::new(),
+            next_ticket: 0,
+        });
+    }
+
+    /// A handle for source threads and the device.
+    pub fn handle(&self) -> LoopHandle {
+        self.handle.clone()
+    }
+
+    /// Registers a source for status reporting.
+    pub fn add_source_status(&mut self, status: SourceStatus) {
+        self.sources.push(status);
+    }
+
+    /// Serves the device's requests from now on (see `device`).
+    pub fn attach_device(&mut self, device: Device) {
+        self.device = Some(device);
+    }
+
+    /// The service (for the startup line).
+    pub fn service(&self) -> &Service {
+        self.watchers.service()
+    }
+
+    /// Runs until SIGTERM/SIGINT.
+    pub fn run(&mut self) -> io::Result<()> {
+        let mut events = Events::with_capacity(1024);
+        while !self.shutting_down {
+            let timeout = if self.work.has_resumed() {
+                Some(Duration::ZERO)
+            } else {
+                self.next_deadline()
+                    .map(|d| d.saturating_duration_since(Instant::now()))
+            };
+            match self.poll.poll(&mut events, timeout) {
+                Ok(()) => {}
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => return Err(e),
+            }
+            let resumed = self.work.take_resumed();
+            for event in events.iter() {
+                match event.token() {
+                    socket::LISTENER => self.socket.accept_all(&self.watchers),
+                    WAKER => self.drain_commands(),
+                    SIGNALS => self.shutting_down = true,
+                    Token(key) => {
+                        let closed = event.is_read_closed() || event.is_error();
+                        let readable = event.is_readable() || closed;
+                        let writable = event.is_writable();
+                        self.with_socket(|socket, cx| {
+                            socket.on_event(key, writable, readable, closed, cx)
+                        });
+                    }
+                }
+            }
+            for key in resumed {
+                self.with_socket(|socket, cx| socket.resume(key, cx));
+            }
+            self.process_work();
+            let now = Instant::now();
+            if let Some(device) = &mut self.device {
+                device.expire(now);
+            }
+            self.with_socket(|socket, cx| socket.expire(now, cx));
+            let transition = self.watchers.lifecycle_tick(now);
+            self.work.transition(transition);
+            self.watchdog.tick(now);
+            self.process_work();
+            self.socket.reap(&mut self.watchers, &mut self.work);
+            self.process_work();
+        }
+        self.shutdown();
+        Ok(())
+    }
+
+    /// Runs `f` on the socket frontend with the context it may touch.
+    fn with_socket(&mut self, f: impl FnOnce(&mut SocketFrontend, &mut Context<'_>)) {
+        let sources = &self.sources;
+        let device = self.device.as_ref();
+        let lag = self.last_kernel_lag_us;
+        let hooks = self.hooks.as_ref().map(|h| &h.runner);
+        let status = |w: &Watchers| status_report(w, sources, device, lag, hooks);
+        let mut cx = Context {
+            watchers: &mut self.watchers,
+            work: &mut self.work,
+            status: &status,
+        };
+        f(&mut self.socket, &mut cx);
+    }
+
+    /// Processes queued bumps and settles until nothing is left. Each step
+    /// may queue more (a bump queues a settle), never recurse.
+    fn process_work(&mut self) {
+        loop {
+            if let Some(request) = self.work.next_bump() {
+                self.privileged_bump(request);
+                continue;
+            }
+            if self.work.take_settle() {
+                if let Some(device) = &mut self.device {
+                    device.settle(&self.watchers);
+                }
+                self.with_socket(|socket, cx| socket.settle(cx));
+                let transition = self.watchers.caught_up();
+                self.work.transition(transition);
+                continue;
+            }
+            if let Some(transition) = self.work.next_transition() {
+                self.announce(transition);
+                continue;
+            }
+            return;
+        }
+    }
+
+    fn shutdown(&mut self) {
+        tracing::info!(
+            generation = self.watchers.generation(),
+            "shutting down; the saved generation is kept for the next start"
+        );
+        self.socket.shutdown(&self.watchers);
+        self.watchers.service().dir().remove_socket();
+        if let Some(device) = &mut self.device {
+            device.shutdown();
+        }
+    }
+
+    fn next_deadline(&self) -> Option<Instant> {
+        self.socket
+            .next_deadline()
+            .into_iter()
+            .chain(self.device.as_ref().and_then(|d| d.next_deadline()))
+            .chain(self.watchers.lifecycle_deadline())
+            .chain(self.watchdog.deadline())
+            .min()
+    }
+
+    fn drain_commands(&mut self) {
+        while let Ok(command) = self.commands.try_recv() {
+            match command {
+                Command::SourceEvent(ev) => self.on_source_event(ev),
+                Command::Device(request) => {
+                    if let Some(device) = &mut self.device {
+                        device.handle(request, &mut self.watchers, &mut self.work);
+                    }
+                }
+                Command::Hooks(finished) => self.on_hooks_finished(finished),
+                Command::SourceStopped { name, error } => {
+                    tracing::error!(source = name, "source stopped: {error}");
+                    if let Some(s) = self.sources.iter_mut().find(|s| s.name == name) {
+                        s.active = false;
+                        s.detail = format!("stopped: {error}");
+                    }
+                }
+            }
+        }
+    }
+
+    fn on_source_event(&mut self, ev: sysgenid_sources::SourceEvent) {
+        if let Some(s) = self.sources.iter_mut().find(|s| s.name == ev.source) {
+            s.events += 1;
+            s.last_event_unix_ms = Some(
+                std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map(|d| d.as_millis() as u64)
+                    .unwrap_or(0),
+            );
+        }
+        match self.coalescer.offer(ev.source, Instant::now()) {
+            sysgenid_sources::Offer::Bump => {
+                tracing::info!(source = ev.source, "restore signal: {}", ev.detail);
+                if let Err(e) = self.bump(0, BumpCause::Source(ev.source), ev.kernel_time_us) {
+                    tracing::error!(source = ev.source, "could not bump: {e}");
+                }
+            }
+            sysgenid_sources::Offer::Merged => {
+                tracing::info!(
+                    source = ev.source,
+                    "restore signal coalesced with the change just made: {}",
+                    ev.detail
+                );
+                self.watchers.note_agreeing_source(ev.source);
+            }
+        }
+    }
+
+    /// A privileged request checked by its frontend: bump (never coalesced:
+    /// a manual bump is deliberate), then answer the requester.
+    fn privileged_bump(&mut self, request: BumpRequest) {
+        let result = match self
+            .watchers
+            .check_minimum(request.min, request.allow_exhaustion)
+        {
+            Ok(()) => self.bump(request.min, BumpCause::Manual, None),
+            Err(e) => Err(e.into()),
+        };
+        match request.requester {
+            Requester::Socket(key) => {
+                self.with_socket(|socket, cx| socket.answer_bump(key, &result, cx))
+            }
+            Requester::Device(unique) => {
+                if let Err(e) = &result {
+                    tracing::error!("forced update on the device failed: {e}");
+                }
+                if let Some(device) = &self.device {
+                    device.answer_bump(unique, &result);
+                }
+            }
+        }
+    }
+
+    /// Bumps and tells everyone: the page is published (and the state
+    /// saved) before the first watcher is told; barrier waits are settled
+    /// next, from the work list. `kernel_time_us` is the kernel's timestamp
+    /// of the signal, if it has one: the lag from it to publication is
+    /// logged and kept for status.
+    fn bump(
+        &mut self,
+        min: Generation,
+        cause: BumpCause,
+        kernel_time_us: Option<u64>,
+    ) -> Result<Generation, BumpError> {
+        let before = self.watchers.generation();
+        let bumped = self.watchers.bump(min, cause)?;
+        // Clamped at 0: the printk clock and CLOCK_MONOTONIC may disagree
+        // by a few microseconds.
+        let lag_us = kernel_time_us.map(|t| monotonic_us().saturating_sub(t));
+        if let Some(lag_us) = lag_us {
+            self.last_kernel_lag_us = Some(lag_us);
+            tracing::info!(
+                generation = bumped.generation,
+                source = cause.name(),
+                kernel_record_to_page_us = lag_us,
+                "generation changed"
+            );
+        } else {
+            tracing::info!(
+                generation = bumped.generation,
+                source = cause.name(),
+                "generation changed"
+            );
+        }
+        self.run_hooks(HookEvent::Change, Some(before));
+        // After the hooks' watchers are counted: a thaw after a restore
+        // waits for them too.
+        let transition = self.watchers.restored();
+        self.work.transition(transition);
+        if let Some(device) = &mut self.device {
+            device.on_bump(&self.watchers);
+        }
+        self.socket.on_bump_committed(&bumped);
+        self.work.settle();
+        Ok(bumped.generation)
+    }
+
+    /// Submits a hooks job. For a change (`acked_before` = the generation
+    /// before it), one tracked, outdated watcher per hook is held until the
+    /// job finishes, so `wait-watchers` waits for the hooks.
+    fn run_hooks(&mut self, event: HookEvent, acked_before: Option<Generation>) {
+        let Some(hooks) = &mut self.hooks else {
+            return;
+        };
+        let ticket = hooks.next_ticket;
+        hooks.next_ticket += 1;
+        if let Some(before) = acked_before {
+            let held: Vec<WatcherId> = (0..hooks.runner.known())
+                .filter_map(|_| self.watchers.admit(0, Tracking::Tracked, Some(before)).ok())
+                .collect();
+            hooks.watchers.insert(ticket, held);
+        }
+        hooks.runner.submit(Job {
+            ticket,
+            event,
+            generation: self.watchers.generation(),
+            epoch: epoch_hex(&self.watchers.record().epoch),
+        });
+    }
+
+    /// A hooks job finished: a freeze's confirms the hooks' participant, a
+    /// change's releases the watchers it held.
+    fn on_hooks_finished(&mut self, finished: Finished) {
+        let Some(hooks) = &mut self.hooks else {
+            return;
+        };
+        hooks.runner.record(&finished);
+        match finished.job.event {
+            HookEvent::Freeze { freeze } => {
+                let participant = hooks.participant;
+                let transition = self.watchers.confirm(participant, freeze).ok().flatten();
+                self.work.transition(transition);
+            }
+            HookEvent::Change => {
+                for id in hooks
+                    .watchers
+                    .remove(&finished.job.ticket)
+                    .unwrap_or_default()
+                {
+                    self.watchers.release(id, 0);
+                }
+                self.work.settle();
+            }
+            HookEvent::Thaw => {}
+        }
+    }
+
+    /// Tells everyone about a lifecycle transition: participants, hooks,
+    /// and the orchestrator waiting for its freeze.
+    fn announce(&mut self, transition: Transition) {
+        let generation = self.watchers.generation();
+        match transition {
+            Transition::FreezeStarted { id } => {
+                let counts = self.watchers.lifecycle_counts();
+                tracing::info!(
+                    freeze = id,
+                    "freezing: asking {} participant(s) to quiesce ({} to wait for)",
+                    counts.participants,
+                    counts.pending
+                );
+                self.socket.on_lifecycle_event(
+                    Reply::Freeze {
+                        freeze: id,
+                        generation,
+                    },
+                    &self.watchers,
+                );
+                self.run_hooks(HookEvent::Freeze { freeze: id }, None);
+            }
+            Transition::Frozen { id } => {
+                tracing::info!(freeze = id, "frozen");
+                self.with_socket(|socket, cx| socket.answer_freeze(FreezeOutcome::Frozen, cx));
+            }
+            Transition::Aborted {
+                id,
+                pending,
+                reason,
+            } => {
+                let why = match reason {
+                    AbortReason::TimedOut => "it timed out",
+                    AbortReason::ThawRequested => "a thaw was asked for",
+                    AbortReason::Restored => "the generation changed",
+                    AbortReason::RequesterGone => "its orchestrator went away",
+                };
+                tracing::warn!(
+                    freeze = id,
+                    pending,
+                    "freeze aborted because {why}, with {pending} participant(s) or hooks not confirmed; thawing everyone"
+                );
+                self.with_socket(|socket, cx| {
+                    socket.answer_freeze(FreezeOutcome::Aborted { pending, reason }, cx)
+                });
+                self.thaw_everyone(id, generation);
+            }
+            Transition::Thawed { id, reason } => {
+                match reason {
+                    ThawReason::Requested => tracing::info!(freeze = id, "thawed"),
+                    ThawReason::Restored => tracing::info!(
+                        freeze = id,
+                        "restored while frozen and every tracked watcher acknowledged: thawed by itself"
+                    ),
+                    ThawReason::Bound => tracing::warn!(
+                        freeze = id,
+                        "frozen for the longest allowed (--max-frozen-ms): thawed by itself"
+                    ),
+                }
+                self.thaw_everyone(id, generation);
+            }
+        }
+    }
+
+    fn thaw_everyone(&mut self, freeze: u32, generation: Generation) {
+        self.socket
+            .on_lifecycle_event(Reply::Thaw { freeze, generation }, &self.watchers);
+        self.run_hooks(HookEvent::Thaw, None);
+    }
+}
