@@ -134,6 +134,7 @@ ok "ordered before sysinit.target"
 step "every uid reaches the system daemon"
 expect_eq "nobody, no environment, reads the generation" "$(nobody /usr/bin/sysgenidctl get)" 0
 expect_eq "root bumps" "$(ctl bump)" 1
+expect_eq "STATUS follows the generation" "$(show StatusText)" "generation 1, last changed by manual"
 set +e
 out=$(nobody /usr/bin/sysgenidctl bump 2>&1)
 rc=$?

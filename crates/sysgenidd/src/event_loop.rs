@@ -484,6 +484,11 @@ impl EventLoop {
                 "generation changed"
             );
         }
+        crate::supervisor::status(&format!(
+            "generation {}, last changed by {}",
+            bumped.generation,
+            cause.name()
+        ));
         self.run_hooks(HookEvent::Change, Some(before));
         // After the hooks' watchers are counted: a thaw after a restore
         // waits for them too.
