@@ -140,7 +140,15 @@ pub enum FollowEnd {
     Eof,
     /// `read()` would block (non-blocking reader with nothing to read).
     WouldBlock,
+    /// The read budget of [`RecordReader::follow_bounded`] was used up;
+    /// more may be waiting.
+    Budget,
 }
+
+/// Reads per [`PollSource::on_readable`](crate::PollSource::on_readable)
+/// call: a kernel that logs without pause cannot keep the event loop from
+/// its clients (each `/dev/kmsg` read is one record).
+pub const READS_PER_TURN: usize = 256;
 
 /// Reassembles records from successive reads of one reader: a line split
 /// across two reads (possible on a stream, never on `/dev/kmsg`) is kept
@@ -171,10 +179,26 @@ impl RecordReader {
     /// Continuation lines (starting with a space) are skipped.
     pub fn follow<R: Read>(
         &mut self,
-        mut reader: R,
+        reader: R,
         emit: &mut dyn FnMut(SourceEvent),
     ) -> Result<FollowEnd, SourceError> {
+        self.follow_bounded(reader, emit, usize::MAX)
+    }
+
+    /// As [`RecordReader::follow`], but stops with [`FollowEnd::Budget`]
+    /// after `max_reads` successful reads.
+    pub fn follow_bounded<R: Read>(
+        &mut self,
+        mut reader: R,
+        emit: &mut dyn FnMut(SourceEvent),
+        max_reads: usize,
+    ) -> Result<FollowEnd, SourceError> {
+        let mut reads = 0usize;
         loop {
+            if reads >= max_reads {
+                return Ok(FollowEnd::Budget);
+            }
+            reads += 1;
             let n = match reader.read(&mut self.buf) {
                 Ok(0) => return Ok(FollowEnd::Eof),
                 Ok(n) => n,
@@ -249,7 +273,8 @@ fn handle_line(line: &[u8], emit: &mut dyn FnMut(SourceEvent)) {
     }
     match parse_record(line) {
         Ok(rec) if is_vmfork_record(&rec) => {
-            tracing::info!(source = NAME, seq = rec.seq, "kernel VM fork record");
+            // No log line before the hand-over: the window until the page
+            // shows the new generation is open (the daemon logs the bump).
             emit(SourceEvent {
                 source: NAME,
                 detail: format!(
@@ -261,6 +286,7 @@ fn handle_line(line: &[u8], emit: &mut dyn FnMut(SourceEvent)) {
                 ),
                 kernel_time_us: Some(rec.timestamp_us),
             });
+            tracing::debug!(source = NAME, seq = rec.seq, "kernel VM fork record");
         }
         Ok(_) => {}
         Err(e) => {
@@ -291,6 +317,7 @@ pub struct KmsgSource {
     file: File,
     path: PathBuf,
     kind: LogKind,
+    records: RecordReader,
 }
 
 impl KmsgSource {
@@ -310,7 +337,35 @@ impl KmsgSource {
             file,
             path: path.to_owned(),
             kind,
+            records: RecordReader::default(),
         })
+    }
+
+    /// Reads what is there (at most `max_reads` reads) without blocking.
+    fn step(
+        &mut self,
+        emit: &mut dyn FnMut(SourceEvent),
+        max_reads: usize,
+    ) -> Result<crate::Readiness, SourceError> {
+        match self.records.follow_bounded(&self.file, emit, max_reads)? {
+            FollowEnd::WouldBlock => Ok(crate::Readiness::Drained),
+            FollowEnd::Budget => Ok(crate::Readiness::More),
+            FollowEnd::Eof if self.kind == LogKind::Fifo => {
+                // The last writer left. A new open starts a new reader that
+                // poll() does not report as hung up until another writer
+                // has come and gone.
+                self.records.discard_partial();
+                self.file = open_nonblocking(&self.path)?;
+                Ok(crate::Readiness::Reopened)
+            }
+            FollowEnd::Eof => Err(SourceError::io(
+                format!("reading {}", self.path.display()),
+                io::Error::new(
+                    io::ErrorKind::UnexpectedEof,
+                    "kernel log reached end of file",
+                ),
+            )),
+        }
     }
 
     /// What kind of file it follows.
@@ -427,29 +482,36 @@ impl Source for KmsgSource {
     }
 
     fn run(mut self: Box<Self>, emit: &mut dyn FnMut(SourceEvent)) -> Result<(), SourceError> {
-        let mut records = RecordReader::default();
         loop {
             wait_readable(&self.file)?;
-            match records.follow(&self.file, emit)? {
-                FollowEnd::WouldBlock => {}
-                FollowEnd::Eof if self.kind == LogKind::Fifo => {
-                    // The last writer left. A new open starts a new reader
-                    // that poll() does not report as hung up until another
-                    // writer has come and gone, so the thread sleeps.
-                    records.discard_partial();
-                    self.file = open_nonblocking(&self.path)?;
-                }
-                FollowEnd::Eof => {
-                    return Err(SourceError::io(
-                        format!("reading {}", self.path.display()),
-                        io::Error::new(
-                            io::ErrorKind::UnexpectedEof,
-                            "kernel log reached end of file",
-                        ),
-                    ))
-                }
-            }
+            self.step(emit, usize::MAX)?;
         }
+    }
+
+    fn into_poll_source(self: Box<Self>) -> Result<Box<dyn crate::PollSource>, Box<dyn Source>> {
+        // epoll refuses regular files (always "readable"): those keep a
+        // thread, which reads to their end and stops.
+        match self.file.metadata() {
+            Ok(m) if m.is_file() => Err(self),
+            _ => Ok(self),
+        }
+    }
+}
+
+impl crate::PollSource for KmsgSource {
+    fn name(&self) -> &'static str {
+        NAME
+    }
+
+    fn fd(&self) -> std::os::fd::BorrowedFd<'_> {
+        std::os::fd::AsFd::as_fd(&self.file)
+    }
+
+    fn on_readable(
+        &mut self,
+        emit: &mut dyn FnMut(SourceEvent),
+    ) -> Result<crate::Readiness, SourceError> {
+        self.step(emit, READS_PER_TURN)
     }
 }
 
@@ -920,6 +982,55 @@ mod stream_tests {
             FollowEnd::Eof
         );
         assert!(ev.is_empty(), "re-read records before the end: {ev:?}");
+    }
+
+    #[test]
+    fn a_poll_source_reads_a_bounded_batch_and_says_when_more_waits() {
+        use crate::{PollSource, Readiness};
+        let dir = tempfile::tempdir().unwrap();
+        let path = mkfifo(dir.path());
+        let mut source = KmsgSource::open(&path).unwrap();
+        let mut events = Vec::new();
+        // (Called only once poll says readable: a FIFO no writer has opened
+        // yet reads as its end.)
+        let mut w = writer(&path);
+        // More records than one call reads; a pipe read may return several
+        // records, so write them one by one with the reader draining.
+        let mut readiness = Vec::new();
+        for i in 0..3 {
+            w.write_all(format!("5,{i},{i},-;random: {VMFORK_TEXT}\n").as_bytes())
+                .unwrap();
+            readiness.push(source.on_readable(&mut |e| events.push(e)).unwrap());
+        }
+        assert_eq!(readiness, vec![Readiness::Drained; 3]);
+        assert_eq!(events.len(), 3);
+        // The writer leaves: the FIFO is reopened and must be registered again.
+        drop(w);
+        assert_eq!(
+            source.on_readable(&mut |e| events.push(e)).unwrap(),
+            Readiness::Reopened
+        );
+        // The budget: with a budget of one read the reader stops early.
+        let mut records = RecordReader::default();
+        let script = b"6,1,1,-;a\n".repeat(2);
+        let (r, w2) = rustix::pipe::pipe().unwrap();
+        let mut w2 = File::from(w2);
+        w2.write_all(&script[..10]).unwrap();
+        let end = records
+            .follow_bounded(File::from(r), &mut |_| {}, 1)
+            .unwrap();
+        assert_eq!(end, FollowEnd::Budget);
+    }
+
+    #[test]
+    fn only_pollable_files_are_served_from_a_poll_set() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("log");
+        std::fs::write(&file, FORK).unwrap();
+        let regular: Box<dyn Source> = Box::new(KmsgSource::open(&file).unwrap());
+        assert!(regular.into_poll_source().is_err());
+        let fifo: Box<dyn Source> = Box::new(KmsgSource::open(&mkfifo(dir.path())).unwrap());
+        assert!(fifo.into_poll_source().is_ok());
     }
 
     #[test]

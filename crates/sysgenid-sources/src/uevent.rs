@@ -303,6 +303,10 @@ impl Source for UeventSource {
             .to_owned()
     }
 
+    fn into_poll_source(self: Box<Self>) -> Result<Box<dyn crate::PollSource>, Box<dyn Source>> {
+        Err(self) // waits in its own thread
+    }
+
     fn run(mut self: Box<Self>, emit: &mut dyn FnMut(SourceEvent)) -> Result<(), SourceError> {
         let may_send = kernel_may_send_new_vmgenid();
         loop {

@@ -463,6 +463,10 @@ impl Source for VmclockSource {
         }
     }
 
+    fn into_poll_source(self: Box<Self>) -> Result<Box<dyn crate::PollSource>, Box<dyn Source>> {
+        Err(self) // waits in its own thread
+    }
+
     fn run(mut self: Box<Self>, emit: &mut dyn FnMut(SourceEvent)) -> Result<(), SourceError> {
         loop {
             self.wait()?;

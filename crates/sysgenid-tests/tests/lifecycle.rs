@@ -576,3 +576,92 @@ fn the_async_participant_reads_events_and_confirms() {
         p.ack(1).await.unwrap();
     });
 }
+
+#[test]
+fn a_frozen_participant_is_thawed_when_the_daemon_restarts() {
+    let dir = runtime_dir();
+    let mut d = Daemon::start(dir.path());
+    let mut p = participant(dir.path());
+    let freeze = start_freeze(dir.path(), &[]);
+    let Event::Freeze { freeze: id, .. } = next_event(&mut p, LONG) else {
+        panic!("expected a freeze")
+    };
+    p.confirm(id).unwrap();
+    assert!(freeze.wait_with_output().unwrap().status.success());
+    // The lifecycle is not saved: a restarted daemon is running.
+    d.stop();
+    d.restart();
+    assert_eq!(d.status().state, LifecycleState::Running);
+    assert!(matches!(
+        next_event(&mut p, LONG),
+        Event::Thaw { freeze: 1, .. }
+    ));
+    p.confirm(id).unwrap();
+    assert!(wait_until(LONG, || d.status().participants == 1));
+}
+
+#[test]
+fn an_orchestrator_that_goes_away_mid_freeze_aborts_it() {
+    let dir = runtime_dir();
+    let d = Daemon::start(dir.path());
+    let mut p = participant(dir.path());
+    let mut freeze = start_freeze(dir.path(), &["--timeout-ms", "20000"]);
+    assert!(matches!(next_event(&mut p, LONG), Event::Freeze { .. }));
+    freeze.kill().unwrap();
+    freeze.wait().unwrap();
+    assert!(matches!(next_event(&mut p, LONG), Event::Thaw { .. }));
+    assert_eq!(d.status().state, LifecycleState::Running);
+}
+
+#[test]
+fn status_json_names_the_state() {
+    let dir = runtime_dir();
+    let d = Daemon::start(dir.path());
+    let json = |d: &Daemon| -> serde_json::Value {
+        serde_json::from_str(&stdout(&d.ctl(&["status", "--json"]))).unwrap()
+    };
+    let s = json(&d);
+    assert_eq!(s["state"], "running");
+    assert_eq!(s["pending"], 0);
+    assert!(s["frozen_ms"].is_null());
+    d.ctl(&["freeze"]);
+    let s = json(&d);
+    assert_eq!(s["state"], "frozen");
+    assert!(s["frozen_ms"].is_u64());
+    let text = stdout(&d.ctl(&["status"]));
+    assert!(text.contains("state:        frozen for"), "{text}");
+}
+
+#[test]
+fn a_failing_exec_leaves_the_event_unanswered_and_runs_once_per_event() {
+    let dir = runtime_dir();
+    let d = Daemon::start(dir.path());
+    let log = dir.path().join("events");
+    let script = format!(
+        "echo \"$SYSGENID_EVENT $SYSGENID_GENERATION\" >> {}; exit 1",
+        log.display()
+    );
+    let mut p = cli_participant(dir.path(), &script);
+    assert!(wait_until(LONG, || d.status().participants == 1));
+    d.ctl(&["bump"]);
+    assert!(wait_until(LONG, || std::fs::read_to_string(&log)
+        .unwrap_or_default()
+        .contains("change 1")));
+    let out = d.ctl(&["wait-watchers", "--timeout-ms", "300"]);
+    assert_eq!(
+        out.status.code(),
+        Some(3),
+        "the change was not acknowledged"
+    );
+    let out = d.ctl(&["freeze", "--timeout-ms", "300"]);
+    assert_eq!(out.status.code(), Some(3), "the freeze was not confirmed");
+    assert!(wait_until(LONG, || std::fs::read_to_string(&log)
+        .unwrap_or_default()
+        .contains("thaw 1")));
+    assert_eq!(
+        std::fs::read_to_string(&log).unwrap(),
+        "change 1\nfreeze 1\nthaw 1\n",
+        "CMD ran once per event (a failed change is not retried in a loop)"
+    );
+    kill_group(&mut p);
+}

@@ -32,6 +32,13 @@ pub struct AsyncWatcher {
     events: VecDeque<Event>,
     /// A generation not to report again ([`AsyncWatcher::skip`]).
     skipped: Option<u32>,
+    /// Counts reconnections: freeze numbers belong to one daemon run.
+    conn_no: u64,
+    /// The freeze last told of and not yet thawed from, with the connection
+    /// it came on.
+    frozen: Option<(u32, u64)>,
+    /// The latest freeze told of, with its connection (kept after the thaw).
+    last_freeze: Option<(u32, u64)>,
 }
 
 impl WatcherBuilder {
@@ -45,6 +52,9 @@ impl WatcherBuilder {
             in_flight: false,
             events: VecDeque::new(),
             skipped: None,
+            conn_no: 0,
+            frozen: None,
+            last_freeze: None,
         })
     }
 }
@@ -58,7 +68,7 @@ async fn connect(opts: &WatcherBuilder, acked: Option<u32>) -> Result<(AsyncFd<C
     let fd = unsafe { AsyncFd::register_with_interest(conn, Interest::READABLE) }
         .map_err(|e| Error::Io(e.into()))?;
     match next_reply(&fd, &mut VecDeque::new()).await? {
-        Reply::Welcome { generation, .. } => Ok((fd, acked.unwrap_or(generation))),
+        Reply::Welcome { generation, .. } => Ok((fd, generation)),
         Reply::Error(e) => Err(Error::from_reply(e)),
         other => Err(Error::Protocol(format!("expected Welcome, got {other:?}"))),
     }
@@ -133,11 +143,14 @@ impl AsyncWatcher {
     pub async fn read_event(&mut self) -> Result<Event, Error> {
         loop {
             if let Some(event) = self.events.pop_front() {
-                return Ok(event);
+                return Ok(self.noted(event));
             }
             let mut guard = self.fd.readable().await?;
             match guard.get_inner().try_event(self.skipped) {
-                Ok(Try::Ready(event)) => return Ok(event),
+                Ok(Try::Ready(event)) => {
+                    drop(guard);
+                    return Ok(self.noted(event));
+                }
                 Ok(Try::WouldBlock) => guard.clear_ready(),
                 Err(Error::Disconnected) if self.opts.reconnect => {
                     drop(guard);
@@ -150,7 +163,22 @@ impl AsyncWatcher {
 
     /// Confirms freeze `freeze`; see [`Watcher::confirm`](crate::Watcher::confirm).
     pub async fn confirm(&mut self, freeze: u32) -> Result<(), Error> {
+        if matches!(self.last_freeze, Some((id, on)) if id == freeze && on != self.conn_no) {
+            return Ok(());
+        }
         expect_done(self.request(&Request::Confirm { freeze }).await?).map(drop)
+    }
+
+    fn noted(&mut self, event: Event) -> Event {
+        match event {
+            Event::Freeze { freeze, .. } => {
+                self.frozen = Some((freeze, self.conn_no));
+                self.last_freeze = self.frozen;
+            }
+            Event::Thaw { .. } => self.frozen = None,
+            Event::Change { .. } => {}
+        }
+        event
     }
 
     /// See [`Watcher::skip`](crate::Watcher::skip).
@@ -170,9 +198,21 @@ impl AsyncWatcher {
         let mut delay = Duration::from_millis(10);
         loop {
             match connect(&self.opts, Some(self.acked)).await {
-                Ok((fd, _)) => {
+                Ok((fd, generation)) => {
                     self.fd = fd;
                     self.in_flight = false;
+                    self.conn_no += 1;
+                    // A restarted daemon comes up running: thaw a frozen
+                    // participant unless it was frozen again at once.
+                    if let Some((freeze, _)) = self.frozen {
+                        let refrozen = matches!(
+                            self.fd.get_ref().try_peek(),
+                            Ok(Try::Ready(Reply::Freeze { .. }))
+                        );
+                        if !refrozen {
+                            self.events.push_back(Event::Thaw { freeze, generation });
+                        }
+                    }
                     return Ok(());
                 }
                 Err(Error::NotRunning { .. } | Error::Disconnected) => {

@@ -335,6 +335,9 @@ impl WatcherBuilder {
             acked,
             events: VecDeque::new(),
             skipped: None,
+            conn_no: 0,
+            frozen: None,
+            last_freeze: None,
         })
     }
 }
@@ -354,6 +357,13 @@ pub struct Watcher {
     /// A generation the caller chose not to acknowledge yet
     /// ([`Watcher::skip`]).
     skipped: Option<u32>,
+    /// Counts reconnections: freeze numbers belong to one daemon run.
+    conn_no: u64,
+    /// The freeze this participant was last told of and not yet thawed
+    /// from, with the connection it came on.
+    frozen: Option<(u32, u64)>,
+    /// The latest freeze told of, with its connection (kept after the thaw).
+    last_freeze: Option<(u32, u64)>,
 }
 
 impl Watcher {
@@ -558,8 +568,17 @@ impl Watcher {
     fn reconnect_once(&mut self) -> Result<(), Error> {
         let (role, version) = self.opts.hello(Some(self.acked));
         let conn = Conn::connect(&self.socket, role, version)?;
-        expect_welcome(&conn)?;
+        let generation = expect_welcome(&conn)?;
         self.conn = conn;
+        self.conn_no += 1;
+        // A daemon that restarted comes up running: a participant that was
+        // frozen is told to thaw, unless the new daemon froze it again (it
+        // sends that Freeze right behind the Welcome).
+        if let Some((freeze, _)) = self.frozen {
+            if !matches!(self.conn.try_peek(), Ok(Try::Ready(Reply::Freeze { .. }))) {
+                self.events.push_back(Event::Thaw { freeze, generation });
+            }
+        }
         Ok(())
     }
 }

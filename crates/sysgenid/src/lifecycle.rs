@@ -9,7 +9,7 @@ use rustix::event::PollFlags;
 use sysgenid_proto::{Reply, Request, LIFECYCLE_VERSION};
 
 use crate::conn::{wait_fd, Try};
-use crate::{expect_done, Control, Error, Watcher};
+use crate::{expect_done, Control, Error, ErrorCode, Watcher};
 
 /// What a lifecycle participant is told, in the order it happened.
 ///
@@ -88,6 +88,19 @@ impl Event {
 }
 
 impl Watcher {
+    /// Remembers what a participant was told, for reconnections.
+    fn noted(&mut self, event: Event) -> Event {
+        match event {
+            Event::Freeze { freeze, .. } => {
+                self.frozen = Some((freeze, self.conn_no));
+                self.last_freeze = self.frozen;
+            }
+            Event::Thaw { .. } => self.frozen = None,
+            Event::Change { .. } => {}
+        }
+        event
+    }
+
     /// Blocks for the next lifecycle event (in non-blocking mode:
     /// [`Error::WouldBlock`] when there is none). Freeze and thaw events are
     /// returned once each, in order; a change is returned on every call
@@ -102,10 +115,10 @@ impl Watcher {
     pub fn read_event(&mut self) -> Result<Event, Error> {
         loop {
             if let Some(event) = self.events.pop_front() {
-                return Ok(event);
+                return Ok(self.noted(event));
             }
             match self.conn.try_event(self.skipped) {
-                Ok(Try::Ready(event)) => return Ok(event),
+                Ok(Try::Ready(event)) => return Ok(self.noted(event)),
                 Ok(Try::WouldBlock) if self.opts.nonblocking => return Err(Error::WouldBlock),
                 Ok(Try::WouldBlock) => {
                     wait_fd(self.conn.fd(), PollFlags::IN, None)?;
@@ -123,27 +136,45 @@ impl Watcher {
     /// when there is nothing.
     pub fn try_read_event(&mut self) -> Result<Option<Event>, Error> {
         if let Some(event) = self.events.pop_front() {
-            return Ok(Some(event));
+            return Ok(Some(self.noted(event)));
         }
-        match self.conn.try_event(self.skipped) {
-            Ok(Try::Ready(event)) => Ok(Some(event)),
-            Ok(Try::WouldBlock) => Ok(None),
+        let event = match self.conn.try_event(self.skipped) {
+            Ok(Try::Ready(event)) => Some(event),
+            Ok(Try::WouldBlock) => None,
             Err(Error::Disconnected) if self.opts.reconnect => {
                 self.reconnect_once()?;
-                match self.conn.try_event(self.skipped)? {
-                    Try::Ready(event) => Ok(Some(event)),
-                    Try::WouldBlock => Ok(None),
+                match self.events.pop_front() {
+                    Some(event) => Some(event),
+                    None => match self.conn.try_event(self.skipped)? {
+                        Try::Ready(event) => Some(event),
+                        Try::WouldBlock => None,
+                    },
                 }
             }
-            Err(e) => Err(e),
-        }
+            Err(e) => return Err(e),
+        };
+        Ok(event.map(|e| self.noted(e)))
     }
 
     /// Confirms that this participant has quiesced for freeze `freeze`.
     /// Confirming a freeze that already ended succeeds and changes nothing
     /// (its thaw is on the way); one never asked for is refused.
+    ///
+    /// A freeze read before the daemon restarted is gone with that daemon:
+    /// confirming it afterwards succeeds and sends nothing (its thaw is
+    /// reported by the reconnection).
     pub fn confirm(&mut self, freeze: u32) -> Result<(), Error> {
-        self.request(&Request::Confirm { freeze }).map(drop)
+        if matches!(self.last_freeze, Some((id, on)) if id == freeze && on != self.conn_no) {
+            return Ok(());
+        }
+        let before = self.conn_no;
+        match self.request(&Request::Confirm { freeze }) {
+            Err(Error::Refused {
+                code: ErrorCode::WrongFreeze,
+                ..
+            }) if self.conn_no != before => Ok(()),
+            other => other.map(drop),
+        }
     }
 
     /// Leaves `generation` unacknowledged (the watcher stays outdated and

@@ -74,6 +74,17 @@ pub struct Args {
     #[arg(long, default_value_t = Limits::default().max_connections_per_uid, value_name = "N")]
     pub max_connections_per_uid: u32,
 
+    /// Bytes of unread replies all socket clients together may leave
+    /// queued in the daemon; a client whose reply would pass it is dropped.
+    #[arg(long, default_value_t = Limits::default().max_queued_bytes, value_name = "BYTES")]
+    pub max_queued_bytes: usize,
+
+    /// Bytes of unread replies the socket clients of one non-root user id
+    /// may leave queued in the daemon; a client whose reply would pass it
+    /// is dropped.
+    #[arg(long, default_value_t = Limits::default().max_queued_bytes_per_uid, value_name = "BYTES")]
+    pub max_queued_bytes_per_uid: usize,
+
     /// A client that connects must send its Hello within this time, or it
     /// gets an error and is dropped.
     #[arg(long, default_value_t = 10_000, value_name = "MS")]

@@ -22,6 +22,9 @@
 //!    barrier waits on both frontends are settled. Nothing here calls back
 //!    into frame reading: a connection whose wait ends is queued for step 3
 //!    of the next turn.
+//!    Sources that can be served from the poll set ([`PollSource`]: the
+//!    kernel log) are read here too, with no thread in between: a restore
+//!    signal is one wake-up away from the published page.
 //! 5. Expire deadlines (barrier waits, `Hello` timeouts, the lifecycle's
 //!    freeze deadline and freeze bound), process the work list again, close
 //!    connections marked for closing (their watchers' release queues a
@@ -30,7 +33,7 @@
 //! # The lifecycle
 //! Lifecycle transitions (`sysgenid_core::lifecycle`) are queued on the work
 //! list by whoever caused them and announced here, in order
-//! ([`EventLoop::announce`]): `Freeze`/`Thaw` to the socket's participants,
+//! (`EventLoop::announce`): `Freeze`/`Thaw` to the socket's participants,
 //! a job to the hooks runner, the outcome to the orchestrator waiting for
 //! its freeze. The hooks directory counts as one participant for a freeze
 //! (confirmed when every hook exited) and as one tracked watcher per hook
@@ -49,6 +52,7 @@ use mio::{Events, Interest, Poll, Token, Waker};
 use sysgenid_core::lifecycle::{self, AbortReason, ParticipantId, ThawReason, Transition};
 use sysgenid_core::{Generation, Tracking, WatcherId};
 use sysgenid_proto::{LifecycleState, Reply, SourceStatus, StatusReport};
+use sysgenid_sources::{PollSource, Readiness};
 
 use crate::device::{Device, DeviceRequest, Forward};
 use crate::hooks::{Finished, HookEvent, Hooks, Job};
@@ -60,6 +64,10 @@ use crate::work::{BumpRequest, Requester, WorkList};
 
 const WAKER: Token = Token(usize::MAX - 2);
 const SIGNALS: Token = Token(usize::MAX - 3);
+/// Poll sources use the tokens below this one, counting down.
+const POLL_SOURCES: usize = usize::MAX - 8;
+/// At most this many poll sources (there is one today: the kernel log).
+const MAX_POLL_SOURCES: usize = 8;
 
 /// Work handed to the event loop by other threads.
 #[derive(Debug)]
@@ -119,6 +127,11 @@ pub struct EventLoop {
     /// Record timestamp → page, of the last bump by a timestamped kernel
     /// signal (status `last_kernel_lag_us`).
     last_kernel_lag_us: Option<u64>,
+    /// Sources served from the poll set (slot `i` has token
+    /// `POLL_SOURCES - i`); `None` once ended.
+    poll_sources: Vec<Option<Box<dyn PollSource>>>,
+    /// Poll sources that used up their read budget: read again next turn.
+    poll_sources_more: Vec<usize>,
     shutting_down: bool,
     /// The hooks directory's runner, when hooks are on.
     hooks: Option<HooksState>,
@@ -199,7 +212,7 @@ impl EventLoop {
         let poll = Poll::new()?;
         let waker = Arc::new(Waker::new(poll.registry(), WAKER)?);
         let (tx, commands) = std::sync::mpsc::channel();
-        let socket = SocketFrontend::new(listener, poll.registry().try_clone()?)?;
+        let socket = SocketFrontend::new(listener, poll.registry().try_clone()?, &limits)?;
         let (sig_tx, mut signals) = mio::unix::pipe::new()?;
         let sig_tx = OwnedFd::from(sig_tx);
         for sig in [signal_hook::consts::SIGTERM, signal_hook::consts::SIGINT] {
@@ -223,6 +236,8 @@ impl EventLoop {
             sources: Vec::new(),
             coalescer,
             last_kernel_lag_us: None,
+            poll_sources: Vec::new(),
+            poll_sources_more: Vec::new(),
             shutting_down: false,
             hooks: None,
             watchdog: crate::supervisor::Watchdog::from_env(),
@@ -256,6 +271,64 @@ impl EventLoop {
         self.sources.push(status);
     }
 
+    /// Serves `source` from the loop's own poll set from now on.
+    pub fn add_poll_source(&mut self, source: Box<dyn PollSource>) -> io::Result<()> {
+        let i = self.poll_sources.len();
+        if i >= MAX_POLL_SOURCES {
+            return Err(io::Error::other("too many poll sources"));
+        }
+        // Registering reports what is already readable; a FIFO no writer
+        // has opened yet is not (reading it now would see its end).
+        self.register_poll_source(i, source.as_ref())?;
+        self.poll_sources.push(Some(source));
+        Ok(())
+    }
+
+    fn register_poll_source(&self, i: usize, source: &dyn PollSource) -> io::Result<()> {
+        use std::os::fd::AsRawFd;
+        self.poll.registry().register(
+            &mut mio::unix::SourceFd(&source.fd().as_raw_fd()),
+            Token(POLL_SOURCES - i),
+            Interest::READABLE,
+        )
+    }
+
+    /// Reads poll source `i` and acts on its signals at once.
+    fn on_poll_source(&mut self, i: usize) {
+        let Some(mut source) = self.poll_sources.get_mut(i).and_then(Option::take) else {
+            return;
+        };
+        let result = source.on_readable(&mut |ev| self.on_source_event(ev));
+        let name = source.name();
+        let result = match result {
+            // Registering the new descriptor reports it if it is readable.
+            Ok(Readiness::Reopened) => self
+                .register_poll_source(i, source.as_ref())
+                .map(|()| Readiness::Drained)
+                .map_err(|e| format!("registering its new descriptor: {e}")),
+            other => other.map_err(|e| e.to_string()),
+        };
+        match result {
+            Ok(Readiness::Drained) => {}
+            Ok(_) => self.poll_sources_more.push(i),
+            Err(error) => {
+                // Dropping the source closes its descriptor, which takes it
+                // out of the poll set.
+                self.source_stopped(name, error);
+                return;
+            }
+        }
+        self.poll_sources[i] = Some(source);
+    }
+
+    fn source_stopped(&mut self, name: &'static str, error: String) {
+        tracing::error!(source = name, "source stopped: {error}");
+        if let Some(s) = self.sources.iter_mut().find(|s| s.name == name) {
+            s.active = false;
+            s.detail = format!("stopped: {error}");
+        }
+    }
+
     /// Serves the device's requests from now on (see `device`).
     pub fn attach_device(&mut self, device: Device) {
         self.device = Some(device);
@@ -270,7 +343,7 @@ impl EventLoop {
     pub fn run(&mut self) -> io::Result<()> {
         let mut events = Events::with_capacity(1024);
         while !self.shutting_down {
-            let timeout = if self.work.has_resumed() {
+            let timeout = if self.work.has_resumed() || !self.poll_sources_more.is_empty() {
                 Some(Duration::ZERO)
             } else {
                 self.next_deadline()
@@ -282,11 +355,17 @@ impl EventLoop {
                 Err(e) => return Err(e),
             }
             let resumed = self.work.take_resumed();
+            for i in std::mem::take(&mut self.poll_sources_more) {
+                self.on_poll_source(i);
+            }
             for event in events.iter() {
                 match event.token() {
                     socket::LISTENER => self.socket.accept_all(&self.watchers),
                     WAKER => self.drain_commands(),
                     SIGNALS => self.shutting_down = true,
+                    Token(t) if t <= POLL_SOURCES && POLL_SOURCES - t < MAX_POLL_SOURCES => {
+                        self.on_poll_source(POLL_SOURCES - t)
+                    }
                     Token(key) => {
                         let closed = event.is_read_closed() || event.is_error();
                         let readable = event.is_readable() || closed;
@@ -389,13 +468,7 @@ impl EventLoop {
                     }
                 }
                 Command::Hooks(finished) => self.on_hooks_finished(finished),
-                Command::SourceStopped { name, error } => {
-                    tracing::error!(source = name, "source stopped: {error}");
-                    if let Some(s) = self.sources.iter_mut().find(|s| s.name == name) {
-                        s.active = false;
-                        s.detail = format!("stopped: {error}");
-                    }
-                }
+                Command::SourceStopped { name, error } => self.source_stopped(name, error),
             }
         }
     }
@@ -412,8 +485,11 @@ impl EventLoop {
         }
         match self.coalescer.offer(ev.source, Instant::now()) {
             sysgenid_sources::Offer::Bump => {
-                tracing::info!(source = ev.source, "restore signal: {}", ev.detail);
-                if let Err(e) = self.bump(0, BumpCause::Source(ev.source), ev.kernel_time_us) {
+                // No log line before the bump: until the page shows it,
+                // every program on this machine still believes it is
+                // unique. The bump's one line names the signal.
+                if let Err(e) = self.bump(0, BumpCause::Source(ev.source), Some(&ev)) {
+                    tracing::error!(source = ev.source, "restore signal: {}", ev.detail);
                     tracing::error!(source = ev.source, "could not bump: {e}");
                 }
             }
@@ -455,34 +531,45 @@ impl EventLoop {
 
     /// Bumps and tells everyone: the page is published (and the state
     /// saved) before the first watcher is told; barrier waits are settled
-    /// next, from the work list. `kernel_time_us` is the kernel's timestamp
-    /// of the signal, if it has one: the lag from it to publication is
-    /// logged and kept for status.
+    /// next, from the work list. `signal` is the source's event, if a
+    /// source caused it: when it carries the kernel's timestamp, the lag
+    /// from it to publication is logged and kept for status. One log line,
+    /// written after publication.
     fn bump(
         &mut self,
         min: Generation,
         cause: BumpCause,
-        kernel_time_us: Option<u64>,
+        signal: Option<&sysgenid_sources::SourceEvent>,
     ) -> Result<Generation, BumpError> {
         let before = self.watchers.generation();
         let bumped = self.watchers.bump(min, cause)?;
         // Clamped at 0: the printk clock and CLOCK_MONOTONIC may disagree
         // by a few microseconds.
-        let lag_us = kernel_time_us.map(|t| monotonic_us().saturating_sub(t));
-        if let Some(lag_us) = lag_us {
-            self.last_kernel_lag_us = Some(lag_us);
-            tracing::info!(
+        let lag_us = signal
+            .and_then(|s| s.kernel_time_us)
+            .map(|t| monotonic_us().saturating_sub(t));
+        match (signal, lag_us) {
+            (Some(signal), Some(lag_us)) => {
+                self.last_kernel_lag_us = Some(lag_us);
+                tracing::info!(
+                    generation = bumped.generation,
+                    source = cause.name(),
+                    kernel_record_to_page_us = lag_us,
+                    "generation changed: restore signal: {}",
+                    signal.detail
+                );
+            }
+            (Some(signal), None) => tracing::info!(
                 generation = bumped.generation,
                 source = cause.name(),
-                kernel_record_to_page_us = lag_us,
-                "generation changed"
-            );
-        } else {
-            tracing::info!(
+                "generation changed: restore signal: {}",
+                signal.detail
+            ),
+            (None, _) => tracing::info!(
                 generation = bumped.generation,
                 source = cause.name(),
                 "generation changed"
-            );
+            ),
         }
         crate::supervisor::status(&format!(
             "generation {}, last changed by {}",

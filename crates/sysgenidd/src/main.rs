@@ -89,6 +89,8 @@ fn run(args: Args) -> Result<(), String> {
         max_watchers_per_uid: args.max_watchers_per_uid,
         max_connections_per_uid: args.max_connections_per_uid,
         hello_timeout: Duration::from_millis(args.hello_timeout_ms),
+        max_queued_bytes: args.max_queued_bytes,
+        max_queued_bytes_per_uid: args.max_queued_bytes_per_uid,
     };
     let coalescer = sysgenid_sources::Coalescer::new(Duration::from_millis(args.coalesce_ms));
     let mut server = EventLoop::new(service, listener, limits, coalescer)
@@ -139,6 +141,17 @@ fn run(args: Args) -> Result<(), String> {
             detail: source.describe(),
             ..SourceStatus::default()
         });
+        // The kernel log is read by the event loop itself: no thread, no
+        // hand-over, one wake-up less in the restore window.
+        let source = match source.into_poll_source() {
+            Ok(source) => {
+                server
+                    .add_poll_source(source)
+                    .map_err(|e| format!("cannot start source {name}: {e}"))?;
+                continue;
+            }
+            Err(source) => source,
+        };
         let handle = server.handle();
         std::thread::Builder::new()
             .name(format!("source-{name}"))

@@ -6,6 +6,8 @@ complete -c sysgenidd -l coalesce-ms -d 'Signals from different sources within t
 complete -c sysgenidd -l max-watchers -d 'Most watchers in total; further watchers are refused with EUSERS' -r
 complete -c sysgenidd -l max-watchers-per-uid -d 'Most watchers per user id' -r
 complete -c sysgenidd -l max-connections-per-uid -d 'Most socket connections per non-root user id (watchers or not); further connections get a clear error and are closed' -r
+complete -c sysgenidd -l max-queued-bytes -d 'Bytes of unread replies all socket clients together may leave queued in the daemon; a client whose reply would pass it is dropped' -r
+complete -c sysgenidd -l max-queued-bytes-per-uid -d 'Bytes of unread replies the socket clients of one non-root user id may leave queued in the daemon; a client whose reply would pass it is dropped' -r
 complete -c sysgenidd -l hello-timeout-ms -d 'A client that connects must send its Hello within this time, or it gets an error and is dropped' -r
 complete -c sysgenidd -l device -d 'Serve the seed\'s device ABI at PATH through FUSE (an empty regular file, created if missing and removed on exit), or `off`. Default: /dev/sysgenid when running as root and that path is free, else off' -r
 complete -c sysgenidd -l device-group -d 'Members of this group may open the device for writing (read, acknowledge with write, poll, ioctl, mmap: the seed\'s full watcher); everyone else opens it read-only; forced updates still need CAP_SYS_ADMIN or CAP_CHECKPOINT_RESTORE. A member can map the device page writable, so grant it only to trusted programs. `none`: write opens need those capabilities. Default: `sysgenid` when that group exists, else none' -r

@@ -124,12 +124,19 @@ pub(super) fn recv_with_sender(
                 }
                 SCM_PIDFD | libc::SCM_RIGHTS => {
                     for i in 0..data_len / size_of::<libc::c_int>() {
-                        // SAFETY: each whole c_int of the payload is a new
-                        // descriptor the kernel installed for us and that
-                        // nothing else owns.
-                        let fd = unsafe {
-                            OwnedFd::from_raw_fd(data.cast::<libc::c_int>().add(i).read_unaligned())
-                        };
+                        // SAFETY: reads the i-th whole c_int of the payload,
+                        // unaligned.
+                        let raw = unsafe { data.cast::<libc::c_int>().add(i).read_unaligned() };
+                        // When the kernel cannot install a pidfd (the
+                        // descriptor table is full) it sends -errno in its
+                        // place: no descriptor, so no pidfd, and the sender
+                        // is judged as having none (refused).
+                        if raw < 0 {
+                            continue;
+                        }
+                        // SAFETY: a non-negative value is a new descriptor
+                        // the kernel installed for us and nothing else owns.
+                        let fd = unsafe { OwnedFd::from_raw_fd(raw) };
                         if kind == SCM_PIDFD && sent_by.pidfd.is_none() {
                             sent_by.pidfd = Some(fd);
                         }
