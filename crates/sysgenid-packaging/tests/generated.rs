@@ -103,3 +103,36 @@ fn the_pages_document_the_real_flags() {
     let bash = by_name("bash/sysgenidctl");
     assert!(bash.contains("wait-watchers"), "{bash}");
 }
+
+/// `sysgenid(7)` is written by hand; its EXIT STATUS section must still
+/// name every exit code and every subcommand that `sysgenidctl --help`
+/// ties to one, so a new subcommand with its own exit code cannot go
+/// unmentioned.
+#[test]
+fn the_overview_page_keeps_up_with_the_exit_codes() {
+    use clap::CommandFactory;
+    let page = std::fs::read_to_string(workspace_root().join("packaging/man/sysgenid.7")).unwrap();
+    let section = &page[page.find(".SH EXIT STATUS").expect("EXIT STATUS")..];
+    let section = &section[..section[1..].find(".SH ").map_or(section.len(), |i| i + 1)];
+    let cmd = sysgenidctl::cli::Args::command();
+    let help = cmd.get_after_help().expect("after_help").to_string();
+    let codes = &help[..help.find("Examples:").unwrap_or(help.len())];
+    for code in 0..=4 {
+        assert!(
+            codes.contains(&format!("  {code}  ")),
+            "--help lost exit code {code}"
+        );
+        assert!(
+            section.contains(&format!("{code} ")),
+            "sysgenid(7) lacks exit code {code}"
+        );
+    }
+    for sub in cmd.get_subcommands().map(|s| s.get_name().to_string()) {
+        if codes.contains(&sub) {
+            assert!(
+                section.contains(&sub.replace('-', "\\-")) || section.contains(&sub),
+                "sysgenid(7) EXIT STATUS lacks {sub}"
+            );
+        }
+    }
+}
