@@ -182,6 +182,8 @@ extern "C" {
  * - `-EINVAL`: `out` is NULL or `flags` has unknown bits;
  * - `-ENOENT`, `-ECONNREFUSED`, `-EACCES`: the daemon's socket is missing,
  *   nobody listens on it, or it may not be opened;
+ * - `-EPERM`: the daemon there runs as neither root nor the caller's uid
+ *   (someone else's, possibly planted): refused before anything is sent;
  * - `-EUSERS`: the daemon's watcher limit is reached;
  * - `-EPROTONOSUPPORT`: the daemon speaks another protocol version (or,
  *   with `SYSGENID_LIFECYCLE`, predates the lifecycle);
@@ -310,6 +312,7 @@ int sysgenid_wait_watchers(sysgenid_watcher *w, uint32_t timeout_ms);
  *   would exhaust the counter (see `sysgenid_trigger_update_flags`);
  *   nothing changes;
  * - `-ENOENT`, `-ECONNREFUSED` (NULL `w`): the daemon is not running;
+ * - `-EPERM` (NULL `w`): the daemon runs as neither root nor the caller;
  * - `-EIO`, `-EPROTO`: the daemon could not be reached or misbehaved.
  *
  * # Safety
@@ -386,6 +389,8 @@ void sysgenid_close(sysgenid_watcher *w);
  * - `-EINVAL`: `generation` is NULL;
  * - `-ENOENT`, `-EACCES`: the page file is missing (daemon never ran on
  *   this runtime directory) or not readable;
+ * - `-EPERM`: the page is owned by neither root nor the caller's uid, or
+ *   is writable by group or others: it is not trusted;
  * - `-EPROTO`: the file is not a generation page;
  * - `-ENOMEM` or another errno of `open(2)`/`mmap(2)`.
  *

@@ -226,6 +226,8 @@ fn open(flags: u32) -> Result<Box<sysgenid_watcher>, c_int> {
 /// - `-EINVAL`: `out` is NULL or `flags` has unknown bits;
 /// - `-ENOENT`, `-ECONNREFUSED`, `-EACCES`: the daemon's socket is missing,
 ///   nobody listens on it, or it may not be opened;
+/// - `-EPERM`: the daemon there runs as neither root nor the caller's uid
+///   (someone else's, possibly planted): refused before anything is sent;
 /// - `-EUSERS`: the daemon's watcher limit is reached;
 /// - `-EPROTONOSUPPORT`: the daemon speaks another protocol version (or,
 ///   with `SYSGENID_LIFECYCLE`, predates the lifecycle);
@@ -468,6 +470,7 @@ pub unsafe extern "C" fn sysgenid_wait_watchers(
 ///   would exhaust the counter (see `sysgenid_trigger_update_flags`);
 ///   nothing changes;
 /// - `-ENOENT`, `-ECONNREFUSED` (NULL `w`): the daemon is not running;
+/// - `-EPERM` (NULL `w`): the daemon runs as neither root nor the caller;
 /// - `-EIO`, `-EPROTO`: the daemon could not be reached or misbehaved.
 ///
 /// # Safety
@@ -640,6 +643,8 @@ static PROBE: OnceLock<Probe> = OnceLock::new();
 /// - `-EINVAL`: `generation` is NULL;
 /// - `-ENOENT`, `-EACCES`: the page file is missing (daemon never ran on
 ///   this runtime directory) or not readable;
+/// - `-EPERM`: the page is owned by neither root nor the caller's uid, or
+///   is writable by group or others: it is not trusted;
 /// - `-EPROTO`: the file is not a generation page;
 /// - `-ENOMEM` or another errno of `open(2)`/`mmap(2)`.
 ///

@@ -330,6 +330,22 @@ fn api_without_daemon() {
 }
 
 #[test]
+fn api_refuses_a_daemon_of_another_uid() {
+    if sysgenid_tests::skip_unless_root("to run a daemon as nobody") {
+        return;
+    }
+    let squat = sysgenid_tests::Squatter::start(65534);
+    let (status, out) = Prog::start(
+        &test_program("api", Link::Shared),
+        &["untrusted"],
+        &squat.path(),
+    )
+    .finish();
+    assert!(status.success(), "api untrusted failed:\n{out}");
+    assert!(out.contains("api: all"), "{out}");
+}
+
+#[test]
 fn static_library_links_and_works() {
     let exe = test_program("api", Link::Static);
     let ldd = run(Command::new("ldd").arg(&exe));
