@@ -238,9 +238,21 @@ fn expect_done(reply: Reply) -> Result<u32, Error> {
     }
 }
 
-fn expect_welcome(conn: &Conn) -> Result<u32, Error> {
+/// The `Welcome` to a `Hello` of `sent` version. A daemon answers with
+/// the version the client asked for; any other version is one this client
+/// may not speak, so it hangs up with a clear error (`docs/protocol.md`).
+fn expect_welcome(conn: &Conn, sent: u16) -> Result<u32, Error> {
     match conn.reply()? {
-        Reply::Welcome { generation, .. } => Ok(generation),
+        Reply::Welcome {
+            version,
+            generation,
+        } if version == sent => Ok(generation),
+        Reply::Welcome { version, .. } => Err(Error::VersionMismatch {
+            daemon: version,
+            message: format!(
+                "sysgenidd answered with protocol {version} to this client's protocol {sent}: use a client and daemon from compatible releases"
+            ),
+        }),
         Reply::Error(e) => Err(Error::from_reply(e)),
         other => Err(Error::Protocol(format!("expected Welcome, got {other:?}"))),
     }
@@ -327,7 +339,7 @@ impl WatcherBuilder {
         let socket = self.runtime_dir.join(SOCKET_NAME);
         let (role, version) = self.hello(None);
         let conn = Conn::connect(&socket, role, version)?;
-        let acked = expect_welcome(&conn)?;
+        let acked = expect_welcome(&conn, version)?;
         Ok(Watcher {
             conn,
             socket,
@@ -568,7 +580,7 @@ impl Watcher {
     fn reconnect_once(&mut self) -> Result<(), Error> {
         let (role, version) = self.opts.hello(Some(self.acked));
         let conn = Conn::connect(&self.socket, role, version)?;
-        let generation = expect_welcome(&conn)?;
+        let generation = expect_welcome(&conn, version)?;
         self.conn = conn;
         self.conn_no += 1;
         // A daemon that restarted comes up running: a participant that was
@@ -630,7 +642,7 @@ impl Control {
         let mut version = PROTOCOL_VERSION;
         loop {
             let conn = Conn::connect(&socket, Role::Control, version)?;
-            match expect_welcome(&conn) {
+            match expect_welcome(&conn, version) {
                 Ok(generation) => {
                     return Ok(Control {
                         conn,

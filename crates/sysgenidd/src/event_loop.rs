@@ -17,7 +17,7 @@
 //!    frames each), drain the command channel.
 //! 3. Read the connections the work list names again, once each.
 //! 4. Process the work list until it is empty: each privileged bump is made
-//!    durable and then fanned out ([`EventLoop::bump`]: device mirror and
+//!    durable and then fanned out (`EventLoop::bump`: device mirror and
 //!    readers first, then one `Changed` per socket watcher), then pending
 //!    barrier waits on both frontends are settled. Nothing here calls back
 //!    into frame reading: a connection whose wait ends is queued for step 3

@@ -18,7 +18,7 @@
 //! `Changed` frames there collapse into one, so a watcher that never reads
 //! costs a bounded amount of memory, and a client that floods requests
 //! without reading replies is dropped: when its outbox passes
-//! [`MAX_OUTBOX`] frames, or when the bytes waiting in all of its uid's
+//! `MAX_OUTBOX` (64) frames, or when the bytes waiting in all of its uid's
 //! outboxes (or in everyone's) would pass the budget
 //! (`--max-queued-bytes-per-uid`, `--max-queued-bytes`). An outbox that
 //! empties gives its memory back, and after a large release the allocator
