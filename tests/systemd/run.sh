@@ -238,6 +238,7 @@ for f in /usr/sbin/sysgenidd /usr/bin/sysgenidctl \
 	/usr/share/man/man8/sysgenidd.8.gz /usr/share/man/man1/sysgenidctl.1.gz /usr/share/man/man7/sysgenid.7.gz \
 	/usr/share/bash-completion/completions/sysgenidctl /usr/share/zsh/vendor-completions/_sysgenidctl \
 	/usr/share/fish/vendor_completions.d/sysgenidctl.fish \
+	/usr/share/sysgenid/qemu-ga/sysgenid \
 	/usr/include/sysgenid.h /usr/include/sysgenid-device.h \
 	/usr/lib/x86_64-linux-gnu/libsysgenid.a /usr/lib/x86_64-linux-gnu/pkgconfig/sysgenid.pc; do
 	inside test -s "$f" || fail "$f missing"
