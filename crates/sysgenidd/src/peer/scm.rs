@@ -136,12 +136,16 @@ pub(super) fn recv_with_sender(
                 }
                 SCM_PIDFD | libc::SCM_RIGHTS => {
                     for i in 0..data_len / size_of::<libc::c_int>() {
-                        // SAFETY: each whole c_int of the payload is a new
-                        // descriptor the kernel installed for us and that
-                        // nothing else owns.
-                        let fd = unsafe {
-                            OwnedFd::from_raw_fd(data.cast::<libc::c_int>().add(i).read_unaligned())
-                        };
+                        // SAFETY: reading the i-th whole c_int of the payload.
+                        let raw = unsafe { data.cast::<libc::c_int>().add(i).read_unaligned() };
+                        if raw < 0 {
+                            // The kernel could not make the pidfd (it
+                            // reports -errno, e.g. EMFILE): none.
+                            continue;
+                        }
+                        // SAFETY: a non-negative entry is a new descriptor
+                        // the kernel installed for us; nothing else owns it.
+                        let fd = unsafe { OwnedFd::from_raw_fd(raw) };
                         if kind == SCM_PIDFD && sent_by.pidfd.is_none() {
                             sent_by.pidfd = Some(fd);
                         }
