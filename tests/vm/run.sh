@@ -6,9 +6,13 @@
 #
 #   SYSGENIDD=/path/sysgenidd SYSGENIDCTL=/path/sysgenidctl tests/vm/run.sh
 #   tests/vm/run.sh --self-test      # harness check with the shell stand-ins
+#   ... tests/vm/run.sh --lifecycle  # the freeze/thaw proof with the QEMU guest
+#                                    # agent instead (lifecycle_vmtest.py, stable
+#                                    # lane only; tests/vm/LIFECYCLE.md)
 #
-# This script prepares the host (packages, a cached Debian kernel) and hands
-# over to vmtest.py, which builds the initramfs, drives QEMU over QMP and
+# This script prepares the host (packages, cached Debian kernels, a cached
+# chroot with the development suite's QEMU) and hands over to vmtest.py,
+# once per lane, which builds the initramfs, drives QEMU over QMP and
 # asserts the scenarios.
 set -euo pipefail
 
@@ -17,14 +21,17 @@ CACHE=${SYSGENID_VM_CACHE:-/var/cache/sysgenid-vm}
 
 usage() {
     cat <<EOF
-usage: SYSGENIDD=BIN SYSGENIDCTL=BIN $0 [--keep]
-       $0 --self-test [--keep]
+usage: SYSGENIDD=BIN SYSGENIDCTL=BIN $0 [--keep] [--lifecycle]
+       $0 --self-test [--keep] [--lifecycle]
 
   --self-test  use the shell stand-ins in tests/vm/fake-sysgenid/ (tests the
                harness, not sysgenid)
   --keep       keep the work directory (serial logs, states) even on success
+  --lifecycle  run the snapshot-lifecycle proof with the QEMU guest agent
+               (lifecycle_vmtest.py, stable kernel and host QEMU) instead
 
-environment: SYSGENIDD, SYSGENIDCTL, SYSGENID_VM_CACHE, SYSGENID_VM_KERNEL,
+environment: SYSGENIDD, SYSGENIDCTL, SYSGENID_VM_LANES (stable,newest),
+             SYSGENID_VM_NEWEST_SUITE (sid), SYSGENID_VM_CACHE, SYSGENID_VM_KERNEL,
              SYSGENID_VM_WORKDIR, SYSGENID_VM_KEEP, SYSGENID_VM_RUST_LOG,
              SYSGENID_VM_BOOT_TIMEOUT, SYSGENID_VM_GEN_TIMEOUT,
              SYSGENID_VM_QUIET_WINDOW, SYSGENID_VM_ACCEL (see README.md)
@@ -32,10 +39,12 @@ EOF
 }
 
 SELF_TEST=0
+LIFECYCLE=0
 while [ $# -gt 0 ]; do
     case $1 in
         --self-test) SELF_TEST=1 ;;
         --keep) export SYSGENID_VM_KEEP=1 ;;
+        --lifecycle) LIFECYCLE=1 ;;
         -h|--help) usage; exit 0 ;;
         *) echo "run.sh: unknown argument: $1" >&2; usage >&2; exit 2 ;;
     esac
@@ -88,14 +97,42 @@ fi
 BUSYBOX=/bin/busybox
 [ -x "$BUSYBOX" ] || die "$BUSYBOX missing after installing busybox-static"
 
-# ------------------------------------------------------------------ kernel
-# The guest kernel is Debian's own linux-image-amd64 (CONFIG_VMGENID=y),
-# downloaded with apt-get download and unpacked into the cache: never
-# installed into /boot.
-if [ -n "${SYSGENID_VM_KERNEL:-}" ]; then
-    KERNEL=$SYSGENID_VM_KERNEL
-    [ -f "$KERNEL" ] || die "SYSGENID_VM_KERNEL=$KERNEL does not exist"
+# ------------------------------------------------------------------ kernels
+# Two lanes, each a whole run of vmtest.py:
+#   stable  the host suite's kernel (linux-image-amd64's dependency, e.g.
+#           Debian 12's 6.1) under the host's QEMU;
+#   newest  the development suite's kernel (sid: 7.x, CONFIG_VMGENID=y,
+#           ptp_vmclock as a module) under the development suite's QEMU
+#           (11.x, which has the `vmclock` device), run from a debootstrap
+#           chroot: scenario (v) proves the vmclock source on the guest's
+#           real /dev/vmclock0.
+# Everything downloaded is cached under $CACHE; nothing is installed into
+# /boot or added to the host's apt sources. SYSGENID_VM_LANES picks lanes.
+# (--self-test: the shell stand-ins know nothing of vmclock: stable only.)
+if [ "$SELF_TEST" = 1 ]; then
+    LANES=${SYSGENID_VM_LANES:-stable}
 else
+    LANES=${SYSGENID_VM_LANES:-stable,newest}
+fi
+
+# Unpacks PKG.deb's FILE (a path in the package, glob allowed) to DEST.
+deb_extract() {
+    local deb=$1 pattern=$2 dest=$3 tmp
+    tmp=$(mktemp -d)
+    dpkg-deb --fsys-tarfile "$deb" | tar -x -C "$tmp" --wildcards "$pattern" 2>/dev/null || true
+    local found
+    found=$(find "$tmp" -path "*${pattern#./}" -type f | head -n1)
+    [ -n "$found" ] && cp "$found" "$dest"
+    rm -rf "$tmp"
+    [ -n "$found" ]
+}
+
+stable_kernel() {
+    if [ -n "${SYSGENID_VM_KERNEL:-}" ]; then
+        KERNEL=$SYSGENID_VM_KERNEL
+        [ -f "$KERNEL" ] || die "SYSGENID_VM_KERNEL=$KERNEL does not exist"
+        return
+    fi
     KERNEL=$CACHE/kernel/vmlinuz
     if [ ! -f "$KERNEL" ]; then
         resolve_pkg() {
@@ -128,8 +165,138 @@ else
         rm -rf "$dl"
         trap - EXIT
     fi
-    log "kernel: $KERNEL ($(cat "$CACHE/kernel/PACKAGE" 2>/dev/null || echo '?'))"
-fi
+    log "stable kernel: $KERNEL ($(cat "$CACHE/kernel/PACKAGE" 2>/dev/null || echo '?')), $(qemu-system-x86_64 --version | head -n1)"
+}
 
-export SYSGENID_VM_KERNEL=$KERNEL SYSGENID_VM_BUSYBOX=$BUSYBOX
-exec python3 "$HERE/vmtest.py"
+# The archive the host's apt sources name (not its security archive).
+debian_mirror() {
+    local uri
+    uri=$(grep -rhoE '(deb\s+|URIs:\s*)https?://[^ ]+' /etc/apt/sources.list /etc/apt/sources.list.d/ 2>/dev/null |
+        grep -oE 'https?://[^ ]+' | grep -v -- '-security' | grep -E '/debian/?$' | head -n1)
+    echo "${uri:-http://deb.debian.org/debian}"
+}
+
+NEWEST_SUITE=${SYSGENID_VM_NEWEST_SUITE:-sid}
+NEWEST_ROOT=$CACHE/$NEWEST_SUITE-root
+NEWEST_KDIR=$CACHE/kernel-$NEWEST_SUITE
+
+# The development suite's QEMU in a debootstrap chroot (cached).
+newest_qemu() {
+    if [ ! -x "$NEWEST_ROOT/usr/bin/qemu-system-x86_64" ]; then
+        command -v debootstrap >/dev/null 2>&1 || apt_install debootstrap
+        local mirror tmp=$NEWEST_ROOT.tmp
+        mirror=$(debian_mirror)
+        rm -rf "$tmp"
+        log "debootstrap $NEWEST_SUITE from $mirror into $tmp (cached for later runs)"
+        debootstrap --variant=minbase "$NEWEST_SUITE" "$tmp" "$mirror" >"$CACHE/debootstrap.log" 2>&1 ||
+            die "debootstrap failed, see $CACHE/debootstrap.log"
+        log "installing qemu-system-x86 in the chroot"
+        chroot "$tmp" env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+            qemu-system-x86 >"$CACHE/chroot-apt.log" 2>&1 ||
+            die "apt-get install qemu-system-x86 in the chroot failed, see $CACHE/chroot-apt.log"
+        chroot "$tmp" apt-get clean
+        mv "$tmp" "$NEWEST_ROOT"
+    fi
+    chroot "$NEWEST_ROOT" qemu-system-x86_64 -device help 2>/dev/null | grep -q '"vmclock"' ||
+        die "the $NEWEST_SUITE QEMU has no vmclock device"
+}
+
+# The development suite's newest kernel: vmlinuz, its config and the
+# ptp_vmclock module (decompressed), downloaded inside the chroot with apt.
+newest_kernel() {
+    if [ ! -f "$NEWEST_KDIR/vmlinuz" ] || [ ! -f "$NEWEST_KDIR/ptp_vmclock.ko" ]; then
+        local pkg ver dl=/var/tmp/sgdl
+        resolve() {
+            chroot "$NEWEST_ROOT" apt-cache depends "$1" 2>/dev/null |
+                awk -v re="$2" '$1 == "Depends:" && $2 ~ re { print $2; exit }'
+        }
+        pkg=$(resolve linux-image-amd64 '^linux-image-[0-9].*-amd64$')
+        [ -n "$pkg" ] || die "cannot resolve linux-image-amd64 in the $NEWEST_SUITE chroot"
+        ver=${pkg#linux-image-}
+        log "downloading $pkg (and its linux-binary/-modules/-base parts) in the chroot"
+        rm -rf "$NEWEST_ROOT$dl"; mkdir -p "$NEWEST_ROOT$dl"; chmod 777 "$NEWEST_ROOT$dl"
+        # Debian 7.x splits the image: linux-binary-* (vmlinuz),
+        # linux-modules-*, linux-base-* (config). Older ones are one package.
+        local want="$pkg"
+        for part in binary modules base; do
+            chroot "$NEWEST_ROOT" apt-cache show "linux-$part-$ver" >/dev/null 2>&1 && want="$want linux-$part-$ver"
+        done
+        chroot "$NEWEST_ROOT" sh -c "cd $dl && apt-get download -qq $want" >/dev/null 2>&1 ||
+            die "apt-get download $want in the chroot failed"
+        mkdir -p "$NEWEST_KDIR.tmp"
+        local d=$NEWEST_ROOT$dl found=0
+        for deb in "$d"/*.deb; do
+            deb_extract "$deb" './usr/lib/modules/*/vmlinuz' "$NEWEST_KDIR.tmp/vmlinuz" && found=1
+            deb_extract "$deb" './boot/vmlinuz-*' "$NEWEST_KDIR.tmp/vmlinuz" && found=1
+            deb_extract "$deb" './usr/lib/modules/*/config' "$NEWEST_KDIR.tmp/config" || true
+            deb_extract "$deb" './boot/config-*' "$NEWEST_KDIR.tmp/config" || true
+            deb_extract "$deb" './usr/lib/modules/*/kernel/drivers/ptp/ptp_vmclock.ko*' \
+                "$NEWEST_KDIR.tmp/ptp_vmclock.ko.packed" || true
+        done
+        [ "$found" = 1 ] || die "no vmlinuz in $want"
+        [ -f "$NEWEST_KDIR.tmp/ptp_vmclock.ko.packed" ] || die "no ptp_vmclock module in $want"
+        # busybox insmod wants the plain ELF module.
+        python3 - "$NEWEST_KDIR.tmp/ptp_vmclock.ko.packed" "$NEWEST_KDIR.tmp/ptp_vmclock.ko" <<'PY'
+import gzip, lzma, sys
+data = open(sys.argv[1], "rb").read()
+if data[:6] == b"\xfd7zXZ\x00":
+    data = lzma.decompress(data)
+elif data[:2] == b"\x1f\x8b":
+    data = gzip.decompress(data)
+elif data[:4] != b"\x7fELF":
+    sys.exit("ptp_vmclock: unsupported module compression (zstd?)")
+open(sys.argv[2], "wb").write(data)
+PY
+        rm -f "$NEWEST_KDIR.tmp/ptp_vmclock.ko.packed"
+        grep -q '^CONFIG_VMGENID=y' "$NEWEST_KDIR.tmp/config" 2>/dev/null ||
+            log "WARNING: $pkg does not have CONFIG_VMGENID=y built in"
+        echo "$pkg" > "$NEWEST_KDIR.tmp/PACKAGE"
+        rm -rf "$NEWEST_ROOT$dl" "$NEWEST_KDIR"
+        mv "$NEWEST_KDIR.tmp" "$NEWEST_KDIR"
+    fi
+    log "newest kernel: $NEWEST_KDIR/vmlinuz ($(cat "$NEWEST_KDIR/PACKAGE")), $(chroot "$NEWEST_ROOT" qemu-system-x86_64 --version | head -n1) from the $NEWEST_SUITE chroot"
+}
+
+export SYSGENID_VM_BUSYBOX=$BUSYBOX
+if [ "$LIFECYCLE" = 1 ]; then
+    stable_kernel
+    SYSGENID_VM_KERNEL=$KERNEL SYSGENID_VM_CACHE=$CACHE exec python3 "$HERE/lifecycle_vmtest.py"
+fi
+rc=0
+verdicts=()
+for lane in ${LANES//,/ }; do
+    case $lane in
+        stable)
+            stable_kernel
+            if SYSGENID_VM_LANE="stable: $(cat "$CACHE/kernel/PACKAGE" 2>/dev/null || basename "$KERNEL"), host QEMU" \
+                SYSGENID_VM_KERNEL=$KERNEL python3 "$HERE/vmtest.py"; then
+                verdicts+=("stable=PASS")
+            else
+                verdicts+=("stable=FAIL"); rc=1
+            fi
+            ;;
+        newest)
+            newest_qemu
+            newest_kernel
+            # The guest's files live in the work dir and the kernel cache:
+            # both are bind-mounted at the same paths inside the chroot.
+            workdir=$(mktemp -d /tmp/sysgenid-vm-newest.XXXXXX)
+            if SYSGENID_VM_LANE="newest: $(cat "$NEWEST_KDIR/PACKAGE"), $NEWEST_SUITE QEMU + vmclock" \
+                SYSGENID_VM_KERNEL=$NEWEST_KDIR/vmlinuz \
+                SYSGENID_VM_MODULES=$NEWEST_KDIR/ptp_vmclock.ko \
+                SYSGENID_VM_VMCLOCK=1 \
+                SYSGENID_VM_WORKDIR=$workdir \
+                SYSGENID_VM_QEMU="$HERE/qemu-chroot.sh $NEWEST_ROOT $workdir:$NEWEST_KDIR" \
+                python3 "$HERE/vmtest.py"; then
+                verdicts+=("newest=PASS")
+                [ "${SYSGENID_VM_KEEP:-}" = 1 ] || rm -rf "$workdir"
+            else
+                verdicts+=("newest=FAIL"); rc=1
+                log "kept $workdir for inspection"
+            fi
+            ;;
+        *) die "unknown lane $lane in SYSGENID_VM_LANES (stable, newest)" ;;
+    esac
+done
+echo "vm-e2e lanes: ${verdicts[*]}"
+exit $rc

@@ -372,12 +372,19 @@ pub fn stats(values: &mut [f64]) -> Stats {
     }
 }
 
-/// `VmRSS` of `pid` in bytes, from `/proc/<pid>/status`.
-pub fn vm_rss(pid: u32) -> Option<u64> {
+/// A `kB` field of `/proc/<pid>/status` (`VmRSS`, `RssAnon`, ...) in bytes.
+pub fn proc_status_bytes(pid: u32, field: &str) -> Option<u64> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    let line = status.lines().find(|l| l.starts_with("VmRSS:"))?;
+    let line = status
+        .lines()
+        .find(|l| l.strip_prefix(field).is_some_and(|r| r.starts_with(':')))?;
     let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
     Some(kb * 1024)
+}
+
+/// `VmRSS` of `pid` in bytes, from `/proc/<pid>/status`.
+pub fn vm_rss(pid: u32) -> Option<u64> {
+    proc_status_bytes(pid, "VmRSS")
 }
 
 /// `Slab:` of `/proc/meminfo` in bytes (kernel memory held by sockets,

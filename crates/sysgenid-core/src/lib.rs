@@ -30,6 +30,9 @@
 //!   ([`Core::check_minimum`]): it would leave no generation for later
 //!   restores. Bumps by one are never refused for this.
 //!
+//! The snapshot lifecycle (freeze before a snapshot, thaw after) is its own
+//! state machine in [`lifecycle`], next to this one and as pure.
+//!
 //! Bumps are two-phase ([`Core::next_generation`], then
 //! [`Core::commit_generation`]) so the daemon can make the new value durable
 //! between the two steps: a generation is never shown to anyone before it
@@ -38,6 +41,8 @@
 #![forbid(unsafe_code)]
 
 use slab::Slab;
+
+pub mod lifecycle;
 
 /// The system generation counter, `u32` on every interface.
 pub type Generation = u32;

@@ -25,13 +25,33 @@
 //! frames only up to the reply of a request. The socket is readable exactly
 //! while the watcher is outdated, which is what makes it usable in
 //! poll/epoll/tokio like the seed's device file.
+//!
+//! # Lifecycle (version 2)
+//! A watcher that opts in with [`Role::Watcher::lifecycle`] is a lifecycle
+//! participant: it also receives [`Reply::Freeze`] and [`Reply::Thaw`], which
+//! are consumed when read (never collapsed), and answers a freeze with
+//! [`Request::Confirm`]. The daemon follows every such event to an outdated
+//! watcher with a `Changed`, so the invariant above still holds. Orchestrators
+//! send [`Request::Freeze`] and [`Request::Thaw`]. Version 1 connections
+//! never see any of this (see `docs/protocol.md`, "Versioning").
 
 #![forbid(unsafe_code)]
 
 use serde::{Deserialize, Serialize};
 
-/// The protocol version this crate speaks.
-pub const PROTOCOL_VERSION: u16 = 1;
+/// The newest protocol version this crate speaks.
+pub const PROTOCOL_VERSION: u16 = 2;
+
+/// The oldest protocol version the daemon still serves: version 1 clients
+/// keep working unchanged (without the lifecycle).
+pub const MIN_PROTOCOL_VERSION: u16 = 1;
+
+/// The first version with the snapshot lifecycle (participants, freeze,
+/// thaw, confirm).
+pub const LIFECYCLE_VERSION: u16 = 2;
+
+/// The freeze timeout the daemon applies when a [`Request::Freeze`] names 0.
+pub const DEFAULT_FREEZE_TIMEOUT_MS: u32 = 30_000;
 
 /// The largest frame either side sends or accepts.
 pub const MAX_FRAME: usize = 2048;
@@ -67,10 +87,15 @@ mod codes {
     pub const WAIT_WATCHERS: u8 = 0x03;
     pub const BUMP: u8 = 0x04;
     pub const STATUS: u8 = 0x05;
+    pub const FREEZE: u8 = 0x06;
+    pub const THAW: u8 = 0x07;
+    pub const CONFIRM: u8 = 0x08;
     pub const WELCOME: u8 = 0x81;
     pub const CHANGED: u8 = 0x82;
     pub const DONE: u8 = 0x83;
     pub const STATUS_REPORT: u8 = 0x84;
+    pub const FREEZE_EVENT: u8 = 0x85;
+    pub const THAW_EVENT: u8 = 0x86;
     pub const ERROR: u8 = 0xff;
 }
 
@@ -86,6 +111,8 @@ pub enum Role {
         /// The generation this client acknowledged on an earlier connection
         /// (reconnect after a daemon restart); `None` for a new watcher.
         acked: Option<u32>,
+        /// A lifecycle participant: told to freeze and thaw (version 2+).
+        lifecycle: bool,
     },
 }
 
@@ -121,10 +148,39 @@ pub enum Request {
     },
     /// Ask for a [`StatusReport`].
     Status,
+    /// Privileged (like `Bump`): freeze every lifecycle participant; the
+    /// reply comes once frozen (`Done`) or when the freeze is aborted
+    /// (`Error FreezeAborted`). Version 2+.
+    Freeze {
+        /// Abort if not frozen within this many milliseconds; 0 means
+        /// [`DEFAULT_FREEZE_TIMEOUT_MS`].
+        timeout_ms: u32,
+    },
+    /// Privileged: thaw (also when not frozen: `Done`, nothing changes).
+    /// Version 2+.
+    Thaw,
+    /// A participant has quiesced for freeze `freeze`. Version 2+.
+    Confirm {
+        /// The number from the [`Reply::Freeze`] event.
+        freeze: u32,
+    },
+}
+
+impl Request {
+    /// Whether this request exists only from [`LIFECYCLE_VERSION`] on.
+    pub fn needs_lifecycle_version(&self) -> bool {
+        matches!(
+            self,
+            Request::Freeze { .. } | Request::Thaw | Request::Confirm { .. }
+        )
+    }
 }
 
 /// A frame sent by the daemon.
 #[derive(Debug, Clone, PartialEq, Eq)]
+// Status replies are rare and short-lived (built, encoded, dropped): boxing
+// the report would cost every caller a pattern change for no gain.
+#[allow(clippy::large_enum_variant)]
 pub enum Reply {
     /// Answer to `Hello`.
     Welcome {
@@ -149,6 +205,23 @@ pub enum Reply {
     Status(StatusReport),
     /// A refused request. Nothing changed.
     Error(ErrorReply),
+    /// Unsolicited, participants only (version 2+): quiesce, then send
+    /// [`Request::Confirm`] with `freeze`. Sent at once to a participant
+    /// that registers while a freeze is in force.
+    Freeze {
+        /// The number of this freeze.
+        freeze: u32,
+        /// The generation at the time.
+        generation: u32,
+    },
+    /// Unsolicited, participants only (version 2+): resume. Follows a
+    /// completed freeze, an aborted one, or a thaw after a restore.
+    Thaw {
+        /// The freeze that ended.
+        freeze: u32,
+        /// The generation at the time.
+        generation: u32,
+    },
 }
 
 /// Why a request failed; each maps to the errno the seed's device would
@@ -179,6 +252,19 @@ pub enum ErrorCode {
     ShuttingDown = 10,
     /// The daemon could not make the change durable (`EIO`).
     Internal = 11,
+    /// The freeze was aborted (timeout, thaw, restore) and everyone was
+    /// thawed (`ETIMEDOUT`); value = tracked participants that had not
+    /// confirmed. Version 2+.
+    FreezeAborted = 12,
+    /// A lifecycle request on a connection that is not a participant
+    /// (`ENOTCONN`). Version 2+.
+    NotAParticipant = 13,
+    /// Another freeze is in progress (`EBUSY`); value = participants it
+    /// still waits for. Version 2+.
+    Busy = 14,
+    /// Confirmation of a freeze never asked for (`EINVAL`); value = the
+    /// latest freeze number. Version 2+.
+    WrongFreeze = 15,
 }
 
 impl ErrorCode {
@@ -196,6 +282,10 @@ impl ErrorCode {
             ErrorCode::TooManyWatchers => 87,   // EUSERS
             ErrorCode::ShuttingDown => 108,     // ESHUTDOWN
             ErrorCode::Internal => 5,           // EIO
+            ErrorCode::FreezeAborted => 110,    // ETIMEDOUT
+            ErrorCode::NotAParticipant => 107,  // ENOTCONN
+            ErrorCode::Busy => 16,              // EBUSY
+            ErrorCode::WrongFreeze => 22,       // EINVAL
         }
     }
 
@@ -213,6 +303,10 @@ impl ErrorCode {
             9 => TooManyWatchers,
             10 => ShuttingDown,
             11 => Internal,
+            12 => FreezeAborted,
+            13 => NotAParticipant,
+            14 => Busy,
+            15 => WrongFreeze,
             _ => return None,
         })
     }
@@ -267,6 +361,13 @@ pub struct StatusReport {
     pub last_change_unix_ms: Option<u64>,
     /// The sources that reported the last change (several when coalesced).
     pub last_change_sources: Vec<String>,
+    /// For the last bump caused by a kernel source whose signal carries a
+    /// timestamp (`vmfork`: the kernel log record's): microseconds from that
+    /// timestamp to the page showing the new generation, i.e. the restore
+    /// window as the daemon saw it. Absent before such a bump, and from
+    /// daemons older than this field (clients must accept both).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_kernel_lag_us: Option<u64>,
     /// Restore-signal sources.
     pub sources: Vec<SourceStatus>,
     /// The runtime directory.
@@ -275,6 +376,62 @@ pub struct StatusReport {
     pub device: Option<String>,
     /// The daemon's package version.
     pub daemon_version: String,
+    /// The lifecycle state (`running`, `freezing`, `frozen`); absent from
+    /// daemons before version 2, read as `running`.
+    #[serde(default)]
+    pub state: LifecycleState,
+    /// Tracked participants (and the hooks) that have not confirmed the
+    /// freeze in progress; 0 unless `freezing`.
+    #[serde(default)]
+    pub pending: u32,
+    /// Milliseconds the system has been frozen; absent unless `frozen`.
+    #[serde(default)]
+    pub frozen_ms: Option<u64>,
+    /// Registered lifecycle participants.
+    #[serde(default)]
+    pub participants: u32,
+    /// The latest freeze number (0: none yet).
+    #[serde(default)]
+    pub freeze: u32,
+    /// Frozen, restored since, and thawing by itself once every tracked
+    /// watcher has acknowledged.
+    #[serde(default)]
+    pub thaw_after_acks: bool,
+    /// The hooks directory, when hooks are on.
+    #[serde(default)]
+    pub hooks: Option<Box<HooksStatus>>,
+}
+
+/// The lifecycle state in status.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum LifecycleState {
+    /// Normal operation.
+    #[default]
+    Running,
+    /// Participants are quiescing.
+    Freezing,
+    /// Everyone confirmed; safe to snapshot.
+    Frozen,
+}
+
+/// The hooks directory in status.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+pub struct HooksStatus {
+    /// The directory.
+    pub dir: String,
+    /// Hooks found at the last run (refused files not counted).
+    pub hooks: u32,
+    /// Hook runs so far (one per hook per event).
+    pub runs: u64,
+    /// Runs that exited non-zero or could not start.
+    pub failures: u64,
+    /// Runs killed at the per-hook timeout.
+    pub timeouts: u64,
+    /// Files refused as unsafe (writable by others, symlinks out).
+    pub refused: u64,
+    /// The latest failure, timeout or refusal, for humans.
+    pub last_problem: Option<String>,
 }
 
 /// A frame that could not be decoded.
@@ -352,10 +509,11 @@ const BUMP_ALLOW_EXHAUSTION: u8 = 1 << 0;
 /// first byte) for privilege: it then receives that frame with the
 /// sender's credentials (see `sysgenidd`'s `peer` module).
 pub fn is_privileged_kind(kind: u8) -> bool {
-    kind == codes::BUMP
+    matches!(kind, codes::BUMP | codes::FREEZE | codes::THAW)
 }
 const HELLO_UNTRACKED: u8 = 1 << 0;
 const HELLO_HAS_ACKED: u8 = 1 << 1;
+const HELLO_LIFECYCLE: u8 = 1 << 2;
 
 impl Request {
     /// Encodes into a fresh frame.
@@ -371,10 +529,17 @@ impl Request {
                 f.extend_from_slice(&version.to_le_bytes());
                 let (kind, flags, acked) = match role {
                     Role::Control => (0, 0, 0),
-                    Role::Watcher { untracked, acked } => {
+                    Role::Watcher {
+                        untracked,
+                        acked,
+                        lifecycle,
+                    } => {
                         let mut flags = 0;
                         if untracked {
                             flags |= HELLO_UNTRACKED;
+                        }
+                        if lifecycle {
+                            flags |= HELLO_LIFECYCLE;
                         }
                         if acked.is_some() {
                             flags |= HELLO_HAS_ACKED;
@@ -400,6 +565,9 @@ impl Request {
                 f
             }
             Request::Status => vec![codes::STATUS],
+            Request::Freeze { timeout_ms } => scalar(codes::FREEZE, timeout_ms),
+            Request::Thaw => vec![codes::THAW],
+            Request::Confirm { freeze } => scalar(codes::CONFIRM, freeze),
         }
     }
 
@@ -421,12 +589,18 @@ impl Request {
                     0 if flags == 0 => Role::Control,
                     0 => return Err(DecodeError::Invalid("control hello with watcher flags")),
                     HELLO_WATCHER => {
-                        if flags & !(HELLO_UNTRACKED | HELLO_HAS_ACKED) != 0 {
+                        let known = if version >= LIFECYCLE_VERSION {
+                            HELLO_UNTRACKED | HELLO_HAS_ACKED | HELLO_LIFECYCLE
+                        } else {
+                            HELLO_UNTRACKED | HELLO_HAS_ACKED
+                        };
+                        if flags & !known != 0 {
                             return Err(DecodeError::Invalid("unknown hello flags"));
                         }
                         Role::Watcher {
                             untracked: flags & HELLO_UNTRACKED != 0,
                             acked: (flags & HELLO_HAS_ACKED != 0).then(|| u32_at(frame, 5)),
+                            lifecycle: flags & HELLO_LIFECYCLE != 0,
                         }
                     }
                     _ => return Err(DecodeError::Invalid("unknown role")),
@@ -449,17 +623,23 @@ impl Request {
                     allow_exhaustion: flags & BUMP_ALLOW_EXHAUSTION != 0,
                 })
             }
-            codes::ACK | codes::WAIT_WATCHERS => {
+            codes::ACK | codes::WAIT_WATCHERS | codes::FREEZE | codes::CONFIRM => {
                 expect_len(frame, 5)?;
                 let v = u32_at(frame, 1);
                 Ok(match kind {
                     codes::ACK => Request::Ack { generation: v },
-                    _ => Request::WaitWatchers { timeout_ms: v },
+                    codes::WAIT_WATCHERS => Request::WaitWatchers { timeout_ms: v },
+                    codes::FREEZE => Request::Freeze { timeout_ms: v },
+                    _ => Request::Confirm { freeze: v },
                 })
             }
             codes::STATUS => {
                 expect_len(frame, 1)?;
                 Ok(Request::Status)
+            }
+            codes::THAW => {
+                expect_len(frame, 1)?;
+                Ok(Request::Thaw)
             }
             other => Err(DecodeError::UnknownKind(other)),
         }
@@ -505,9 +685,16 @@ impl Reply {
                     for src in &mut short.sources {
                         clip(&mut src.detail, limit);
                     }
+                    let hooks = short.hooks.as_mut();
+                    let (hooks_dir, hooks_problem) = match hooks {
+                        Some(h) => (Some(&mut h.dir), h.last_problem.as_mut()),
+                        None => (None, None),
+                    };
                     for text in [&mut short.runtime_dir, &mut short.epoch]
                         .into_iter()
                         .chain(short.device.as_mut())
+                        .chain(hooks_dir)
+                        .chain(hooks_problem)
                     {
                         clip(text, limit.max(64));
                     }
@@ -531,7 +718,23 @@ impl Reply {
                 f.extend_from_slice(&e.message.as_bytes()[..end]);
                 f
             }
+            Reply::Freeze { freeze, generation } | Reply::Thaw { freeze, generation } => {
+                let kind = if matches!(self, Reply::Freeze { .. }) {
+                    codes::FREEZE_EVENT
+                } else {
+                    codes::THAW_EVENT
+                };
+                let mut f = vec![kind];
+                f.extend_from_slice(&freeze.to_le_bytes());
+                f.extend_from_slice(&generation.to_le_bytes());
+                f
+            }
         }
+    }
+
+    /// Whether this is an unsolicited lifecycle event (`Freeze`, `Thaw`).
+    pub fn is_lifecycle_event(&self) -> bool {
+        matches!(self, Reply::Freeze { .. } | Reply::Thaw { .. })
     }
 
     /// Decodes one frame.
@@ -552,6 +755,15 @@ impl Reply {
                     Reply::Changed { generation }
                 } else {
                     Reply::Done { generation }
+                })
+            }
+            codes::FREEZE_EVENT | codes::THAW_EVENT => {
+                expect_len(frame, 9)?;
+                let (freeze, generation) = (u32_at(frame, 1), u32_at(frame, 5));
+                Ok(if kind == codes::FREEZE_EVENT {
+                    Reply::Freeze { freeze, generation }
+                } else {
+                    Reply::Thaw { freeze, generation }
                 })
             }
             codes::STATUS_REPORT => serde_json::from_slice(&frame[1..])

@@ -1,17 +1,33 @@
 use super::*;
 use proptest::prelude::*;
 
-fn role() -> impl Strategy<Value = Role> {
+fn role(version: u16) -> impl Strategy<Value = Role> {
+    // The lifecycle flag exists from version 2 on.
+    let lifecycle = if version >= LIFECYCLE_VERSION {
+        any::<bool>().boxed()
+    } else {
+        Just(false).boxed()
+    };
     prop_oneof![
         Just(Role::Control),
-        (any::<bool>(), any::<Option<u32>>())
-            .prop_map(|(untracked, acked)| Role::Watcher { untracked, acked }),
+        (any::<bool>(), any::<Option<u32>>(), lifecycle).prop_map(
+            |(untracked, acked, lifecycle)| Role::Watcher {
+                untracked,
+                acked,
+                lifecycle
+            }
+        ),
     ]
 }
 
 fn request() -> impl Strategy<Value = Request> {
     prop_oneof![
-        (any::<u16>(), role()).prop_map(|(version, role)| Request::Hello { version, role }),
+        any::<u16>()
+            .prop_flat_map(|version| (Just(version), role(version)))
+            .prop_map(|(version, role)| Request::Hello { version, role }),
+        any::<u32>().prop_map(|timeout_ms| Request::Freeze { timeout_ms }),
+        Just(Request::Thaw),
+        any::<u32>().prop_map(|freeze| Request::Confirm { freeze }),
         any::<u32>().prop_map(|generation| Request::Ack { generation }),
         any::<u32>().prop_map(|timeout_ms| Request::WaitWatchers { timeout_ms }),
         (any::<u32>(), any::<bool>()).prop_map(|(min_generation, allow_exhaustion)| {
@@ -25,7 +41,7 @@ fn request() -> impl Strategy<Value = Request> {
 }
 
 fn error_code() -> impl Strategy<Value = ErrorCode> {
-    (1u16..=11).prop_map(|c| ErrorCode::from_u16(c).unwrap())
+    (1u16..=15).prop_map(|c| ErrorCode::from_u16(c).unwrap())
 }
 
 fn reply() -> impl Strategy<Value = Reply> {
@@ -36,6 +52,10 @@ fn reply() -> impl Strategy<Value = Reply> {
         }),
         any::<u32>().prop_map(|generation| Reply::Changed { generation }),
         any::<u32>().prop_map(|generation| Reply::Done { generation }),
+        (any::<u32>(), any::<u32>())
+            .prop_map(|(freeze, generation)| Reply::Freeze { freeze, generation }),
+        (any::<u32>(), any::<u32>())
+            .prop_map(|(freeze, generation)| Reply::Thaw { freeze, generation }),
         (any::<u32>(), ".{0,40}", any::<u32>()).prop_map(|(generation, epoch, watchers)| {
             Reply::Status(StatusReport {
                 generation,
@@ -79,6 +99,7 @@ fn hello_layout_is_frozen() {
         role: Role::Watcher {
             untracked: true,
             acked: Some(7),
+            lifecycle: false,
         },
     }
     .encode();
@@ -88,6 +109,67 @@ fn hello_layout_is_frozen() {
     let future = [0x01, 9, 0, 1, 0, 0, 0, 0, 0, 0xaa, 0xbb];
     assert_eq!(Request::peek_hello_version(&future), Some(9));
     assert!(Request::decode(&future).is_err());
+}
+
+#[test]
+fn lifecycle_frames_have_their_documented_layout() {
+    let participant = Request::Hello {
+        version: 2,
+        role: Role::Watcher {
+            untracked: false,
+            acked: None,
+            lifecycle: true,
+        },
+    };
+    assert_eq!(participant.encode(), [0x01, 2, 0, 1, 0b100, 0, 0, 0, 0]);
+    assert!(
+        Request::decode(&[0x01, 1, 0, 1, 0b100, 0, 0, 0, 0]).is_err(),
+        "a version 1 Hello has no lifecycle flag"
+    );
+    assert_eq!(
+        Request::Freeze { timeout_ms: 500 }.encode(),
+        [0x06, 0xf4, 1, 0, 0]
+    );
+    assert_eq!(Request::Thaw.encode(), [0x07]);
+    assert_eq!(Request::Confirm { freeze: 3 }.encode(), [0x08, 3, 0, 0, 0]);
+    assert_eq!(
+        Reply::Freeze {
+            freeze: 3,
+            generation: 1
+        }
+        .encode(),
+        [0x85, 3, 0, 0, 0, 1, 0, 0, 0]
+    );
+    assert_eq!(
+        Reply::Thaw {
+            freeze: 3,
+            generation: 1
+        }
+        .encode(),
+        [0x86, 3, 0, 0, 0, 1, 0, 0, 0]
+    );
+    assert!(Request::Thaw.needs_lifecycle_version());
+    assert!(!Request::Status.needs_lifecycle_version());
+}
+
+#[test]
+fn a_version_1_status_reads_as_running() {
+    let old = br#"{"generation":4,"epoch":"00","watchers":0,"tracked":0,"outdated":0,"outdated_untracked":0,"uptime_ms":1,"last_change_unix_ms":null,"last_change_sources":[],"sources":[],"runtime_dir":"/r","device":null,"daemon_version":"0.1.0"}"#;
+    let mut frame = vec![0x84];
+    frame.extend_from_slice(old);
+    match Reply::decode(&frame).unwrap() {
+        Reply::Status(s) => {
+            assert_eq!((s.generation, s.state), (4, LifecycleState::Running));
+            assert_eq!(s.hooks, None);
+        }
+        other => panic!("{other:?}"),
+    }
+    let json = serde_json::to_value(StatusReport {
+        state: LifecycleState::Freezing,
+        ..StatusReport::default()
+    })
+    .unwrap();
+    assert_eq!(json["state"], "freezing");
 }
 
 #[test]
@@ -221,4 +303,39 @@ fn bump_flag_byte_is_optional_and_checked() {
     assert!(Request::decode(&[0x04, 0, 0, 0, 0, 1, 0]).is_err());
     assert!(is_privileged_kind(forced.encode()[0]));
     assert!(!is_privileged_kind(Request::Status.encode()[0]));
+}
+
+#[test]
+fn last_kernel_lag_us_is_optional_both_ways() {
+    // A report from a daemon that predates the field decodes with None.
+    let mut old = vec![codes::STATUS_REPORT];
+    old.extend_from_slice(
+        br#"{"generation":3,"epoch":"00","watchers":0,"tracked":0,"outdated":0,
+        "outdated_untracked":0,"uptime_ms":1,"last_change_unix_ms":null,
+        "last_change_sources":[],"sources":[],"runtime_dir":"/r","device":null,
+        "daemon_version":"0.1.0"}"#,
+    );
+    match Reply::decode(&old).unwrap() {
+        Reply::Status(s) => {
+            assert_eq!(s.generation, 3);
+            assert_eq!(s.last_kernel_lag_us, None);
+        }
+        other => panic!("{other:?}"),
+    }
+    // Without a value the key is not sent at all (what older clients saw).
+    let f = Reply::Status(StatusReport::default()).encode();
+    assert!(!String::from_utf8_lossy(&f).contains("last_kernel_lag_us"));
+    // With one it round-trips.
+    let report = StatusReport {
+        last_kernel_lag_us: Some(1234),
+        ..StatusReport::default()
+    };
+    let f = Reply::Status(report.clone()).encode();
+    assert!(String::from_utf8_lossy(&f).contains("\"last_kernel_lag_us\":1234"));
+    assert_eq!(Reply::decode(&f).unwrap(), Reply::Status(report));
+    // A newer daemon's unknown keys are ignored by this client.
+    let mut newer = f.clone();
+    newer.pop();
+    newer.extend_from_slice(br#","a_field_from_the_future":[1,2]}"#);
+    assert!(matches!(Reply::decode(&newer).unwrap(), Reply::Status(_)));
 }

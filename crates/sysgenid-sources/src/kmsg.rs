@@ -9,23 +9,32 @@
 //!
 //! How it is read:
 //!
-//! * `/dev/kmsg` is opened read-only and `lseek(SEEK_END)`ed, which moves the
+//! * The path is opened read-only and `O_NONBLOCK`, so the open never
+//!   blocks (a FIFO without a writer would otherwise block the daemon's
+//!   start, and with it its signals). The thread then waits in `poll()`.
+//! * A seekable file (`/dev/kmsg`) is `lseek(SEEK_END)`ed, which moves the
 //!   reader after the last record, so the record of the boot (or of earlier
-//!   restores) is never re-emitted.
-//! * Each `read()` returns exactly one record:
+//!   restores) is never re-emitted. A non-seekable stream (a FIFO, a pipe:
+//!   what tests and benchmarks feed) is read from its start; a FIFO is
+//!   reopened each time its last writer leaves, so writers may come and go,
+//!   while any other stream ends the source at its end.
+//! * Each `read()` of `/dev/kmsg` returns exactly one record:
 //!   `prefix,seq,timestamp_us,flags[,more];message\n` followed by optional
 //!   continuation lines starting with a space (` KEY=value`).
-//!   `prefix = facility * 8 + level`.
+//!   `prefix = facility * 8 + level`. Streams may return several records or
+//!   parts of one; [`RecordReader`] reassembles lines across reads.
 //! * Only facility 0 (kernel) is accepted. Records written by userspace into
 //!   `/dev/kmsg` get facility 1 (`user`) and the kernel replaces a requested
-//!   facility 0 with `user`, so userspace cannot forge the record.
+//!   facility 0 with `user`, so userspace cannot forge the record. (Whoever
+//!   can write a FIFO given as `--kmsg` can forge anything: that is for
+//!   tests, and the daemon says so in its log.)
 //! * `read()` failing with `EPIPE` means records were overwritten before we
 //!   read them (ring buffer overrun). One of them may have been the fork
 //!   record, so we emit one conservative event: a spurious bump is safe, a
 //!   missed one is not.
 
 use std::fs::File;
-use std::io::{self, Read, Seek, SeekFrom};
+use std::io::{self, Read};
 use std::path::{Path, PathBuf};
 
 use crate::{Source, SourceError, SourceEvent};
@@ -124,67 +133,138 @@ pub fn is_vmfork_record(record: &KmsgRecord) -> bool {
 pub const LOST_RECORDS_DETAIL: &str = "kernel log records were lost (ring buffer overrun, EPIPE); \
      bumping conservatively: a spurious bump is safe, a missed one is not";
 
-/// Why [`follow_reader`] returned.
+/// Why [`follow_reader`] / [`RecordReader::follow`] returned.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum FollowEnd {
     /// `read()` returned 0 (end of a file or pipe; `/dev/kmsg` never does).
     Eof,
     /// `read()` would block (non-blocking reader with nothing to read).
     WouldBlock,
+    /// The read budget of [`RecordReader::follow_bounded`] was used up;
+    /// more may be waiting.
+    Budget,
 }
 
-/// Read records from `reader` until EOF / would-block, calling `emit` for
+/// Reads per [`PollSource::on_readable`](crate::PollSource::on_readable)
+/// call: a kernel that logs without pause cannot keep the event loop from
+/// its clients (each `/dev/kmsg` read is one record).
+pub const READS_PER_TURN: usize = 256;
+
+/// Reassembles records from successive reads of one reader: a line split
+/// across two reads (possible on a stream, never on `/dev/kmsg`) is kept
+/// until its newline arrives, also across a [`FollowEnd::WouldBlock`].
+#[derive(Debug)]
+pub struct RecordReader {
+    buf: Vec<u8>,
+    pending: Vec<u8>,
+}
+
+impl Default for RecordReader {
+    fn default() -> Self {
+        RecordReader {
+            buf: vec![0u8; READ_BUF],
+            pending: Vec::new(),
+        }
+    }
+}
+
+impl RecordReader {
+    /// Forgets a partial line (the writer that sent it is gone).
+    pub fn discard_partial(&mut self) {
+        self.pending.clear();
+    }
+
+    /// Reads records from `reader` until EOF / would-block, calling `emit`
+    /// for every kernel VM fork record and once per `EPIPE` (lost records).
+    /// Continuation lines (starting with a space) are skipped.
+    pub fn follow<R: Read>(
+        &mut self,
+        reader: R,
+        emit: &mut dyn FnMut(SourceEvent),
+    ) -> Result<FollowEnd, SourceError> {
+        self.follow_bounded(reader, emit, usize::MAX)
+    }
+
+    /// As [`RecordReader::follow`], but stops with [`FollowEnd::Budget`]
+    /// after `max_reads` successful reads.
+    pub fn follow_bounded<R: Read>(
+        &mut self,
+        mut reader: R,
+        emit: &mut dyn FnMut(SourceEvent),
+        max_reads: usize,
+    ) -> Result<FollowEnd, SourceError> {
+        let mut reads = 0usize;
+        loop {
+            if reads >= max_reads {
+                return Ok(FollowEnd::Budget);
+            }
+            reads += 1;
+            let n = match reader.read(&mut self.buf) {
+                Ok(0) => return Ok(FollowEnd::Eof),
+                Ok(n) => n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    return Ok(FollowEnd::WouldBlock)
+                }
+                Err(e) if e.raw_os_error() == Some(libc::EPIPE) => {
+                    tracing::warn!(
+                        source = NAME,
+                        "kernel log records were lost (EPIPE); emitting a conservative restore signal"
+                    );
+                    // A partially assembled line belongs to a record we will
+                    // not see the rest of.
+                    self.pending.clear();
+                    emit(SourceEvent {
+                        source: NAME,
+                        detail: LOST_RECORDS_DETAIL.to_owned(),
+                        kernel_time_us: None,
+                    });
+                    continue;
+                }
+                Err(e) => return Err(SourceError::io("reading kernel log", e)),
+            };
+            let chunk = &self.buf[..n];
+            let mut start = 0;
+            if self.pending.is_empty() {
+                // Fast path (every /dev/kmsg read): whole lines in `buf`.
+                while let Some(off) = chunk[start..].iter().position(|&b| b == b'\n') {
+                    handle_line(&chunk[start..start + off], emit);
+                    start += off + 1;
+                }
+                self.pending.extend_from_slice(&chunk[start..]);
+            } else {
+                self.pending.extend_from_slice(chunk);
+                while let Some(off) = self.pending[start..].iter().position(|&b| b == b'\n') {
+                    handle_line(&self.pending[start..start + off], emit);
+                    start += off + 1;
+                }
+                self.pending.drain(..start);
+            }
+            if self.pending.len() > MAX_LINE {
+                tracing::warn!(
+                    source = NAME,
+                    len = self.pending.len(),
+                    "dropping over-long kernel log line"
+                );
+                self.pending.clear();
+            }
+        }
+    }
+}
+
+/// Reads records from `reader` until EOF / would-block, calling `emit` for
 /// every kernel VM fork record and once per `EPIPE` (lost records).
 ///
 /// With `/dev/kmsg` every `read()` returns one whole record. Other readers
 /// (pipes, files — for tests and benchmarks) may return several records or
 /// partial ones; lines are reassembled, and continuation lines (starting
-/// with a space) are skipped, so both behave the same.
+/// with a space) are skipped, so both behave the same. A partial line left
+/// when this returns is dropped: use a [`RecordReader`] to keep it.
 pub fn follow_reader<R: Read>(
-    mut reader: R,
+    reader: R,
     emit: &mut dyn FnMut(SourceEvent),
 ) -> Result<FollowEnd, SourceError> {
-    let mut buf = vec![0u8; READ_BUF];
-    let mut pending: Vec<u8> = Vec::new();
-    loop {
-        let n = match reader.read(&mut buf) {
-            Ok(0) => return Ok(FollowEnd::Eof),
-            Ok(n) => n,
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(FollowEnd::WouldBlock),
-            Err(e) if e.raw_os_error() == Some(libc::EPIPE) => {
-                tracing::warn!(
-                    source = NAME,
-                    "kernel log records were lost (EPIPE); emitting a conservative restore signal"
-                );
-                // A partially assembled line belongs to a record we will not
-                // see the rest of.
-                pending.clear();
-                emit(SourceEvent {
-                    source: NAME,
-                    detail: LOST_RECORDS_DETAIL.to_owned(),
-                });
-                continue;
-            }
-            Err(e) => return Err(SourceError::io("reading kernel log", e)),
-        };
-        pending.extend_from_slice(&buf[..n]);
-        let mut start = 0;
-        while let Some(off) = pending[start..].iter().position(|&b| b == b'\n') {
-            let line = &pending[start..start + off];
-            start += off + 1;
-            handle_line(line, emit);
-        }
-        pending.drain(..start);
-        if pending.len() > MAX_LINE {
-            tracing::warn!(
-                source = NAME,
-                len = pending.len(),
-                "dropping over-long kernel log line"
-            );
-            pending.clear();
-        }
-    }
+    RecordReader::default().follow(reader, emit)
 }
 
 fn handle_line(line: &[u8], emit: &mut dyn FnMut(SourceEvent)) {
@@ -193,7 +273,8 @@ fn handle_line(line: &[u8], emit: &mut dyn FnMut(SourceEvent)) {
     }
     match parse_record(line) {
         Ok(rec) if is_vmfork_record(&rec) => {
-            tracing::info!(source = NAME, seq = rec.seq, "kernel VM fork record");
+            // No log line before the hand-over: the window until the page
+            // shows the new generation is open (the daemon logs the bump).
             emit(SourceEvent {
                 source: NAME,
                 detail: format!(
@@ -203,7 +284,9 @@ fn handle_line(line: &[u8], emit: &mut dyn FnMut(SourceEvent)) {
                     rec.timestamp_us % 1_000_000,
                     rec.message
                 ),
+                kernel_time_us: Some(rec.timestamp_us),
             });
+            tracing::debug!(source = NAME, seq = rec.seq, "kernel VM fork record");
         }
         Ok(_) => {}
         Err(e) => {
@@ -212,44 +295,171 @@ fn handle_line(line: &[u8], emit: &mut dyn FnMut(SourceEvent)) {
     }
 }
 
-/// The `vmfork` source: follows `/dev/kmsg` from its end.
+/// What kind of file the source follows, which decides where reading
+/// starts and what its end means.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogKind {
+    /// Seekable (`/dev/kmsg`, a regular file): followed from its end; an
+    /// end of file is an error.
+    Seekable,
+    /// A named pipe: read from its start; when the last writer leaves it is
+    /// reopened and waits for the next one.
+    Fifo,
+    /// Any other non-seekable stream (a pipe, a socket, a terminal): read
+    /// from its start; its end ends the source.
+    Stream,
+}
+
+/// The `vmfork` source: follows `/dev/kmsg` from its end (or a stream from
+/// its start).
 #[derive(Debug)]
 pub struct KmsgSource {
     file: File,
     path: PathBuf,
+    kind: LogKind,
+    records: RecordReader,
 }
 
 impl KmsgSource {
-    /// Open `path` (normally `/dev/kmsg`) read-only, blocking, positioned
-    /// after the last record.
+    /// Opens `path` (normally `/dev/kmsg`) read-only and non-blocking; a
+    /// seekable file is positioned after its last record. Never blocks.
     pub fn open(path: &Path) -> Result<Self, SourceError> {
-        let file = open_at_end(path, false)?;
+        let (file, kind) = open_log(path)?;
+        if kind != LogKind::Seekable {
+            tracing::warn!(
+                source = NAME,
+                path = %path.display(),
+                "following a {} instead of the kernel log: whoever can write it can trigger bumps",
+                if kind == LogKind::Fifo { "FIFO" } else { "stream" }
+            );
+        }
         Ok(KmsgSource {
             file,
             path: path.to_owned(),
+            kind,
+            records: RecordReader::default(),
         })
+    }
+
+    /// Reads what is there (at most `max_reads` reads) without blocking.
+    fn step(
+        &mut self,
+        emit: &mut dyn FnMut(SourceEvent),
+        max_reads: usize,
+    ) -> Result<crate::Readiness, SourceError> {
+        match self.records.follow_bounded(&self.file, emit, max_reads)? {
+            FollowEnd::WouldBlock => Ok(crate::Readiness::Drained),
+            FollowEnd::Budget => Ok(crate::Readiness::More),
+            FollowEnd::Eof if self.kind == LogKind::Fifo => {
+                // The last writer left. A new open starts a new reader that
+                // poll() does not report as hung up until another writer
+                // has come and gone.
+                self.records.discard_partial();
+                self.file = open_nonblocking(&self.path)?;
+                Ok(crate::Readiness::Reopened)
+            }
+            FollowEnd::Eof => Err(SourceError::io(
+                format!("reading {}", self.path.display()),
+                io::Error::new(
+                    io::ErrorKind::UnexpectedEof,
+                    "kernel log reached end of file",
+                ),
+            )),
+        }
+    }
+
+    /// What kind of file it follows.
+    pub fn kind(&self) -> LogKind {
+        self.kind
     }
 }
 
-/// Open `path` read-only (optionally `O_NONBLOCK`) and seek to its end.
-pub fn open_at_end(path: &Path, nonblocking: bool) -> Result<File, SourceError> {
-    use std::os::unix::fs::OpenOptionsExt;
-    let mut opts = std::fs::OpenOptions::new();
-    opts.read(true).custom_flags(libc::O_CLOEXEC);
-    if nonblocking {
-        opts.custom_flags(libc::O_CLOEXEC | libc::O_NONBLOCK);
-    }
-    let mut file = opts.open(path).map_err(|e| SourceError::Unavailable {
+fn unavailable(path: &Path, e: io::Error) -> SourceError {
+    SourceError::Unavailable {
         name: NAME,
         reason: if e.kind() == io::ErrorKind::NotFound {
             format!("{} not found", path.display())
         } else {
             format!("cannot open {}: {e}", path.display())
         },
-    })?;
-    file.seek(SeekFrom::End(0))
-        .map_err(|e| SourceError::io(format!("seeking to end of {}", path.display()), e))?;
+    }
+}
+
+fn open_nonblocking(path: &Path) -> Result<File, SourceError> {
+    use std::os::unix::fs::OpenOptionsExt;
+    std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_CLOEXEC | libc::O_NONBLOCK | libc::O_NOCTTY)
+        .open(path)
+        .map_err(|e| unavailable(path, e))
+}
+
+/// Opens `path` read-only and `O_NONBLOCK` (never blocks, not even on a
+/// FIFO without a writer) and positions it: a seekable file at its end, a
+/// stream at its start. The descriptor stays non-blocking.
+pub fn open_log(path: &Path) -> Result<(File, LogKind), SourceError> {
+    use rustix::fs::{seek, FileType, SeekFrom};
+    let file = open_nonblocking(path)?;
+    let stat = rustix::fs::fstat(&file)
+        .map_err(|e| SourceError::io(format!("fstat {}", path.display()), e.into()))?;
+    if FileType::from_raw_mode(stat.st_mode) == FileType::Fifo {
+        // Anonymous pipes (reached through /proc/PID/fd) are FIFOs too, but
+        // live on pipefs and cannot be opened again once their writer left.
+        const PIPEFS_MAGIC: u32 = 0x5049_5045;
+        let on_pipefs =
+            rustix::fs::fstatfs(&file).is_ok_and(|fs| u32::try_from(fs.f_type) == Ok(PIPEFS_MAGIC));
+        let kind = if on_pipefs {
+            LogKind::Stream
+        } else {
+            LogKind::Fifo
+        };
+        return Ok((file, kind));
+    }
+    match seek(&file, SeekFrom::End(0)) {
+        Ok(_) => Ok((file, LogKind::Seekable)),
+        Err(rustix::io::Errno::SPIPE) => Ok((file, LogKind::Stream)),
+        Err(e) => Err(SourceError::io(
+            format!("seeking to end of {}", path.display()),
+            e.into(),
+        )),
+    }
+}
+
+/// Opens `path` read-only (optionally `O_NONBLOCK`) and seeks to its end.
+/// Fails on a file that cannot seek (use [`open_log`] for those).
+pub fn open_at_end(path: &Path, nonblocking: bool) -> Result<File, SourceError> {
+    let (file, kind) = open_log(path)?;
+    if kind != LogKind::Seekable {
+        return Err(SourceError::io(
+            format!("seeking to end of {}", path.display()),
+            io::Error::from_raw_os_error(libc::ESPIPE),
+        ));
+    }
+    if !nonblocking {
+        set_blocking(&file).map_err(|e| SourceError::io(format!("fcntl {}", path.display()), e))?;
+    }
     Ok(file)
+}
+
+fn set_blocking(file: &File) -> io::Result<()> {
+    use rustix::fs::{fcntl_getfl, fcntl_setfl, OFlags};
+    let flags = fcntl_getfl(file)?;
+    fcntl_setfl(file, flags - OFlags::NONBLOCK)?;
+    Ok(())
+}
+
+/// Blocks until `file` is readable (or has hung up / failed: the next
+/// `read()` says which).
+fn wait_readable(file: &File) -> Result<(), SourceError> {
+    use rustix::event::{poll, PollFd, PollFlags};
+    loop {
+        let mut fds = [PollFd::new(file, PollFlags::IN)];
+        match poll(&mut fds, None) {
+            Ok(_) => return Ok(()),
+            Err(rustix::io::Errno::INTR) => continue,
+            Err(e) => return Err(SourceError::io("polling the kernel log", e.into())),
+        }
+    }
 }
 
 impl Source for KmsgSource {
@@ -258,27 +468,50 @@ impl Source for KmsgSource {
     }
 
     fn describe(&self) -> String {
-        format!("{} (kernel records only)", self.path.display())
+        match self.kind {
+            LogKind::Seekable => format!("{} (kernel records only)", self.path.display()),
+            LogKind::Fifo => format!(
+                "{} (FIFO, read from its start; kernel records only)",
+                self.path.display()
+            ),
+            LogKind::Stream => format!(
+                "{} (stream, read from its start; kernel records only)",
+                self.path.display()
+            ),
+        }
     }
 
-    fn run(self: Box<Self>, emit: &mut dyn FnMut(SourceEvent)) -> Result<(), SourceError> {
-        let path = self.path.display().to_string();
-        match follow_reader(&self.file, emit)? {
-            FollowEnd::Eof => Err(SourceError::io(
-                format!("reading {path}"),
-                io::Error::new(
-                    io::ErrorKind::UnexpectedEof,
-                    "kernel log reached end of file",
-                ),
-            )),
-            FollowEnd::WouldBlock => Err(SourceError::io(
-                format!("reading {path}"),
-                io::Error::new(
-                    io::ErrorKind::WouldBlock,
-                    "kernel log unexpectedly non-blocking",
-                ),
-            )),
+    fn run(mut self: Box<Self>, emit: &mut dyn FnMut(SourceEvent)) -> Result<(), SourceError> {
+        loop {
+            wait_readable(&self.file)?;
+            self.step(emit, usize::MAX)?;
         }
+    }
+
+    fn into_poll_source(self: Box<Self>) -> Result<Box<dyn crate::PollSource>, Box<dyn Source>> {
+        // epoll refuses regular files (always "readable"): those keep a
+        // thread, which reads to their end and stops.
+        match self.file.metadata() {
+            Ok(m) if m.is_file() => Err(self),
+            _ => Ok(self),
+        }
+    }
+}
+
+impl crate::PollSource for KmsgSource {
+    fn name(&self) -> &'static str {
+        NAME
+    }
+
+    fn fd(&self) -> std::os::fd::BorrowedFd<'_> {
+        std::os::fd::AsFd::as_fd(&self.file)
+    }
+
+    fn on_readable(
+        &mut self,
+        emit: &mut dyn FnMut(SourceEvent),
+    ) -> Result<crate::Readiness, SourceError> {
+        self.step(emit, READS_PER_TURN)
     }
 }
 
@@ -584,5 +817,228 @@ mod exact_match_tests {
             parse_record(b"5,902,5000001,-;random: crng reseeded due to virtual machine fork")
                 .unwrap();
         assert!(is_vmfork_record(&real));
+    }
+}
+
+#[cfg(test)]
+mod stream_tests {
+    //! `--kmsg` given a FIFO or another non-seekable stream.
+    use super::*;
+    use std::io::Write;
+    use std::sync::mpsc;
+    use std::time::Duration;
+
+    const FORK: &str = "5,77,1234567,-;random: crng reseeded due to virtual machine fork\n";
+    /// The same text at facility 1 (user): never a restore.
+    const FORGED: &str = "13,78,1234568,-;random: crng reseeded due to virtual machine fork\n";
+
+    fn mkfifo(dir: &Path) -> PathBuf {
+        let path = dir.join("kmsg.fifo");
+        rustix::fs::mkfifoat(
+            rustix::fs::CWD,
+            &path,
+            rustix::fs::Mode::from_raw_mode(0o600),
+        )
+        .unwrap();
+        path
+    }
+
+    /// Opens `path` for writing; blocks until the source has it open.
+    fn writer(path: &Path) -> File {
+        std::fs::OpenOptions::new().write(true).open(path).unwrap()
+    }
+
+    /// Runs the source in a thread; its events come out of the channel.
+    fn spawn(source: KmsgSource) -> mpsc::Receiver<Result<SourceEvent, String>> {
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            let events = tx.clone();
+            let end = Box::new(source).run(&mut |e| {
+                let _ = events.send(Ok(e));
+            });
+            let _ = tx.send(Err(format!("source ended: {end:?}")));
+        });
+        rx
+    }
+
+    fn next(rx: &mpsc::Receiver<Result<SourceEvent, String>>) -> SourceEvent {
+        rx.recv_timeout(Duration::from_secs(10))
+            .expect("an event within 10 s")
+            .expect("an event, not the end of the source")
+    }
+
+    #[test]
+    fn opening_a_fifo_without_a_writer_does_not_block() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = mkfifo(dir.path());
+        let (tx, rx) = mpsc::channel();
+        let p = path.clone();
+        std::thread::spawn(move || {
+            let _ = tx.send(KmsgSource::open(&p));
+        });
+        let source = rx
+            .recv_timeout(Duration::from_secs(10))
+            .expect("open returned (a blocking open would wait for a writer)")
+            .unwrap();
+        assert_eq!(source.kind(), LogKind::Fifo);
+        assert!(source.describe().contains("FIFO"), "{}", source.describe());
+        // The FIFO has a reader now: a non-blocking writer open succeeds
+        // (it fails with ENXIO while nobody reads).
+        use std::os::unix::fs::OpenOptionsExt;
+        std::fs::OpenOptions::new()
+            .write(true)
+            .custom_flags(libc::O_NONBLOCK)
+            .open(&path)
+            .expect("the source holds the read end");
+    }
+
+    #[test]
+    fn fifo_records_are_read_from_the_start_across_writers_and_split_writes() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = mkfifo(dir.path());
+        // A record written before the source opened is impossible on a
+        // FIFO (the writer's open waits for a reader), so "from the start"
+        // means: the first record the first writer writes counts.
+        let source = KmsgSource::open(&path).unwrap();
+        let rx = spawn(source);
+        let mut w = writer(&path);
+        w.write_all(b"6,1,10,-;hello\n").unwrap();
+        w.write_all(FORGED.as_bytes()).unwrap();
+        w.write_all(FORK.as_bytes()).unwrap();
+        let ev = next(&rx);
+        assert_eq!(ev.source, NAME);
+        assert_eq!(ev.kernel_time_us, Some(1_234_567));
+        assert!(ev.detail.contains("seq 77"), "{}", ev.detail);
+        // One record in two writes with a pause between them: the source
+        // wakes on the first half and must keep it for the second.
+        let (a, b) = FORK.split_at(20);
+        w.write_all(a.as_bytes()).unwrap();
+        std::thread::sleep(Duration::from_millis(50));
+        w.write_all(b.as_bytes()).unwrap();
+        assert_eq!(next(&rx).kernel_time_us, Some(1_234_567));
+        // The writer leaves, another comes: still followed.
+        drop(w);
+        std::thread::sleep(Duration::from_millis(50));
+        let mut w = writer(&path);
+        w.write_all(b"5,90,2000000,-;random: crng reseeded due to virtual machine fork\n")
+            .unwrap();
+        assert_eq!(next(&rx).kernel_time_us, Some(2_000_000));
+        // Nothing else was emitted (the forged and the other record).
+        drop(w);
+        std::thread::sleep(Duration::from_millis(50));
+        assert!(rx.try_recv().is_err(), "unexpected extra event");
+    }
+
+    #[test]
+    fn a_partial_line_of_a_writer_that_left_is_not_glued_to_the_next_one() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = mkfifo(dir.path());
+        let rx = spawn(KmsgSource::open(&path).unwrap());
+        let mut w = writer(&path);
+        // A cut-off header: glued to the next writer's line it would make
+        // "5,1,1,-;random: crng ...", a valid fork record.
+        w.write_all(b"5,1,1,-;").unwrap();
+        drop(w);
+        std::thread::sleep(Duration::from_millis(100));
+        let mut w = writer(&path);
+        w.write_all(b"random: crng reseeded due to virtual machine fork\n")
+            .unwrap();
+        w.write_all(FORK.as_bytes()).unwrap();
+        let ev = next(&rx);
+        assert!(ev.detail.contains("seq 77"), "{}", ev.detail);
+        drop(w);
+        std::thread::sleep(Duration::from_millis(50));
+        assert!(rx.try_recv().is_err(), "unexpected extra event");
+    }
+
+    #[test]
+    fn a_pipe_is_read_from_its_start_and_its_end_ends_the_source() {
+        let (r, w) = rustix::pipe::pipe().unwrap();
+        let mut w = File::from(w);
+        w.write_all(FORK.as_bytes()).unwrap();
+        drop(w);
+        let fd = std::os::fd::AsRawFd::as_raw_fd(&r);
+        let path = PathBuf::from(format!("/proc/self/fd/{fd}"));
+        let source = KmsgSource::open(&path).unwrap();
+        drop(r);
+        assert_eq!(source.kind(), LogKind::Stream);
+        let rx = spawn(source);
+        assert_eq!(next(&rx).kernel_time_us, Some(1_234_567));
+        let end = rx.recv_timeout(Duration::from_secs(10)).unwrap();
+        let why = end.expect_err("the source ends at the end of the pipe");
+        assert!(why.contains("end of file"), "{why}");
+    }
+
+    #[test]
+    fn a_regular_file_is_followed_from_its_end() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("log");
+        std::fs::write(&path, FORK).unwrap();
+        let (file, kind) = open_log(&path).unwrap();
+        assert_eq!(kind, LogKind::Seekable);
+        let mut ev = Vec::new();
+        assert_eq!(
+            follow_reader(&file, &mut |e| ev.push(e)).unwrap(),
+            FollowEnd::Eof
+        );
+        assert!(ev.is_empty(), "re-read records before the end: {ev:?}");
+    }
+
+    #[test]
+    fn a_poll_source_reads_a_bounded_batch_and_says_when_more_waits() {
+        use crate::{PollSource, Readiness};
+        let dir = tempfile::tempdir().unwrap();
+        let path = mkfifo(dir.path());
+        let mut source = KmsgSource::open(&path).unwrap();
+        let mut events = Vec::new();
+        // (Called only once poll says readable: a FIFO no writer has opened
+        // yet reads as its end.)
+        let mut w = writer(&path);
+        // More records than one call reads; a pipe read may return several
+        // records, so write them one by one with the reader draining.
+        let mut readiness = Vec::new();
+        for i in 0..3 {
+            w.write_all(format!("5,{i},{i},-;random: {VMFORK_TEXT}\n").as_bytes())
+                .unwrap();
+            readiness.push(source.on_readable(&mut |e| events.push(e)).unwrap());
+        }
+        assert_eq!(readiness, vec![Readiness::Drained; 3]);
+        assert_eq!(events.len(), 3);
+        // The writer leaves: the FIFO is reopened and must be registered again.
+        drop(w);
+        assert_eq!(
+            source.on_readable(&mut |e| events.push(e)).unwrap(),
+            Readiness::Reopened
+        );
+        // The budget: with a budget of one read the reader stops early.
+        let mut records = RecordReader::default();
+        let script = b"6,1,1,-;a\n".repeat(2);
+        let (r, w2) = rustix::pipe::pipe().unwrap();
+        let mut w2 = File::from(w2);
+        w2.write_all(&script[..10]).unwrap();
+        let end = records
+            .follow_bounded(File::from(r), &mut |_| {}, 1)
+            .unwrap();
+        assert_eq!(end, FollowEnd::Budget);
+    }
+
+    #[test]
+    fn only_pollable_files_are_served_from_a_poll_set() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("log");
+        std::fs::write(&file, FORK).unwrap();
+        let regular: Box<dyn Source> = Box::new(KmsgSource::open(&file).unwrap());
+        assert!(regular.into_poll_source().is_err());
+        let fifo: Box<dyn Source> = Box::new(KmsgSource::open(&mkfifo(dir.path())).unwrap());
+        assert!(fifo.into_poll_source().is_ok());
+    }
+
+    #[test]
+    fn a_missing_path_is_unavailable() {
+        let err = KmsgSource::open(Path::new("/nonexistent/kmsg")).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "source vmfork is unavailable: /nonexistent/kmsg not found"
+        );
     }
 }

@@ -60,9 +60,16 @@ pub struct SourceEvent {
     pub source: &'static str,
     /// Human readable detail for logs and status (what exactly was seen).
     pub detail: String,
+    /// The kernel's own timestamp of the signal, in microseconds since
+    /// boot: a `/dev/kmsg` record's `USEC` field (the printk clock, which
+    /// counts like `CLOCK_MONOTONIC`). `None` when the signal carries no
+    /// timestamp (vmclock, uevent, lost records). The daemon reports the
+    /// lag from it to publication.
+    pub kernel_time_us: Option<u64>,
 }
 
-/// A restore-signal source. One instance runs in one thread.
+/// A restore-signal source. One instance runs in one thread, or, when it
+/// can ([`Source::into_poll_source`]), in the daemon's event loop.
 pub trait Source: Send + 'static {
     /// Short stable name: "vmfork", "vmclock", "uevent".
     fn name(&self) -> &'static str;
@@ -71,6 +78,37 @@ pub trait Source: Send + 'static {
     /// Blocks forever in its own thread, calling `emit` once per restore signal.
     /// Returns only on an unrecoverable error.
     fn run(self: Box<Self>, emit: &mut dyn FnMut(SourceEvent)) -> Result<(), SourceError>;
+    /// The same source as a [`PollSource`], served from the event loop's
+    /// own poll set, or itself back if it needs a thread. A source served
+    /// that way saves a thread wake-up and a hand-over on every signal: the
+    /// restore window is one wake-up shorter.
+    fn into_poll_source(self: Box<Self>) -> Result<Box<dyn PollSource>, Box<dyn Source>>;
+}
+
+/// What a [`PollSource`] wants after [`PollSource::on_readable`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Readiness {
+    /// Everything was read: wait for the descriptor to be readable again.
+    Drained,
+    /// More may be waiting (a read budget was used up): call again soon,
+    /// after serving others.
+    More,
+    /// The descriptor was replaced (a FIFO reopened after its writer left):
+    /// register the new [`PollSource::fd`].
+    Reopened,
+}
+
+/// A source whose waiting is one descriptor becoming readable, so the
+/// daemon's event loop can serve it from its own poll set (edge-triggered:
+/// [`PollSource::on_readable`] reads until it would block, or says so).
+pub trait PollSource: Send {
+    /// Short stable name, as [`Source::name`].
+    fn name(&self) -> &'static str;
+    /// The descriptor to wait on.
+    fn fd(&self) -> std::os::fd::BorrowedFd<'_>;
+    /// Reads what is there without blocking, calling `emit` once per
+    /// restore signal. An error ends the source.
+    fn on_readable(&mut self, emit: &mut dyn FnMut(SourceEvent)) -> Result<Readiness, SourceError>;
 }
 
 /// Errors from selecting, opening or running a source.

@@ -303,6 +303,10 @@ impl Source for UeventSource {
             .to_owned()
     }
 
+    fn into_poll_source(self: Box<Self>) -> Result<Box<dyn crate::PollSource>, Box<dyn Source>> {
+        Err(self) // waits in its own thread
+    }
+
     fn run(mut self: Box<Self>, emit: &mut dyn FnMut(SourceEvent)) -> Result<(), SourceError> {
         let may_send = kernel_may_send_new_vmgenid();
         loop {
@@ -316,6 +320,7 @@ impl Source for UeventSource {
                             ev.devpath,
                             ev.get("SEQNUM").unwrap_or("?")
                         ),
+                        kernel_time_us: None,
                     });
                 }
                 Received::Overrun if may_send => {
@@ -328,6 +333,7 @@ impl Source for UeventSource {
                         detail: "uevents were lost (socket overflow, ENOBUFS); bumping \
                                  conservatively: a spurious bump is safe, a missed one is not"
                             .to_owned(),
+                        kernel_time_us: None,
                     });
                 }
                 Received::Overrun => {

@@ -341,8 +341,10 @@ impl VmclockSource {
             .map_err(|e| unavailable(format!("{}: {e}", path.display())))?;
         let Some(counter) = snap.vm_generation_counter else {
             return Err(unavailable(format!(
-                "{}: VMCLOCK_FLAG_VM_GEN_COUNTER_PRESENT not set (no generation counter)",
-                path.display()
+                "{}: VMCLOCK_FLAG_VM_GEN_COUNTER_PRESENT not set (no generation counter; \
+                 valid vmclock_abi, flags {:#x})",
+                path.display(),
+                snap.flags
             )));
         };
         let mode = if snap.notification_present() && mapping.char_device {
@@ -395,6 +397,7 @@ impl VmclockSource {
         Ok(Some(SourceEvent {
             source: NAME,
             detail: format!("vm_generation_counter changed {old} -> {counter}"),
+            kernel_time_us: None,
         }))
     }
 
@@ -458,6 +461,10 @@ impl Source for VmclockSource {
                 self.path.display()
             ),
         }
+    }
+
+    fn into_poll_source(self: Box<Self>) -> Result<Box<dyn crate::PollSource>, Box<dyn Source>> {
+        Err(self) // waits in its own thread
     }
 
     fn run(mut self: Box<Self>, emit: &mut dyn FnMut(SourceEvent)) -> Result<(), SourceError> {

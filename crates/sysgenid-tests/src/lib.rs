@@ -109,11 +109,19 @@ impl Daemon {
         } else {
             &["--device", "off"]
         };
+        // `--hooks-dir off` unless the caller gave one: the machine's own
+        // /etc/sysgenid/hooks.d is no business of the tests.
+        let hooks_default: &[&str] = if extra.iter().any(|a| a.starts_with("--hooks-dir")) {
+            &[]
+        } else {
+            &["--hooks-dir", "off"]
+        };
         Command::new(bin("sysgenidd"))
             .arg("--runtime-dir")
             .arg(dir)
             .args(default_sources)
             .args(device_default)
+            .args(hooks_default)
             .args(extra)
             .env("RUST_LOG", "debug")
             .stdout(Stdio::null())

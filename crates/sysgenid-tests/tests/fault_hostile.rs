@@ -75,6 +75,7 @@ fn hello(role: Role) -> Vec<u8> {
 const WATCHER: Role = Role::Watcher {
     untracked: true,
     acked: None,
+    lifecycle: false,
 };
 
 /// Reads frames until an Error (returned) or EOF/timeout (None).

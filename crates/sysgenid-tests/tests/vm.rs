@@ -2,7 +2,8 @@
 //! guest under a new vmgenid GUID → the stock guest kernel's vmgenid driver
 //! → `sysgenidd --source vmfork` in the guest → a watcher in the guest sees
 //! the new generation; clones get different epoch ids; a restore under the
-//! same GUID changes nothing.
+//! same GUID changes nothing; on the newest Debian kernel too, where the
+//! vmclock source is proven on the guest's real `/dev/vmclock0`.
 //!
 //! Needs root (it installs QEMU and a Debian kernel with apt when missing).
 //! Outside CI it skips visibly when not root or when `SYSGENID_SKIP_VM=1`;
@@ -48,5 +49,12 @@ fn restoring_a_qemu_guest_bumps_the_generation_inside_it() {
         "VM test failed ({:?}):\n{stdout}\n{stderr}",
         out.status
     );
+    // Both lanes: the host suite's kernel under the host's QEMU, and the
+    // development suite's newest kernel under its QEMU with a vmclock device.
+    assert!(
+        stdout.contains("vm-e2e lanes: stable=PASS newest=PASS"),
+        "{stdout}"
+    );
     assert!(stdout.contains("vm-e2e: 4 passed, 0 failed"), "{stdout}");
+    assert!(stdout.contains("vm-e2e: 5 passed, 0 failed"), "{stdout}");
 }

@@ -1,15 +1,16 @@
 //! The watcher for tokio programs (feature `tokio`): the same socket,
 //! driven by tokio's reactor instead of `poll(2)`.
 
+use std::collections::VecDeque;
 use std::time::Duration;
 
 use tokio::io::unix::AsyncFd;
 use tokio::io::Interest;
 
-use sysgenid_proto::{Reply, Request, Role, SOCKET_NAME};
+use sysgenid_proto::{Reply, Request, SOCKET_NAME};
 
 use crate::conn::{Conn, Try};
-use crate::{expect_done, Error, WatcherBuilder};
+use crate::{expect_done, Error, Event, WatcherBuilder};
 
 /// An async [`Watcher`](crate::Watcher). `read().await` completes when the
 /// watcher is outdated; reconnects when the daemon restarts (if the builder
@@ -19,7 +20,7 @@ use crate::{expect_done, Error, WatcherBuilder};
 /// request was sent leaves the reply on its way; the next call first reads
 /// and discards it (for a cancelled `wait_watchers`, that means waiting
 /// until the daemon ends that wait), so replies are never mismatched.
-/// `read` is cancel-safe.
+/// `read` and `read_event` are cancel-safe.
 pub struct AsyncWatcher {
     fd: AsyncFd<Conn>,
     opts: WatcherBuilder,
@@ -27,6 +28,17 @@ pub struct AsyncWatcher {
     /// A request was sent whose reply has not been read (its future was
     /// dropped).
     in_flight: bool,
+    /// Lifecycle events read while waiting for a reply, oldest first.
+    events: VecDeque<Event>,
+    /// A generation not to report again ([`AsyncWatcher::skip`]).
+    skipped: Option<u32>,
+    /// Counts reconnections: freeze numbers belong to one daemon run.
+    conn_no: u64,
+    /// The freeze last told of and not yet thawed from, with the connection
+    /// it came on.
+    frozen: Option<(u32, u64)>,
+    /// The latest freeze told of, with its connection (kept after the thaw).
+    last_freeze: Option<(u32, u64)>,
 }
 
 impl WatcherBuilder {
@@ -38,35 +50,40 @@ impl WatcherBuilder {
             opts: self,
             acked,
             in_flight: false,
+            events: VecDeque::new(),
+            skipped: None,
+            conn_no: 0,
+            frozen: None,
+            last_freeze: None,
         })
     }
 }
 
 async fn connect(opts: &WatcherBuilder, acked: Option<u32>) -> Result<(AsyncFd<Conn>, u32), Error> {
-    let conn = Conn::connect(
-        &opts.runtime_dir.join(SOCKET_NAME),
-        Role::Watcher {
-            untracked: opts.untracked,
-            acked,
-        },
-    )?;
+    let (role, version) = opts.hello(acked);
+    let conn = Conn::connect(&opts.runtime_dir.join(SOCKET_NAME), role, version)?;
     // SAFETY: `Conn` owns its socket descriptor and returns that same
     // descriptor from `as_raw_fd` for as long as it lives; the `AsyncFd`
     // owns the `Conn`, so the descriptor stays open while registered.
     let fd = unsafe { AsyncFd::register_with_interest(conn, Interest::READABLE) }
         .map_err(|e| Error::Io(e.into()))?;
-    match next_reply(&fd).await? {
-        Reply::Welcome { generation, .. } => Ok((fd, acked.unwrap_or(generation))),
+    match next_reply(&fd, &mut VecDeque::new()).await? {
+        Reply::Welcome { generation, .. } => Ok((fd, generation)),
         Reply::Error(e) => Err(Error::from_reply(e)),
         other => Err(Error::Protocol(format!("expected Welcome, got {other:?}"))),
     }
 }
 
-async fn next_reply(fd: &AsyncFd<Conn>) -> Result<Reply, Error> {
+/// The next reply, skipping `Changed` frames and keeping lifecycle events
+/// in `events`.
+async fn next_reply(fd: &AsyncFd<Conn>, events: &mut VecDeque<Event>) -> Result<Reply, Error> {
     loop {
         let mut guard = fd.readable().await?;
         match guard.get_inner().try_recv()? {
             Try::Ready(Reply::Changed { .. }) => continue,
+            Try::Ready(reply) if reply.is_lifecycle_event() => {
+                events.extend(Event::from_reply(&reply));
+            }
             Try::Ready(reply) => return Ok(reply),
             Try::WouldBlock => guard.clear_ready(),
         }
@@ -76,7 +93,15 @@ async fn next_reply(fd: &AsyncFd<Conn>) -> Result<Reply, Error> {
 impl AsyncWatcher {
     /// Completes with the current generation once this watcher is outdated
     /// (immediately, until acknowledged).
+    /// On a lifecycle participant, use [`read_event`](Self::read_event).
     pub async fn read(&mut self) -> Result<u32, Error> {
+        if self.opts.lifecycle {
+            return loop {
+                if let Event::Change { generation } = self.read_event().await? {
+                    break Ok(generation);
+                }
+            };
+        }
         loop {
             let mut guard = self.fd.readable().await?;
             match guard.get_inner().try_changed() {
@@ -95,12 +120,12 @@ impl AsyncWatcher {
     /// a request whose future was dropped.
     async fn request(&mut self, request: &Request) -> Result<Reply, Error> {
         if self.in_flight {
-            next_reply(&self.fd).await?;
+            next_reply(&self.fd, &mut self.events).await?;
             self.in_flight = false;
         }
         self.fd.get_ref().send(request)?;
         self.in_flight = true;
-        let reply = next_reply(&self.fd).await?;
+        let reply = next_reply(&self.fd, &mut self.events).await?;
         self.in_flight = false;
         Ok(reply)
     }
@@ -109,7 +134,56 @@ impl AsyncWatcher {
     pub async fn ack(&mut self, generation: u32) -> Result<(), Error> {
         expect_done(self.request(&Request::Ack { generation }).await?)?;
         self.acked = generation;
+        self.skipped = None;
         Ok(())
+    }
+
+    /// The next event of a lifecycle participant; see
+    /// [`Watcher::read_event`](crate::Watcher::read_event).
+    pub async fn read_event(&mut self) -> Result<Event, Error> {
+        loop {
+            if let Some(event) = self.events.pop_front() {
+                return Ok(self.noted(event));
+            }
+            let mut guard = self.fd.readable().await?;
+            match guard.get_inner().try_event(self.skipped) {
+                Ok(Try::Ready(event)) => {
+                    drop(guard);
+                    return Ok(self.noted(event));
+                }
+                Ok(Try::WouldBlock) => guard.clear_ready(),
+                Err(Error::Disconnected) if self.opts.reconnect => {
+                    drop(guard);
+                    self.reconnect().await?;
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    /// Confirms freeze `freeze`; see [`Watcher::confirm`](crate::Watcher::confirm).
+    pub async fn confirm(&mut self, freeze: u32) -> Result<(), Error> {
+        if matches!(self.last_freeze, Some((id, on)) if id == freeze && on != self.conn_no) {
+            return Ok(());
+        }
+        expect_done(self.request(&Request::Confirm { freeze }).await?).map(drop)
+    }
+
+    fn noted(&mut self, event: Event) -> Event {
+        match event {
+            Event::Freeze { freeze, .. } => {
+                self.frozen = Some((freeze, self.conn_no));
+                self.last_freeze = self.frozen;
+            }
+            Event::Thaw { .. } => self.frozen = None,
+            Event::Change { .. } => {}
+        }
+        event
+    }
+
+    /// See [`Watcher::skip`](crate::Watcher::skip).
+    pub fn skip(&mut self, generation: u32) {
+        self.skipped = Some(generation);
     }
 
     /// Barrier wait; see [`Watcher::wait_watchers`](crate::Watcher::wait_watchers).
@@ -124,9 +198,21 @@ impl AsyncWatcher {
         let mut delay = Duration::from_millis(10);
         loop {
             match connect(&self.opts, Some(self.acked)).await {
-                Ok((fd, _)) => {
+                Ok((fd, generation)) => {
                     self.fd = fd;
                     self.in_flight = false;
+                    self.conn_no += 1;
+                    // A restarted daemon comes up running: thaw a frozen
+                    // participant unless it was frozen again at once.
+                    if let Some((freeze, _)) = self.frozen {
+                        let refrozen = matches!(
+                            self.fd.get_ref().try_peek(),
+                            Ok(Try::Ready(Reply::Freeze { .. }))
+                        );
+                        if !refrozen {
+                            self.events.push_back(Event::Thaw { freeze, generation });
+                        }
+                    }
                     return Ok(());
                 }
                 Err(Error::NotRunning { .. } | Error::Disconnected) => {

@@ -6,9 +6,11 @@ use std::path::Path;
 
 use rustix::event::{PollFd, PollFlags};
 use rustix::net::{AddressFamily, RecvFlags, SendFlags, SocketAddrUnix, SocketFlags, SocketType};
-use sysgenid_proto::{Reply, Request, Role, MAX_FRAME, PROTOCOL_VERSION};
+use std::collections::VecDeque;
 
-use crate::Error;
+use sysgenid_proto::{Reply, Request, Role, MAX_FRAME};
+
+use crate::{Error, Event};
 
 pub(crate) struct Conn {
     fd: OwnedFd,
@@ -21,8 +23,9 @@ pub(crate) enum Try<T> {
 }
 
 impl Conn {
-    /// Connects and sends `Hello` (the `Welcome` is read by [`Conn::handshake`]).
-    pub(crate) fn connect(socket: &Path, role: Role) -> Result<Conn, Error> {
+    /// Connects and sends `Hello` announcing `version` (the `Welcome` is
+    /// read by the caller).
+    pub(crate) fn connect(socket: &Path, role: Role, version: u16) -> Result<Conn, Error> {
         let not_running = |e: rustix::io::Errno| Error::NotRunning {
             socket: socket.to_path_buf(),
             source: e.into(),
@@ -55,10 +58,7 @@ impl Conn {
             }
         }
         let conn = Conn { fd };
-        let hello = conn.send(&Request::Hello {
-            version: PROTOCOL_VERSION,
-            role,
-        });
+        let hello = conn.send(&Request::Hello { version, role });
         if let Err(Error::Disconnected) = hello {
             // The daemon may have refused us (a limit) and hung up before
             // our Hello: its reason is still queued for us.
@@ -137,17 +137,25 @@ impl Conn {
     /// before it are consumed: the daemon re-sends one after the reply while
     /// the watcher is still outdated.
     pub(crate) fn reply(&self) -> Result<Reply, Error> {
-        self.reply_noting_changes().map(|(reply, _)| reply)
+        self.reply_noting_changes(&mut VecDeque::new())
+            .map(|(reply, _)| reply)
     }
 
     /// Like [`reply`](Self::reply), also returning the newest generation
-    /// announced by the `Changed` frames consumed on the way.
-    pub(crate) fn reply_noting_changes(&self) -> Result<(Reply, Option<u32>), Error> {
+    /// announced by the `Changed` frames consumed on the way. Lifecycle
+    /// events met on the way are kept, in order, in `events`.
+    pub(crate) fn reply_noting_changes(
+        &self,
+        events: &mut VecDeque<Event>,
+    ) -> Result<(Reply, Option<u32>), Error> {
         let mut newest = None;
         loop {
             match self.try_recv()? {
                 Try::Ready(Reply::Changed { generation }) => {
                     newest = Some(newest.map_or(generation, |n: u32| n.max(generation)));
+                }
+                Try::Ready(reply) if reply.is_lifecycle_event() => {
+                    events.extend(Event::from_reply(&reply));
                 }
                 Try::Ready(reply) => return Ok((reply, newest)),
                 Try::WouldBlock => {
@@ -182,6 +190,43 @@ impl Conn {
                         continue;
                     }
                     return Ok(Try::Ready(generation));
+                }
+                Try::Ready(Reply::Error(e)) => {
+                    let _ = self.try_recv();
+                    return Err(Error::from_reply(e));
+                }
+                Try::Ready(other) => {
+                    return Err(Error::Protocol(format!("unexpected frame {other:?}")))
+                }
+            }
+        }
+    }
+}
+
+impl Conn {
+    /// Non-blocking read of the next event of a lifecycle participant: a
+    /// `Freeze` or `Thaw` frame is consumed; a `Changed` frame is left
+    /// queued (the socket stays readable while outdated) unless more frames
+    /// follow it, or it announces `skip`, a generation the caller chose not
+    /// to acknowledge yet (then it is consumed, so the caller blocks until
+    /// something new arrives).
+    pub(crate) fn try_event(&self, skip: Option<u32>) -> Result<Try<Event>, Error> {
+        loop {
+            match self.try_peek()? {
+                Try::WouldBlock => return Ok(Try::WouldBlock),
+                Try::Ready(Reply::Changed { generation }) => {
+                    let more = self.queued_bytes() > (Reply::Changed { generation }).encode().len();
+                    if more || skip == Some(generation) {
+                        let _ = self.try_recv()?;
+                        continue;
+                    }
+                    return Ok(Try::Ready(Event::Change { generation }));
+                }
+                Try::Ready(reply) if reply.is_lifecycle_event() => {
+                    let _ = self.try_recv()?;
+                    if let Some(event) = Event::from_reply(&reply) {
+                        return Ok(Try::Ready(event));
+                    }
                 }
                 Try::Ready(Reply::Error(e)) => {
                     let _ = self.try_recv();

@@ -15,6 +15,14 @@
 //!   watcher.
 //! * [`Probe`]: the mapped page, for a zero-syscall check in hot paths.
 //! * `tokio` feature: [`AsyncWatcher`](asyncio::AsyncWatcher).
+//! * [`SnapSafe<T>`]: a value rebuilt on first use after a restore (one
+//!   load per use); `rand_core` feature: [`SnapSafeRng`], any seedable RNG
+//!   reseeded from the OS after a restore.
+//! * The snapshot lifecycle: a watcher opened with
+//!   [`lifecycle(true)`](WatcherBuilder::lifecycle) is a participant that
+//!   [`read_event`](Watcher::read_event) tells to freeze, thaw, or renew,
+//!   and that [`confirm`](Watcher::confirm)s a freeze; [`Control::freeze`]
+//!   and [`Control::thaw`] are the orchestrator's side (see [`Event`]).
 //!
 //! ```no_run
 //! let mut watcher = sysgenid::Watcher::open()?;
@@ -29,16 +37,27 @@
 #[cfg(feature = "tokio")]
 pub mod asyncio;
 mod conn;
+mod lifecycle;
+#[cfg(feature = "rand_core")]
+mod rng;
+mod snapsafe;
 
+use std::collections::VecDeque;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, RawFd};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+pub use lifecycle::Event;
 use rustix::event::PollFlags;
-pub use sysgenid_proto::{ErrorCode, SourceStatus, StatusReport, PROTOCOL_VERSION};
-use sysgenid_proto::{Reply, Request, Role, PAGE_NAME, SOCKET_NAME};
+pub use sysgenid_proto::{
+    ErrorCode, HooksStatus, LifecycleState, SourceStatus, StatusReport, PROTOCOL_VERSION,
+};
+use sysgenid_proto::{Reply, Request, Role, MIN_PROTOCOL_VERSION, PAGE_NAME, SOCKET_NAME};
 
 use conn::{wait_fd, Conn, Try};
+#[cfg(feature = "rand_core")]
+pub use rng::SnapSafeRng;
+pub use snapsafe::SnapSafe;
 pub use sysgenid_proto::default_runtime_dir;
 
 /// Everything that can go wrong. [`Error::errno`] gives the errno a kernel
@@ -80,7 +99,16 @@ pub enum Error {
         /// The daemon's message.
         message: String,
     },
-    /// Not privileged to bump (`EACCES`).
+    /// The freeze was aborted (timed out, thawed, or a restore came first)
+    /// and every participant was thawed (`ETIMEDOUT`).
+    #[error("{message}")]
+    FreezeAborted {
+        /// Tracked participants (and hooks) that had not confirmed.
+        pending: u32,
+        /// The daemon's message.
+        message: String,
+    },
+    /// Not privileged to bump, freeze or thaw (`EACCES`).
     #[error("{0}")]
     PermissionDenied(String),
     /// Bump past `u32::MAX` (`EOVERFLOW`).
@@ -150,6 +178,10 @@ impl Error {
                 daemon: e.value as u16,
                 message,
             },
+            ErrorCode::FreezeAborted => Error::FreezeAborted {
+                pending: e.value,
+                message,
+            },
             code => Error::Refused { code, message },
         }
     }
@@ -162,6 +194,7 @@ impl Error {
             Error::WrongGeneration { .. } => ErrorCode::WrongGeneration.errno(),
             Error::Interrupted { .. } => ErrorCode::Interrupted.errno(),
             Error::TimedOut { .. } => ErrorCode::TimedOut.errno(),
+            Error::FreezeAborted { .. } => ErrorCode::FreezeAborted.errno(),
             Error::PermissionDenied(_) => ErrorCode::PermissionDenied.errno(),
             Error::Overflow { .. } => ErrorCode::Overflow.errno(),
             Error::VersionMismatch { .. } => ErrorCode::VersionMismatch.errno(),
@@ -188,9 +221,21 @@ fn expect_done(reply: Reply) -> Result<u32, Error> {
     }
 }
 
-fn expect_welcome(conn: &Conn) -> Result<u32, Error> {
+/// The `Welcome` to a `Hello` of `sent` version. A daemon answers with
+/// the version the client asked for; any other version is one this client
+/// may not speak, so it hangs up with a clear error (`docs/protocol.md`).
+fn expect_welcome(conn: &Conn, sent: u16) -> Result<u32, Error> {
     match conn.reply()? {
-        Reply::Welcome { generation, .. } => Ok(generation),
+        Reply::Welcome {
+            version,
+            generation,
+        } if version == sent => Ok(generation),
+        Reply::Welcome { version, .. } => Err(Error::VersionMismatch {
+            daemon: version,
+            message: format!(
+                "sysgenidd answered with protocol {version} to this client's protocol {sent}: use a client and daemon from compatible releases"
+            ),
+        }),
         Reply::Error(e) => Err(Error::from_reply(e)),
         other => Err(Error::Protocol(format!("expected Welcome, got {other:?}"))),
     }
@@ -203,6 +248,7 @@ pub struct WatcherBuilder {
     untracked: bool,
     nonblocking: bool,
     reconnect: bool,
+    lifecycle: bool,
 }
 
 impl Default for WatcherBuilder {
@@ -212,6 +258,7 @@ impl Default for WatcherBuilder {
             untracked: false,
             nonblocking: false,
             reconnect: true,
+            lifecycle: false,
         }
     }
 }
@@ -244,22 +291,48 @@ impl WatcherBuilder {
         self
     }
 
+    /// Opt in to the snapshot lifecycle: the watcher becomes a participant
+    /// that [`Watcher::read_event`] tells to freeze and thaw, and that must
+    /// [`Watcher::confirm`] each freeze (tracked participants hold a freeze
+    /// up until they do). Needs a daemon speaking protocol 2.
+    pub fn lifecycle(mut self, lifecycle: bool) -> Self {
+        self.lifecycle = lifecycle;
+        self
+    }
+
+    /// The role and protocol version of this watcher's `Hello`: plain
+    /// watchers announce version 1, so they work with any daemon; only
+    /// participants need the lifecycle's version.
+    fn hello(&self, acked: Option<u32>) -> (Role, u16) {
+        let role = Role::Watcher {
+            untracked: self.untracked,
+            acked,
+            lifecycle: self.lifecycle,
+        };
+        let version = if self.lifecycle {
+            sysgenid_proto::LIFECYCLE_VERSION
+        } else {
+            MIN_PROTOCOL_VERSION
+        };
+        (role, version)
+    }
+
     /// Connects and registers the watcher.
     pub fn open(self) -> Result<Watcher, Error> {
         let socket = self.runtime_dir.join(SOCKET_NAME);
-        let conn = Conn::connect(
-            &socket,
-            Role::Watcher {
-                untracked: self.untracked,
-                acked: None,
-            },
-        )?;
-        let acked = expect_welcome(&conn)?;
+        let (role, version) = self.hello(None);
+        let conn = Conn::connect(&socket, role, version)?;
+        let acked = expect_welcome(&conn, version)?;
         Ok(Watcher {
             conn,
             socket,
             opts: self,
             acked,
+            events: VecDeque::new(),
+            skipped: None,
+            conn_no: 0,
+            frozen: None,
+            last_freeze: None,
         })
     }
 }
@@ -274,6 +347,18 @@ pub struct Watcher {
     opts: WatcherBuilder,
     /// The generation this watcher last acknowledged (or registered at).
     acked: u32,
+    /// Lifecycle events read while waiting for a reply, oldest first.
+    events: VecDeque<Event>,
+    /// A generation the caller chose not to acknowledge yet
+    /// ([`Watcher::skip`]).
+    skipped: Option<u32>,
+    /// Counts reconnections: freeze numbers belong to one daemon run.
+    conn_no: u64,
+    /// The freeze this participant was last told of and not yet thawed
+    /// from, with the connection it came on.
+    frozen: Option<(u32, u64)>,
+    /// The latest freeze told of, with its connection (kept after the thaw).
+    last_freeze: Option<(u32, u64)>,
 }
 
 impl Watcher {
@@ -296,7 +381,18 @@ impl Watcher {
     /// generation; returns it again on every call until acknowledged. In
     /// non-blocking mode returns [`Error::WouldBlock`] when there is nothing
     /// new. Survives daemon restarts when reconnecting is on.
+    ///
+    /// On a lifecycle participant, use [`read_event`](Self::read_event):
+    /// `read` returns changes only and drops freeze and thaw events (their
+    /// freezes then go unconfirmed).
     pub fn read(&mut self) -> Result<u32, Error> {
+        if self.opts.lifecycle {
+            return loop {
+                if let Event::Change { generation } = self.read_event()? {
+                    break Ok(generation);
+                }
+            };
+        }
         loop {
             match self.conn.try_changed() {
                 Ok(Try::Ready(generation)) => return Ok(generation),
@@ -318,6 +414,14 @@ impl Watcher {
     /// (without waiting) and otherwise returns [`Error::Disconnected`] or
     /// [`Error::NotRunning`].
     pub fn try_read(&mut self) -> Result<Option<u32>, Error> {
+        if self.opts.lifecycle {
+            while let Some(event) = self.try_read_event()? {
+                if let Event::Change { generation } = event {
+                    return Ok(Some(generation));
+                }
+            }
+            return Ok(None);
+        }
         match self.conn.try_changed() {
             Ok(Try::Ready(g)) => Ok(Some(g)),
             Ok(Try::WouldBlock) => Ok(None),
@@ -347,6 +451,7 @@ impl Watcher {
     pub fn ack(&mut self, generation: u32) -> Result<(), Error> {
         self.request(&Request::Ack { generation })?;
         self.acked = generation;
+        self.skipped = None;
         Ok(())
     }
 
@@ -400,7 +505,7 @@ impl Watcher {
     /// visible to the caller: if the frames consumed show this watcher is
     /// still outdated, the daemon's trailing `Changed` is awaited.
     fn watcher_reply(&mut self, is_ack: bool) -> Result<Reply, Error> {
-        let (reply, newest) = self.conn.reply_noting_changes()?;
+        let (reply, newest) = self.conn.reply_noting_changes(&mut self.events)?;
         // Only a successful Ack of the newest generation makes the watcher
         // up to date (a Bump's Done names the new generation while the
         // watcher is outdated).
@@ -456,15 +561,19 @@ impl Watcher {
 
     /// One reconnection attempt, without waiting.
     fn reconnect_once(&mut self) -> Result<(), Error> {
-        let conn = Conn::connect(
-            &self.socket,
-            Role::Watcher {
-                untracked: self.opts.untracked,
-                acked: Some(self.acked),
-            },
-        )?;
-        expect_welcome(&conn)?;
+        let (role, version) = self.opts.hello(Some(self.acked));
+        let conn = Conn::connect(&self.socket, role, version)?;
+        let generation = expect_welcome(&conn, version)?;
         self.conn = conn;
+        self.conn_no += 1;
+        // A daemon that restarted comes up running: a participant that was
+        // frozen is told to thaw, unless the new daemon froze it again (it
+        // sends that Freeze right behind the Welcome).
+        if let Some((freeze, _)) = self.frozen {
+            if !matches!(self.conn.try_peek(), Ok(Try::Ready(Reply::Freeze { .. }))) {
+                self.events.push_back(Event::Thaw { freeze, generation });
+            }
+        }
         Ok(())
     }
 }
@@ -500,15 +609,36 @@ fn status_reply(conn: &Conn) -> Result<StatusReport, Error> {
 pub struct Control {
     conn: Conn,
     generation: u32,
+    /// The protocol version this connection speaks.
+    version: u16,
 }
 
 impl Control {
-    /// Connects to the daemon in `runtime_dir` (`None`: the default).
+    /// Connects to the daemon in `runtime_dir` (`None`: the default). Speaks
+    /// the newest protocol; a daemon that only speaks version 1 is served
+    /// with version 1 (everything but the lifecycle works).
     pub fn connect(runtime_dir: Option<&Path>) -> Result<Control, Error> {
         let dir = runtime_dir.map_or_else(default_runtime_dir, Path::to_path_buf);
-        let conn = Conn::connect(&dir.join(SOCKET_NAME), Role::Control)?;
-        let generation = expect_welcome(&conn)?;
-        Ok(Control { conn, generation })
+        let socket = dir.join(SOCKET_NAME);
+        let mut version = PROTOCOL_VERSION;
+        loop {
+            let conn = Conn::connect(&socket, Role::Control, version)?;
+            match expect_welcome(&conn, version) {
+                Ok(generation) => {
+                    return Ok(Control {
+                        conn,
+                        generation,
+                        version,
+                    })
+                }
+                Err(Error::VersionMismatch { daemon, .. })
+                    if daemon < version && daemon >= MIN_PROTOCOL_VERSION =>
+                {
+                    version = daemon;
+                }
+                Err(e) => return Err(e),
+            }
+        }
     }
 
     /// The generation when this connection was made.

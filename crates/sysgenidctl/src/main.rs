@@ -10,7 +10,7 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::{Parser, Subcommand};
-use sysgenid::{Control, Error, Watcher};
+use sysgenid::{Control, Error, Event, LifecycleState, Watcher};
 
 const AFTER_HELP: &str = "\
 Exit codes:
@@ -18,14 +18,17 @@ Exit codes:
   1  error (for example the daemon is not running: the message names the socket;
      or a bump refused because it would exhaust the counter, see bump --help)
   2  usage error
-  3  timeout (wait-watchers)
-  4  permission denied (bump without CAP_SYS_ADMIN or CAP_CHECKPOINT_RESTORE)
+  3  timeout (wait-watchers; freeze: the freeze was aborted and everything thawed)
+  4  permission denied (bump, freeze, thaw without CAP_SYS_ADMIN or CAP_CHECKPOINT_RESTORE)
 
 Examples:
   sysgenidctl get                       # print the generation
   sysgenidctl watch --exec ./reseed.sh  # run a command on every restore, then acknowledge
   sysgenidctl bump                      # as root: force a new generation (CRIU post-restore hook)
   sysgenidctl wait-watchers --timeout-ms 5000   # wait until every tracked watcher caught up
+  sysgenidctl freeze --timeout-ms 5000  # as root: quiesce every participant before a snapshot
+  sysgenidctl thaw                      # as root: resume them
+  sysgenidctl watch --lifecycle --exec ./quiesce.sh   # a participant: SYSGENID_EVENT=freeze|thaw|change
   sysgenidctl status --json";
 
 /// Watch and control the system generation (sysgenidd).
@@ -51,17 +54,39 @@ enum Cmd {
     Get,
     /// Register a watcher; on each change print the new generation (one per
     /// line), run CMD if given with SYSGENID_GENERATION set, then acknowledge.
+    ///
+    /// With --lifecycle, a snapshot-lifecycle participant: prints one line
+    /// per event (`freeze`, `thaw`, or the new generation), runs CMD once
+    /// per event with SYSGENID_EVENT=freeze|thaw|change and
+    /// SYSGENID_GENERATION set, and confirms the freeze or acknowledges the
+    /// change when CMD exits 0 (without CMD, at once).
     Watch {
-        /// Exit after N changes (default: run until killed).
+        /// Exit after N changes (with --lifecycle: N events; default: run
+        /// until killed).
         #[arg(long, value_name = "N")]
         count: Option<u64>,
-        /// Do not hold up wait-watchers (for lazy adjusters).
+        /// Do not hold up wait-watchers (nor, with --lifecycle, a freeze).
         #[arg(long)]
         untracked: bool,
-        /// Command (and arguments) to run on each change before acknowledging.
+        /// Take part in the snapshot lifecycle: be told to freeze and thaw.
+        #[arg(long)]
+        lifecycle: bool,
+        /// Command (and arguments) to run on each change (each event with
+        /// --lifecycle) before acknowledging (confirming).
         #[arg(long, num_args = 1.., value_name = "CMD", allow_hyphen_values = true, trailing_var_arg = true)]
         exec: Vec<String>,
     },
+    /// Freeze every lifecycle participant before a snapshot (as root). Exit 0
+    /// once frozen; 3 if not frozen within the timeout (the freeze is then
+    /// aborted and everything thawed); 4 if not privileged.
+    Freeze {
+        /// Give up after MS milliseconds (default and 0: 30000).
+        #[arg(long, value_name = "MS")]
+        timeout_ms: Option<u32>,
+    },
+    /// Thaw after a snapshot (as root). Exit 0, also when not frozen; 4 if
+    /// not privileged.
+    Thaw,
     /// Force a new generation: max(MIN, current + 1). Needs CAP_SYS_ADMIN or
     /// CAP_CHECKPOINT_RESTORE (root). Prints the new generation.
     ///
@@ -99,7 +124,7 @@ fn main() -> ExitCode {
         Err(e) => {
             eprintln!("sysgenidctl: {e}");
             ExitCode::from(match e {
-                Error::TimedOut { .. } => 3,
+                Error::TimedOut { .. } | Error::FreezeAborted { .. } => 3,
                 Error::PermissionDenied(_) => 4,
                 _ => 1,
             })
@@ -117,6 +142,19 @@ fn run(args: &Args) -> Result<(), Error> {
         Cmd::Watch {
             count,
             untracked,
+            lifecycle: true,
+            exec,
+        } => {
+            let mut builder = Watcher::builder().untracked(*untracked).lifecycle(true);
+            if let Some(dir) = dir {
+                builder = builder.runtime_dir(dir);
+            }
+            watch_lifecycle(builder.open()?, *count, exec)?;
+        }
+        Cmd::Watch {
+            count,
+            untracked,
+            lifecycle: false,
             exec,
         } => {
             let mut builder = Watcher::builder().untracked(*untracked);
@@ -154,6 +192,15 @@ fn run(args: &Args) -> Result<(), Error> {
                 seen += 1;
             }
         }
+        Cmd::Freeze { timeout_ms } => {
+            let timeout = timeout_ms
+                .filter(|&ms| ms > 0)
+                .map(|ms| Duration::from_millis(u64::from(ms)));
+            Control::connect(dir)?.freeze(timeout)?;
+        }
+        Cmd::Thaw => {
+            Control::connect(dir)?.thaw()?;
+        }
         Cmd::Bump {
             min,
             allow_exhaustion,
@@ -185,6 +232,70 @@ fn run(args: &Args) -> Result<(), Error> {
     Ok(())
 }
 
+/// `watch --lifecycle`: one line per event, CMD once per event, confirm or
+/// acknowledge when it succeeded.
+fn watch_lifecycle(mut watcher: Watcher, count: Option<u64>, exec: &[String]) -> Result<(), Error> {
+    let mut seen = 0u64;
+    let mut last_change = None;
+    while count.is_none_or(|n| seen < n) {
+        let event = watcher.read_event()?;
+        if let Event::Change { generation } = event {
+            // Reported again until acknowledged: handle each change once.
+            if last_change == Some(generation) {
+                watcher.skip(generation);
+                continue;
+            }
+            last_change = Some(generation);
+        }
+        let mut out = std::io::stdout().lock();
+        match event {
+            Event::Change { generation } => writeln!(out, "{generation}")?,
+            other => writeln!(out, "{}", other.name())?,
+        }
+        out.flush()?;
+        drop(out);
+        let succeeded = match exec.split_first() {
+            None => true,
+            Some((program, rest)) => match std::process::Command::new(program)
+                .args(rest)
+                .env("SYSGENID_EVENT", event.name())
+                .env("SYSGENID_GENERATION", event.generation().to_string())
+                .status()
+            {
+                Ok(status) if status.success() => true,
+                Ok(status) => {
+                    eprintln!(
+                        "sysgenidctl: {program} exited with {status} on {}; not {}",
+                        event.name(),
+                        match event {
+                            Event::Freeze { .. } => "confirming the freeze",
+                            Event::Change { .. } => "acknowledging the change",
+                            Event::Thaw { .. } => "stopping (thaw needs no answer)",
+                        }
+                    );
+                    false
+                }
+                Err(e) => {
+                    eprintln!("sysgenidctl: cannot run {program}: {e}");
+                    false
+                }
+            },
+        };
+        match event {
+            Event::Freeze { freeze, .. } if succeeded => watcher.confirm(freeze)?,
+            Event::Change { generation } if succeeded => match watcher.ack(generation) {
+                // A newer change arrived meanwhile: the next read returns it.
+                Ok(()) | Err(Error::WrongGeneration { .. }) => {}
+                Err(e) => return Err(e),
+            },
+            Event::Change { generation } => watcher.skip(generation),
+            _ => {}
+        }
+        seen += 1;
+    }
+    Ok(())
+}
+
 fn ago(unix_ms: Option<u64>) -> String {
     let Some(ms) = unix_ms else {
         return "never".into();
@@ -212,6 +323,40 @@ fn print_status(s: &sysgenid::StatusReport) {
         "watchers:     {} ({} tracked, {} outdated, {} untracked outdated; counts are advisory)",
         s.watchers, s.tracked, s.outdated, s.outdated_untracked
     );
+    let state = match s.state {
+        LifecycleState::Running => "running".to_string(),
+        LifecycleState::Freezing => format!(
+            "freezing (freeze {}, {} participant(s) or hooks still to confirm)",
+            s.freeze, s.pending
+        ),
+        LifecycleState::Frozen => format!(
+            "frozen for {:.1} s (freeze {}){}",
+            s.frozen_ms.unwrap_or(0) as f64 / 1000.0,
+            s.freeze,
+            if s.thaw_after_acks {
+                "; restored, thawing once every tracked watcher acknowledges"
+            } else {
+                ""
+            }
+        ),
+    };
+    println!("state:        {state}");
+    println!("participants: {}", s.participants);
+    if let Some(h) = &s.hooks {
+        println!(
+            "hooks:        {} in {} ({} runs, {} failed, {} timed out, {} refused){}",
+            h.hooks,
+            h.dir,
+            h.runs,
+            h.failures,
+            h.timeouts,
+            h.refused,
+            h.last_problem
+                .as_deref()
+                .map(|p| format!("; latest: {p}"))
+                .unwrap_or_default()
+        );
+    }
     println!("uptime:       {:.1} s", s.uptime_ms as f64 / 1000.0);
     println!("runtime dir:  {}", s.runtime_dir);
     println!("device:       {}", s.device.as_deref().unwrap_or("off"));

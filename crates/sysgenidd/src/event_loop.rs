@@ -17,15 +17,31 @@
 //!    frames each), drain the command channel.
 //! 3. Read the connections the work list names again, once each.
 //! 4. Process the work list until it is empty: each privileged bump is made
-//!    durable and then fanned out ([`EventLoop::bump`]: device mirror and
+//!    durable and then fanned out (`EventLoop::bump`: device mirror and
 //!    readers first, then one `Changed` per socket watcher), then pending
 //!    barrier waits on both frontends are settled. Nothing here calls back
 //!    into frame reading: a connection whose wait ends is queued for step 3
 //!    of the next turn.
-//! 5. Expire deadlines (barrier waits, `Hello` timeouts), process the work
-//!    list again, close connections marked for closing (their watchers'
-//!    release queues a settle) and process it once more.
+//!    Sources that can be served from the poll set ([`PollSource`]: the
+//!    kernel log) are read here too, with no thread in between: a restore
+//!    signal is one wake-up away from the published page.
+//! 5. Expire deadlines (barrier waits, `Hello` timeouts, the lifecycle's
+//!    freeze deadline and freeze bound), process the work list again, close
+//!    connections marked for closing (their watchers' release queues a
+//!    settle) and process it once more.
+//!
+//! # The lifecycle
+//! Lifecycle transitions (`sysgenid_core::lifecycle`) are queued on the work
+//! list by whoever caused them and announced here, in order
+//! (`EventLoop::announce`): `Freeze`/`Thaw` to the socket's participants,
+//! a job to the hooks runner, the outcome to the orchestrator waiting for
+//! its freeze. The hooks directory counts as one participant for a freeze
+//! (confirmed when every hook exited) and as one tracked watcher per hook
+//! for a change (released when the change's hooks exited). The device's
+//! watchers are plain watchers: they count for the thaw after a restore,
+//! never for a freeze.
 
+use std::collections::HashMap;
 use std::io;
 use std::os::fd::OwnedFd;
 use std::sync::mpsc::{Receiver, Sender};
@@ -33,18 +49,25 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use mio::{Events, Interest, Poll, Token, Waker};
-use sysgenid_core::Generation;
-use sysgenid_proto::{SourceStatus, StatusReport};
+use sysgenid_core::lifecycle::{self, AbortReason, ParticipantId, ThawReason, Transition};
+use sysgenid_core::{Generation, Tracking, WatcherId};
+use sysgenid_proto::{LifecycleState, Reply, SourceStatus, StatusReport};
+use sysgenid_sources::{PollSource, Readiness};
 
 use crate::device::{Device, DeviceRequest, Forward};
+use crate::hooks::{Finished, HookEvent, Hooks, Job};
 use crate::service::{BumpError, Service};
-use crate::socket::{self, Context, SocketFrontend};
+use crate::socket::{self, Context, FreezeOutcome, SocketFrontend};
 use crate::state::epoch_hex;
 use crate::watchers::{BumpCause, Limits, Watchers};
 use crate::work::{BumpRequest, Requester, WorkList};
 
 const WAKER: Token = Token(usize::MAX - 2);
 const SIGNALS: Token = Token(usize::MAX - 3);
+/// Poll sources use the tokens below this one, counting down.
+const POLL_SOURCES: usize = usize::MAX - 8;
+/// At most this many poll sources (there is one today: the kernel log).
+const MAX_POLL_SOURCES: usize = 8;
 
 /// Work handed to the event loop by other threads.
 #[derive(Debug)]
@@ -60,6 +83,8 @@ pub enum Command {
     },
     /// A request on the `/dev/sysgenid` FUSE device (see `device`).
     Device(DeviceRequest),
+    /// The hooks runner finished a job (see `hooks`).
+    Hooks(Finished),
 }
 
 /// A handle other threads use to reach the loop.
@@ -99,7 +124,35 @@ pub struct EventLoop {
     /// kept by [`Watchers`]).
     sources: Vec<SourceStatus>,
     coalescer: sysgenid_sources::Coalescer,
+    /// Record timestamp → page, of the last bump by a timestamped kernel
+    /// signal (status `last_kernel_lag_us`).
+    last_kernel_lag_us: Option<u64>,
+    /// Sources served from the poll set (slot `i` has token
+    /// `POLL_SOURCES - i`); `None` once ended.
+    poll_sources: Vec<Option<Box<dyn PollSource>>>,
+    /// Poll sources that used up their read budget: read again next turn.
+    poll_sources_more: Vec<usize>,
     shutting_down: bool,
+    /// The hooks directory's runner, when hooks are on.
+    hooks: Option<HooksState>,
+}
+
+/// The hooks runner and what the loop tracks for it.
+struct HooksState {
+    runner: Hooks,
+    /// The hooks' lifecycle participant (confirmed when a freeze's hooks
+    /// have all exited).
+    participant: ParticipantId,
+    /// The tracked watchers each change job holds, by ticket.
+    watchers: HashMap<u64, Vec<WatcherId>>,
+    next_ticket: u64,
+}
+
+/// `CLOCK_MONOTONIC` in microseconds: the scale of a kernel log record's
+/// timestamp (the printk clock counts from boot like it, unslewed).
+fn monotonic_us() -> u64 {
+    let t = rustix::time::clock_gettime(rustix::time::ClockId::Monotonic);
+    t.tv_sec as u64 * 1_000_000 + t.tv_nsec as u64 / 1_000
 }
 
 /// The status report, from what the loop owns.
@@ -107,7 +160,10 @@ fn status_report(
     watchers: &Watchers,
     sources: &[SourceStatus],
     device: Option<&Device>,
+    last_kernel_lag_us: Option<u64>,
+    hooks: Option<&Hooks>,
 ) -> StatusReport {
+    let lifecycle = watchers.lifecycle_counts();
     let counts = watchers.counts();
     let service = watchers.service();
     let record = service.record();
@@ -122,12 +178,24 @@ fn status_report(
         last_change_unix_ms: (record.changed_unix_ns > 0)
             .then_some(record.changed_unix_ns / 1_000_000),
         last_change_sources: service.last_change_sources().to_vec(),
+        last_kernel_lag_us,
         sources: std::iter::once(watchers.manual_status().clone())
             .chain(sources.iter().cloned())
             .collect(),
         runtime_dir: service.dir().path().display().to_string(),
         device: device.map(|d| d.describe()),
         daemon_version: env!("CARGO_PKG_VERSION").to_string(),
+        state: match lifecycle.state {
+            lifecycle::State::Running => LifecycleState::Running,
+            lifecycle::State::Freezing => LifecycleState::Freezing,
+            lifecycle::State::Frozen => LifecycleState::Frozen,
+        },
+        pending: lifecycle.pending,
+        frozen_ms: lifecycle.frozen_ms,
+        participants: lifecycle.participants,
+        freeze: lifecycle.freeze,
+        thaw_after_acks: lifecycle.thaw_after_acks,
+        hooks: hooks.map(|h| Box::new(h.status())),
     }
 }
 
@@ -142,7 +210,7 @@ impl EventLoop {
         let poll = Poll::new()?;
         let waker = Arc::new(Waker::new(poll.registry(), WAKER)?);
         let (tx, commands) = std::sync::mpsc::channel();
-        let socket = SocketFrontend::new(listener, poll.registry().try_clone()?)?;
+        let socket = SocketFrontend::new(listener, poll.registry().try_clone()?, &limits)?;
         let (sig_tx, mut signals) = mio::unix::pipe::new()?;
         let sig_tx = OwnedFd::from(sig_tx);
         for sig in [signal_hook::consts::SIGTERM, signal_hook::consts::SIGINT] {
@@ -165,8 +233,29 @@ impl EventLoop {
             work: WorkList::default(),
             sources: Vec::new(),
             coalescer,
+            last_kernel_lag_us: None,
+            poll_sources: Vec::new(),
+            poll_sources_more: Vec::new(),
             shutting_down: false,
+            hooks: None,
         })
+    }
+
+    /// Sets the lifecycle's settings (before `run`).
+    pub fn configure_lifecycle(&mut self, config: lifecycle::Config) {
+        self.watchers.configure_lifecycle(config);
+    }
+
+    /// Runs the hooks directory from now on (see `hooks`); its runner
+    /// reports through [`Command::Hooks`].
+    pub fn attach_hooks(&mut self, runner: Hooks) {
+        let participant = self.watchers.join(Tracking::Tracked).id;
+        self.hooks = Some(HooksState {
+            runner,
+            participant,
+            watchers: HashMap::new(),
+            next_ticket: 0,
+        });
     }
 
     /// A handle for source threads and the device.
@@ -177,6 +266,64 @@ impl EventLoop {
     /// Registers a source for status reporting.
     pub fn add_source_status(&mut self, status: SourceStatus) {
         self.sources.push(status);
+    }
+
+    /// Serves `source` from the loop's own poll set from now on.
+    pub fn add_poll_source(&mut self, source: Box<dyn PollSource>) -> io::Result<()> {
+        let i = self.poll_sources.len();
+        if i >= MAX_POLL_SOURCES {
+            return Err(io::Error::other("too many poll sources"));
+        }
+        // Registering reports what is already readable; a FIFO no writer
+        // has opened yet is not (reading it now would see its end).
+        self.register_poll_source(i, source.as_ref())?;
+        self.poll_sources.push(Some(source));
+        Ok(())
+    }
+
+    fn register_poll_source(&self, i: usize, source: &dyn PollSource) -> io::Result<()> {
+        use std::os::fd::AsRawFd;
+        self.poll.registry().register(
+            &mut mio::unix::SourceFd(&source.fd().as_raw_fd()),
+            Token(POLL_SOURCES - i),
+            Interest::READABLE,
+        )
+    }
+
+    /// Reads poll source `i` and acts on its signals at once.
+    fn on_poll_source(&mut self, i: usize) {
+        let Some(mut source) = self.poll_sources.get_mut(i).and_then(Option::take) else {
+            return;
+        };
+        let result = source.on_readable(&mut |ev| self.on_source_event(ev));
+        let name = source.name();
+        let result = match result {
+            // Registering the new descriptor reports it if it is readable.
+            Ok(Readiness::Reopened) => self
+                .register_poll_source(i, source.as_ref())
+                .map(|()| Readiness::Drained)
+                .map_err(|e| format!("registering its new descriptor: {e}")),
+            other => other.map_err(|e| e.to_string()),
+        };
+        match result {
+            Ok(Readiness::Drained) => {}
+            Ok(_) => self.poll_sources_more.push(i),
+            Err(error) => {
+                // Dropping the source closes its descriptor, which takes it
+                // out of the poll set.
+                self.source_stopped(name, error);
+                return;
+            }
+        }
+        self.poll_sources[i] = Some(source);
+    }
+
+    fn source_stopped(&mut self, name: &'static str, error: String) {
+        tracing::error!(source = name, "source stopped: {error}");
+        if let Some(s) = self.sources.iter_mut().find(|s| s.name == name) {
+            s.active = false;
+            s.detail = format!("stopped: {error}");
+        }
     }
 
     /// Serves the device's requests from now on (see `device`).
@@ -193,7 +340,7 @@ impl EventLoop {
     pub fn run(&mut self) -> io::Result<()> {
         let mut events = Events::with_capacity(1024);
         while !self.shutting_down {
-            let timeout = if self.work.has_resumed() {
+            let timeout = if self.work.has_resumed() || !self.poll_sources_more.is_empty() {
                 Some(Duration::ZERO)
             } else {
                 self.next_deadline()
@@ -205,11 +352,17 @@ impl EventLoop {
                 Err(e) => return Err(e),
             }
             let resumed = self.work.take_resumed();
+            for i in std::mem::take(&mut self.poll_sources_more) {
+                self.on_poll_source(i);
+            }
             for event in events.iter() {
                 match event.token() {
                     socket::LISTENER => self.socket.accept_all(&self.watchers),
                     WAKER => self.drain_commands(),
                     SIGNALS => self.shutting_down = true,
+                    Token(t) if t <= POLL_SOURCES && POLL_SOURCES - t < MAX_POLL_SOURCES => {
+                        self.on_poll_source(POLL_SOURCES - t)
+                    }
                     Token(key) => {
                         let closed = event.is_read_closed() || event.is_error();
                         let readable = event.is_readable() || closed;
@@ -229,6 +382,8 @@ impl EventLoop {
                 device.expire(now);
             }
             self.with_socket(|socket, cx| socket.expire(now, cx));
+            let transition = self.watchers.lifecycle_tick(now);
+            self.work.transition(transition);
             self.process_work();
             self.socket.reap(&mut self.watchers, &mut self.work);
             self.process_work();
@@ -241,7 +396,9 @@ impl EventLoop {
     fn with_socket(&mut self, f: impl FnOnce(&mut SocketFrontend, &mut Context<'_>)) {
         let sources = &self.sources;
         let device = self.device.as_ref();
-        let status = |w: &Watchers| status_report(w, sources, device);
+        let lag = self.last_kernel_lag_us;
+        let hooks = self.hooks.as_ref().map(|h| &h.runner);
+        let status = |w: &Watchers| status_report(w, sources, device, lag, hooks);
         let mut cx = Context {
             watchers: &mut self.watchers,
             work: &mut self.work,
@@ -263,6 +420,12 @@ impl EventLoop {
                     device.settle(&self.watchers);
                 }
                 self.with_socket(|socket, cx| socket.settle(cx));
+                let transition = self.watchers.caught_up();
+                self.work.transition(transition);
+                continue;
+            }
+            if let Some(transition) = self.work.next_transition() {
+                self.announce(transition);
                 continue;
             }
             return;
@@ -286,6 +449,7 @@ impl EventLoop {
             .next_deadline()
             .into_iter()
             .chain(self.device.as_ref().and_then(|d| d.next_deadline()))
+            .chain(self.watchers.lifecycle_deadline())
             .min()
     }
 
@@ -298,13 +462,8 @@ impl EventLoop {
                         device.handle(request, &mut self.watchers, &mut self.work);
                     }
                 }
-                Command::SourceStopped { name, error } => {
-                    tracing::error!(source = name, "source stopped: {error}");
-                    if let Some(s) = self.sources.iter_mut().find(|s| s.name == name) {
-                        s.active = false;
-                        s.detail = format!("stopped: {error}");
-                    }
-                }
+                Command::Hooks(finished) => self.on_hooks_finished(finished),
+                Command::SourceStopped { name, error } => self.source_stopped(name, error),
             }
         }
     }
@@ -321,8 +480,11 @@ impl EventLoop {
         }
         match self.coalescer.offer(ev.source, Instant::now()) {
             sysgenid_sources::Offer::Bump => {
-                tracing::info!(source = ev.source, "restore signal: {}", ev.detail);
-                if let Err(e) = self.bump(0, BumpCause::Source(ev.source)) {
+                // No log line before the bump: until the page shows it,
+                // every program on this machine still believes it is
+                // unique. The bump's one line names the signal.
+                if let Err(e) = self.bump(0, BumpCause::Source(ev.source), Some(&ev)) {
+                    tracing::error!(source = ev.source, "restore signal: {}", ev.detail);
                     tracing::error!(source = ev.source, "could not bump: {e}");
                 }
             }
@@ -344,7 +506,7 @@ impl EventLoop {
             .watchers
             .check_minimum(request.min, request.allow_exhaustion)
         {
-            Ok(()) => self.bump(request.min, BumpCause::Manual),
+            Ok(()) => self.bump(request.min, BumpCause::Manual, None),
             Err(e) => Err(e.into()),
         };
         match request.requester {
@@ -364,19 +526,176 @@ impl EventLoop {
 
     /// Bumps and tells everyone: the page is published (and the state
     /// saved) before the first watcher is told; barrier waits are settled
-    /// next, from the work list.
-    fn bump(&mut self, min: Generation, cause: BumpCause) -> Result<Generation, BumpError> {
+    /// next, from the work list. `signal` is the source's event, if a
+    /// source caused it: when it carries the kernel's timestamp, the lag
+    /// from it to publication is logged and kept for status. One log line,
+    /// written after publication.
+    fn bump(
+        &mut self,
+        min: Generation,
+        cause: BumpCause,
+        signal: Option<&sysgenid_sources::SourceEvent>,
+    ) -> Result<Generation, BumpError> {
+        let before = self.watchers.generation();
         let bumped = self.watchers.bump(min, cause)?;
-        tracing::info!(
-            generation = bumped.generation,
-            source = cause.name(),
-            "generation changed"
-        );
+        // Clamped at 0: the printk clock and CLOCK_MONOTONIC may disagree
+        // by a few microseconds.
+        let lag_us = signal
+            .and_then(|s| s.kernel_time_us)
+            .map(|t| monotonic_us().saturating_sub(t));
+        match (signal, lag_us) {
+            (Some(signal), Some(lag_us)) => {
+                self.last_kernel_lag_us = Some(lag_us);
+                tracing::info!(
+                    generation = bumped.generation,
+                    source = cause.name(),
+                    kernel_record_to_page_us = lag_us,
+                    "generation changed: restore signal: {}",
+                    signal.detail
+                );
+            }
+            (Some(signal), None) => tracing::info!(
+                generation = bumped.generation,
+                source = cause.name(),
+                "generation changed: restore signal: {}",
+                signal.detail
+            ),
+            (None, _) => tracing::info!(
+                generation = bumped.generation,
+                source = cause.name(),
+                "generation changed"
+            ),
+        }
+        self.run_hooks(HookEvent::Change, Some(before));
+        // After the hooks' watchers are counted: a thaw after a restore
+        // waits for them too.
+        let transition = self.watchers.restored();
+        self.work.transition(transition);
         if let Some(device) = &mut self.device {
             device.on_bump(&self.watchers);
         }
         self.socket.on_bump_committed(&bumped);
         self.work.settle();
         Ok(bumped.generation)
+    }
+
+    /// Submits a hooks job. For a change (`acked_before` = the generation
+    /// before it), one tracked, outdated watcher per hook is held until the
+    /// job finishes, so `wait-watchers` waits for the hooks.
+    fn run_hooks(&mut self, event: HookEvent, acked_before: Option<Generation>) {
+        let Some(hooks) = &mut self.hooks else {
+            return;
+        };
+        let ticket = hooks.next_ticket;
+        hooks.next_ticket += 1;
+        if let Some(before) = acked_before {
+            let held: Vec<WatcherId> = (0..hooks.runner.known())
+                .filter_map(|_| self.watchers.admit(0, Tracking::Tracked, Some(before)).ok())
+                .collect();
+            hooks.watchers.insert(ticket, held);
+        }
+        hooks.runner.submit(Job {
+            ticket,
+            event,
+            generation: self.watchers.generation(),
+            epoch: epoch_hex(&self.watchers.record().epoch),
+        });
+    }
+
+    /// A hooks job finished: a freeze's confirms the hooks' participant, a
+    /// change's releases the watchers it held.
+    fn on_hooks_finished(&mut self, finished: Finished) {
+        let Some(hooks) = &mut self.hooks else {
+            return;
+        };
+        hooks.runner.record(&finished);
+        match finished.job.event {
+            HookEvent::Freeze { freeze } => {
+                let participant = hooks.participant;
+                let transition = self.watchers.confirm(participant, freeze).ok().flatten();
+                self.work.transition(transition);
+            }
+            HookEvent::Change => {
+                for id in hooks
+                    .watchers
+                    .remove(&finished.job.ticket)
+                    .unwrap_or_default()
+                {
+                    self.watchers.release(id, 0);
+                }
+                self.work.settle();
+            }
+            HookEvent::Thaw => {}
+        }
+    }
+
+    /// Tells everyone about a lifecycle transition: participants, hooks,
+    /// and the orchestrator waiting for its freeze.
+    fn announce(&mut self, transition: Transition) {
+        let generation = self.watchers.generation();
+        match transition {
+            Transition::FreezeStarted { id } => {
+                let counts = self.watchers.lifecycle_counts();
+                tracing::info!(
+                    freeze = id,
+                    "freezing: asking {} participant(s) to quiesce ({} to wait for)",
+                    counts.participants,
+                    counts.pending
+                );
+                self.socket.on_lifecycle_event(
+                    Reply::Freeze {
+                        freeze: id,
+                        generation,
+                    },
+                    &self.watchers,
+                );
+                self.run_hooks(HookEvent::Freeze { freeze: id }, None);
+            }
+            Transition::Frozen { id } => {
+                tracing::info!(freeze = id, "frozen");
+                self.with_socket(|socket, cx| socket.answer_freeze(FreezeOutcome::Frozen, cx));
+            }
+            Transition::Aborted {
+                id,
+                pending,
+                reason,
+            } => {
+                let why = match reason {
+                    AbortReason::TimedOut => "it timed out",
+                    AbortReason::ThawRequested => "a thaw was asked for",
+                    AbortReason::Restored => "the generation changed",
+                    AbortReason::RequesterGone => "its orchestrator went away",
+                };
+                tracing::warn!(
+                    freeze = id,
+                    pending,
+                    "freeze aborted because {why}, with {pending} participant(s) or hooks not confirmed; thawing everyone"
+                );
+                self.with_socket(|socket, cx| {
+                    socket.answer_freeze(FreezeOutcome::Aborted { pending, reason }, cx)
+                });
+                self.thaw_everyone(id, generation);
+            }
+            Transition::Thawed { id, reason } => {
+                match reason {
+                    ThawReason::Requested => tracing::info!(freeze = id, "thawed"),
+                    ThawReason::Restored => tracing::info!(
+                        freeze = id,
+                        "restored while frozen and every tracked watcher acknowledged: thawed by itself"
+                    ),
+                    ThawReason::Bound => tracing::warn!(
+                        freeze = id,
+                        "frozen for the longest allowed (--max-frozen-ms): thawed by itself"
+                    ),
+                }
+                self.thaw_everyone(id, generation);
+            }
+        }
+    }
+
+    fn thaw_everyone(&mut self, freeze: u32, generation: Generation) {
+        self.socket
+            .on_lifecycle_event(Reply::Thaw { freeze, generation }, &self.watchers);
+        self.run_hooks(HookEvent::Thaw, None);
     }
 }

@@ -16,6 +16,7 @@
 //! * [`runtime_dir`]: where the socket, page, state and lock live, created
 //!   without following anyone's symlinks;
 //! * [`peer`]: who is on the other end, and whether they may bump;
+//! * [`hooks`]: the hooks directory's runner, on a thread of its own;
 //! * restore-signal sources come from the `sysgenid-sources` crate and run
 //!   in their own threads, feeding the loop through a channel.
 //!
@@ -26,6 +27,7 @@
 
 pub mod device;
 pub mod event_loop;
+pub mod hooks;
 pub mod peer;
 pub mod runtime_dir;
 pub mod service;

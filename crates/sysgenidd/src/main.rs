@@ -8,6 +8,7 @@ use clap::Parser;
 use sysgenid_proto::SourceStatus;
 use sysgenidd::device::{Device, Setting, Started};
 use sysgenidd::event_loop::{Command, EventLoop};
+use sysgenidd::hooks::{Hooks, Setting as HooksSetting};
 use sysgenidd::runtime_dir::{default_runtime_dir, RuntimeDir};
 use sysgenidd::service::Service;
 use sysgenidd::watchers::Limits;
@@ -42,7 +43,8 @@ struct Args {
     #[arg(long, default_value = "auto", value_name = "LIST")]
     source: String,
 
-    /// Kernel log device followed by the vmfork source.
+    /// Kernel log device followed by the vmfork source (from its end). A
+    /// FIFO or other stream (tests, benchmarks) is read from its start.
     #[arg(long, default_value = "/dev/kmsg", value_name = "PATH")]
     kmsg: PathBuf,
 
@@ -68,6 +70,17 @@ struct Args {
     #[arg(long, default_value_t = Limits::default().max_connections_per_uid, value_name = "N")]
     max_connections_per_uid: u32,
 
+    /// Bytes of unread replies all socket clients together may leave
+    /// queued in the daemon; a client whose reply would pass it is dropped.
+    #[arg(long, default_value_t = Limits::default().max_queued_bytes, value_name = "BYTES")]
+    max_queued_bytes: usize,
+
+    /// Bytes of unread replies the socket clients of one non-root user id
+    /// may leave queued in the daemon; a client whose reply would pass it
+    /// is dropped.
+    #[arg(long, default_value_t = Limits::default().max_queued_bytes_per_uid, value_name = "BYTES")]
+    max_queued_bytes_per_uid: usize,
+
     /// A client that connects must send its Hello within this time, or it
     /// gets an error and is dropped.
     #[arg(long, default_value_t = 10_000, value_name = "MS")]
@@ -83,6 +96,31 @@ struct Args {
     /// /dev/sysgenid when running as root and that path is free, else off.
     #[arg(long, env = "SYSGENID_DEVICE", value_name = "PATH|off")]
     device: Option<String>,
+
+    /// Run every executable file in DIR, in name order, on each lifecycle
+    /// event (`HOOK freeze|thaw|change`), or `off`. Default:
+    /// /etc/sysgenid/hooks.d, if it exists.
+    #[arg(long, value_name = "DIR|off")]
+    hooks_dir: Option<String>,
+
+    /// A hook still running after this long is killed (with its process
+    /// group) and counted as timed out.
+    #[arg(long, default_value_t = 10_000, value_name = "MS")]
+    hook_timeout_ms: u64,
+
+    /// The longest the system stays frozen: after this the daemon thaws by
+    /// itself and logs it, so an orchestrator that died between freeze and
+    /// thaw cannot leave every program quiesced.
+    #[arg(long, default_value_t = sysgenid_core::lifecycle::DEFAULT_MAX_FROZEN_MS, value_name = "MS",
+          value_parser = clap::value_parser!(u64).range(1..))]
+    max_frozen_ms: u64,
+
+    /// After a restore while frozen: `auto` thaws once every tracked watcher
+    /// has acknowledged the new generation; `manual` leaves thawing to the
+    /// orchestrator (or the freeze bound).
+    #[arg(long, default_value = "auto", value_name = "auto|manual",
+          value_parser = ["auto", "manual"])]
+    restore_thaw: String,
 }
 
 fn main() -> ExitCode {
@@ -128,10 +166,33 @@ fn run(args: Args) -> Result<(), String> {
         max_watchers_per_uid: args.max_watchers_per_uid,
         max_connections_per_uid: args.max_connections_per_uid,
         hello_timeout: Duration::from_millis(args.hello_timeout_ms),
+        max_queued_bytes: args.max_queued_bytes,
+        max_queued_bytes_per_uid: args.max_queued_bytes_per_uid,
     };
     let coalescer = sysgenid_sources::Coalescer::new(Duration::from_millis(args.coalesce_ms));
     let mut server = EventLoop::new(service, listener, limits, coalescer)
         .map_err(|e| format!("cannot start the event loop: {e}"))?;
+    server.configure_lifecycle(sysgenid_core::lifecycle::Config {
+        thaw_on_restore: args.restore_thaw == "auto",
+        max_frozen_ms: Some(args.max_frozen_ms),
+    });
+    let handle = server.handle();
+    let hooks = Hooks::start(
+        &HooksSetting::parse(args.hooks_dir.as_deref()),
+        Duration::from_millis(args.hook_timeout_ms),
+        move |finished| {
+            handle.send(Command::Hooks(finished));
+        },
+    )
+    .map_err(|e| e.to_string())?;
+    let hooks_description = match hooks {
+        Some(hooks) => {
+            let description = format!("{} ({} found)", hooks.dir().display(), hooks.known());
+            server.attach_hooks(hooks);
+            description
+        }
+        None => "off".to_string(),
+    };
 
     let config = sysgenid_sources::SourceConfig {
         kmsg_path: args.kmsg.clone(),
@@ -157,6 +218,17 @@ fn run(args: Args) -> Result<(), String> {
             detail: source.describe(),
             ..SourceStatus::default()
         });
+        // The kernel log is read by the event loop itself: no thread, no
+        // hand-over, one wake-up less in the restore window.
+        let source = match source.into_poll_source() {
+            Ok(source) => {
+                server
+                    .add_poll_source(source)
+                    .map_err(|e| format!("cannot start source {name}: {e}"))?;
+                continue;
+            }
+            Err(source) => source,
+        };
         let handle = server.handle();
         std::thread::Builder::new()
             .name(format!("source-{name}"))
@@ -191,12 +263,13 @@ fn run(args: Args) -> Result<(), String> {
 
     let record = server.service().record();
     tracing::info!(
-        "sysgenidd {} ready: runtime dir {}, generation {}, epoch {}, device: {}, sources: {}",
+        "sysgenidd {} ready: runtime dir {}, generation {}, epoch {}, device: {}, hooks: {}, sources: {}",
         env!("CARGO_PKG_VERSION"),
         dir_path.display(),
         record.generation,
         sysgenidd::state::epoch_hex(&record.epoch),
         device,
+        hooks_description,
         if active_names.is_empty() {
             "none (manual bumps only)".to_string()
         } else {

@@ -17,7 +17,23 @@
 //! in the socket buffer wait in a small per-connection outbox; consecutive
 //! `Changed` frames there collapse into one, so a watcher that never reads
 //! costs a bounded amount of memory, and a client that floods requests
-//! without reading replies is dropped.
+//! without reading replies is dropped: when its outbox passes
+//! `MAX_OUTBOX` (64) frames, or when the bytes waiting in all of its uid's
+//! outboxes (or in everyone's) would pass the budget
+//! (`--max-queued-bytes-per-uid`, `--max-queued-bytes`). An outbox that
+//! empties gives its memory back, and after a large release the allocator
+//! is asked to return free pages to the kernel, so the daemon shrinks
+//! again once a flood ends.
+//!
+//! # Lifecycle participants (protocol version 2)
+//! A watcher that opted in is also a lifecycle participant: the loop hands
+//! this frontend each lifecycle transition and it sends `Freeze` or `Thaw`
+//! to every participant, followed by a `Changed` when that participant is
+//! outdated (so the readiness invariant holds). A `Freeze` request keeps
+//! its connection busy, like a barrier wait, until the loop answers it
+//! with the freeze's outcome ([`SocketFrontend::answer_freeze`]); if that
+//! connection closes first, the freeze is aborted. Version 1 connections
+//! never see any of it.
 //!
 //! # One request at a time, a bounded number per turn
 //! A connection with a pending `WaitWatchers` or `Bump` is not read from
@@ -36,14 +52,16 @@ use mio::unix::SourceFd;
 use mio::{Interest, Registry, Token};
 use rustix::net::{RecvFlags, SendFlags, SocketFlags};
 use slab::Slab;
+use sysgenid_core::lifecycle::{AbortReason, LifecycleError, ParticipantId};
 use sysgenid_core::{Barrier, CoreError, Generation, Tracking, WatcherId};
 use sysgenid_proto::{
-    ErrorCode, ErrorReply, Reply, Request, Role, StatusReport, MAX_FRAME, PROTOCOL_VERSION,
+    ErrorCode, ErrorReply, Reply, Request, Role, StatusReport, DEFAULT_FREEZE_TIMEOUT_MS,
+    LIFECYCLE_VERSION, MAX_FRAME, MIN_PROTOCOL_VERSION, PROTOCOL_VERSION,
 };
 
 use crate::peer::{Peer, Sender};
 use crate::service::BumpError;
-use crate::watchers::{Bumped, Watchers};
+use crate::watchers::{Bumped, Limits, Watchers};
 use crate::work::{BumpRequest, Pending, Requester, WorkList};
 
 /// The listener's token; connections use their slab key.
@@ -61,6 +79,14 @@ const MAX_OUTBOX: usize = 64;
 /// connections get theirs.
 pub const FRAMES_PER_TURN: usize = 16;
 
+/// What a queued frame costs beyond its bytes, for the memory budget: its
+/// `Vec` in the outbox and the allocator's chunk header and rounding.
+pub const FRAME_OVERHEAD: usize = 64;
+
+/// Freed outbox bytes after which the allocator is asked to give free
+/// pages back to the kernel.
+const TRIM_AFTER: usize = 1 << 20;
+
 /// What a socket handler may touch besides the frontend itself.
 pub struct Context<'a> {
     /// The one owner of watchers and limits.
@@ -77,10 +103,21 @@ struct Conn {
     fd: OwnedFd,
     peer: Peer,
     greeted: bool,
+    /// The protocol version announced in `Hello`.
+    version: u16,
     watcher: Option<WatcherId>,
-    /// A `WaitWatchers` or `Bump` is in the loop's hands: read nothing more.
+    /// Set for lifecycle participants (version 2 watchers that opted in).
+    participant: Option<ParticipantId>,
+    /// A `WaitWatchers`, `Bump` or `Freeze` is in the loop's hands: read
+    /// nothing more.
     busy: bool,
+    /// Queued on the work list to be read again: readiness events do not
+    /// read it meanwhile, so it gets one share per turn however often its
+    /// client writes.
+    scheduled: bool,
     outbox: VecDeque<Vec<u8>>,
+    /// What the outbox costs (see [`FRAME_OVERHEAD`]).
+    queued: usize,
     writable_interest: bool,
     /// Set when the connection must be closed at the end of this turn.
     doomed: bool,
@@ -108,6 +145,84 @@ pub struct SocketFrontend {
     max_connections: usize,
     /// Connections marked for closing this turn.
     doomed: Vec<usize>,
+    /// The outboxes' memory budget and use.
+    queued: QueueBudget,
+    /// The connection whose `Freeze` is in progress.
+    freezer: Option<usize>,
+}
+
+/// How a freeze request ended, for [`SocketFrontend::answer_freeze`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FreezeOutcome {
+    /// Every tracked participant and the hooks confirmed.
+    Frozen,
+    /// Aborted; everyone was thawed.
+    Aborted {
+        /// Tracked participants (and hooks) that had not confirmed.
+        pending: u32,
+        /// Why.
+        reason: AbortReason,
+    },
+}
+
+/// Bytes waiting in outboxes, in total and per uid, against their limits.
+struct QueueBudget {
+    max_total: usize,
+    max_per_uid: usize,
+    total: usize,
+    per_uid: HashMap<u32, usize>,
+    /// Released since the allocator was last asked to trim.
+    freed_since_trim: usize,
+}
+
+impl QueueBudget {
+    /// Why `uid` may not queue `cost` more bytes, if it may not.
+    fn refusal(&self, uid: u32, cost: usize) -> Option<String> {
+        let theirs = self.per_uid.get(&uid).copied().unwrap_or(0);
+        if uid != 0 && theirs + cost > self.max_per_uid {
+            Some(format!(
+                "the unread replies of uid {uid} would take {} bytes, over the per-user budget of {} (--max-queued-bytes-per-uid)",
+                theirs + cost,
+                self.max_per_uid
+            ))
+        } else if self.total + cost > self.max_total {
+            Some(format!(
+                "the unread replies of all clients would take {} bytes, over the budget of {} (--max-queued-bytes)",
+                self.total + cost,
+                self.max_total
+            ))
+        } else {
+            None
+        }
+    }
+
+    fn charge(&mut self, uid: u32, cost: usize) {
+        self.total += cost;
+        *self.per_uid.entry(uid).or_insert(0) += cost;
+    }
+
+    fn release(&mut self, uid: u32, cost: usize) {
+        self.total -= cost;
+        self.freed_since_trim += cost;
+        if let Some(n) = self.per_uid.get_mut(&uid) {
+            *n -= cost;
+            if *n == 0 {
+                self.per_uid.remove(&uid);
+            }
+        }
+    }
+}
+
+/// Asks the allocator to return free heap pages to the kernel. glibc keeps
+/// freed small chunks in its arenas, so after thousands of outboxes are
+/// freed the daemon's resident size would otherwise stay at its peak.
+fn return_free_memory() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: malloc_trim only walks the allocator's own free lists (under
+    // its lock) and releases whole free pages; it has no preconditions.
+    unsafe {
+        libc::malloc_trim(0);
+    }
 }
 
 fn error(code: ErrorCode, value: u32, message: impl Into<String>) -> Reply {
@@ -157,7 +272,11 @@ fn receive(fd: &OwnedFd, buf: &mut [u8]) -> Received {
 
 impl SocketFrontend {
     /// Serves a bound listener, registering it with `registry`.
-    pub fn new(listener: OwnedFd, registry: Registry) -> std::io::Result<SocketFrontend> {
+    pub fn new(
+        listener: OwnedFd,
+        registry: Registry,
+        limits: &Limits,
+    ) -> std::io::Result<SocketFrontend> {
         registry.register(
             &mut SourceFd(&listener.as_raw_fd()),
             LISTENER,
@@ -176,6 +295,14 @@ impl SocketFrontend {
                 .current
                 .map_or(usize::MAX, |n| (n as usize).saturating_sub(RESERVED_FDS)),
             doomed: Vec::new(),
+            queued: QueueBudget {
+                max_total: limits.max_queued_bytes,
+                max_per_uid: limits.max_queued_bytes_per_uid,
+                total: 0,
+                per_uid: HashMap::new(),
+                freed_since_trim: 0,
+            },
+            freezer: None,
         })
     }
 
@@ -264,9 +391,13 @@ impl SocketFrontend {
                 fd,
                 peer,
                 greeted: false,
+                version: MIN_PROTOCOL_VERSION,
                 watcher: None,
+                participant: None,
                 busy: false,
+                scheduled: false,
                 outbox: VecDeque::new(),
+                queued: 0,
                 writable_interest: false,
                 doomed: false,
                 close_after_flush: false,
@@ -286,7 +417,8 @@ impl SocketFrontend {
         if writable {
             self.flush(key);
         }
-        if readable || closed {
+        let scheduled = self.conns.get(key).is_some_and(|c| c.scheduled);
+        if closed || (readable && !scheduled) {
             self.read_conn(key, closed, cx);
         }
     }
@@ -294,7 +426,20 @@ impl SocketFrontend {
     /// Reads a connection the work list named again (its wait or bump
     /// ended, or its frame budget ran out last turn).
     pub fn resume(&mut self, key: usize, cx: &mut Context<'_>) {
+        if let Some(conn) = self.conns.get_mut(key) {
+            conn.scheduled = false;
+        }
         self.read_conn(key, false, cx);
+    }
+
+    /// Queues a connection to be read on the next turn, once.
+    fn schedule(&mut self, key: usize, work: &mut WorkList) {
+        if let Some(conn) = self.conns.get_mut(key) {
+            if !conn.scheduled {
+                conn.scheduled = true;
+                work.resume(key);
+            }
+        }
     }
 
     /// Reads up to [`FRAMES_PER_TURN`] frames; queues the connection to be
@@ -331,16 +476,16 @@ impl SocketFrontend {
         }
         // Budget spent: the rest waits for the next turn (the socket is
         // edge-triggered, so it must be queued explicitly).
-        cx.work.resume(key);
+        self.schedule(key, cx.work);
     }
 
     fn on_frame(&mut self, key: usize, frame: &[u8], sender: Option<Sender>, cx: &mut Context<'_>) {
         let greeted = self.conns[key].greeted;
         if !greeted {
             if let Some(v) = Request::peek_hello_version(frame) {
-                if v != PROTOCOL_VERSION {
+                if !(MIN_PROTOCOL_VERSION..=PROTOCOL_VERSION).contains(&v) {
                     self.fatal(key, ErrorCode::VersionMismatch, format!(
-                        "this client speaks sysgenid protocol {v}, but sysgenidd {} speaks protocol {PROTOCOL_VERSION}: use a client and daemon from the same release",
+                        "this client speaks sysgenid protocol {v}, but sysgenidd {} speaks protocols {MIN_PROTOCOL_VERSION} to {PROTOCOL_VERSION}: use a client and daemon from the same release",
                         env!("CARGO_PKG_VERSION")
                     ));
                     return;
@@ -358,8 +503,21 @@ impl SocketFrontend {
                 return;
             }
         };
+        if request.needs_lifecycle_version() && self.conns[key].version < LIFECYCLE_VERSION {
+            self.fatal(
+                key,
+                ErrorCode::ProtocolViolation,
+                format!(
+                    "malformed frame: {request:?} does not exist in protocol {} (it needs {LIFECYCLE_VERSION})",
+                    self.conns[key].version
+                ),
+            );
+            return;
+        }
         match (greeted, request) {
-            (false, Request::Hello { role, .. }) => self.on_hello(key, role, cx.watchers),
+            (false, Request::Hello { version, role }) => {
+                self.on_hello(key, version, role, cx.watchers)
+            }
             (false, _) => self.fatal(
                 key,
                 ErrorCode::ProtocolViolation,
@@ -381,12 +539,22 @@ impl SocketFrontend {
                 let report = (cx.status)(cx.watchers);
                 self.send_reply(key, Reply::Status(report), cx.watchers);
             }
+            (true, Request::Freeze { timeout_ms }) => self.on_freeze(key, timeout_ms, sender, cx),
+            (true, Request::Thaw) => self.on_thaw(key, sender, cx),
+            (true, Request::Confirm { freeze }) => self.on_confirm(key, freeze, cx),
         }
     }
 
-    fn on_hello(&mut self, key: usize, role: Role, watchers: &mut Watchers) {
+    fn on_hello(&mut self, key: usize, version: u16, role: Role, watchers: &mut Watchers) {
         let uid = self.conns[key].peer.uid;
-        if let Role::Watcher { untracked, acked } = role {
+        self.conns[key].version = version;
+        let mut freeze = None;
+        if let Role::Watcher {
+            untracked,
+            acked,
+            lifecycle,
+        } = role
+        {
             let tracking = if untracked {
                 Tracking::Untracked
             } else {
@@ -399,17 +567,197 @@ impl SocketFrontend {
                     return;
                 }
             }
+            if lifecycle {
+                let joined = watchers.join(tracking);
+                self.conns[key].participant = Some(joined.id);
+                freeze = joined.freeze;
+            }
         }
         self.conns[key].greeted = true;
         let generation = watchers.generation();
+        let welcome = Reply::Welcome {
+            version,
+            generation,
+        };
+        match freeze {
+            None => self.send_reply(key, welcome, watchers),
+            // Registered during a freeze: told at once, right after Welcome.
+            Some(freeze) => {
+                self.send_frame(key, &welcome.encode());
+                self.send_event(key, Reply::Freeze { freeze, generation }, watchers);
+            }
+        }
+    }
+
+    /// Whether the sender of a freeze or thaw frame may do it: the rule of
+    /// a forced update (`peer::privileged`), judged on the process that
+    /// sent the frame. Answers the refusal itself.
+    fn check_privilege(
+        &mut self,
+        key: usize,
+        what: &str,
+        sender: Option<&Sender>,
+        watchers: &Watchers,
+    ) -> bool {
+        let Err(why) = crate::peer::privileged(sender) else {
+            return true;
+        };
+        let (pid, uid) = sender.map_or((0, 0), |s| (s.pid(), s.uid()));
+        let message = format!(
+            "permission denied: {what} needs CAP_SYS_ADMIN or CAP_CHECKPOINT_RESTORE in sysgenidd's user namespace; the sender (pid {pid}, uid {uid}) was refused: {why}"
+        );
+        tracing::warn!("{message}");
         self.send_reply(
             key,
-            Reply::Welcome {
-                version: PROTOCOL_VERSION,
-                generation,
-            },
+            error(ErrorCode::PermissionDenied, 0, message),
             watchers,
         );
+        false
+    }
+
+    fn on_freeze(
+        &mut self,
+        key: usize,
+        timeout_ms: u32,
+        sender: Option<Sender>,
+        cx: &mut Context<'_>,
+    ) {
+        if !self.check_privilege(key, "freezing", sender.as_ref(), cx.watchers) {
+            return;
+        }
+        let timeout_ms = match timeout_ms {
+            0 => DEFAULT_FREEZE_TIMEOUT_MS,
+            ms => ms,
+        };
+        match cx
+            .watchers
+            .freeze(Duration::from_millis(u64::from(timeout_ms)))
+        {
+            Ok(transitions) if transitions.is_empty() => {
+                let generation = cx.watchers.generation();
+                self.send_reply(key, Reply::Done { generation }, cx.watchers);
+            }
+            Ok(transitions) => {
+                // Answered by the loop with the freeze's outcome.
+                self.conns[key].busy = true;
+                self.freezer = Some(key);
+                cx.work.transition(transitions);
+            }
+            Err(LifecycleError::Busy { id, pending }) => self.send_reply(
+                key,
+                error(
+                    ErrorCode::Busy,
+                    pending,
+                    format!("freeze {id} is already in progress ({pending} participant(s) still to confirm); wait for it or thaw"),
+                ),
+                cx.watchers,
+            ),
+            Err(e) => self.send_reply(
+                key,
+                error(ErrorCode::Internal, 0, e.to_string()),
+                cx.watchers,
+            ),
+        }
+    }
+
+    fn on_thaw(&mut self, key: usize, sender: Option<Sender>, cx: &mut Context<'_>) {
+        if !self.check_privilege(key, "thawing", sender.as_ref(), cx.watchers) {
+            return;
+        }
+        cx.work.transition(cx.watchers.thaw());
+        let generation = cx.watchers.generation();
+        self.send_reply(key, Reply::Done { generation }, cx.watchers);
+    }
+
+    fn on_confirm(&mut self, key: usize, freeze: u32, cx: &mut Context<'_>) {
+        let Some(id) = self.conns[key].participant else {
+            self.send_reply(
+                key,
+                error(
+                    ErrorCode::NotAParticipant,
+                    0,
+                    "this connection is not a lifecycle participant; open the watcher with the lifecycle flag to confirm freezes",
+                ),
+                cx.watchers,
+            );
+            return;
+        };
+        match cx.watchers.confirm(id, freeze) {
+            Ok(transition) => {
+                cx.work.transition(transition);
+                let generation = cx.watchers.generation();
+                self.send_reply(key, Reply::Done { generation }, cx.watchers);
+            }
+            Err(LifecycleError::WrongFreeze { confirmed, latest }) => self.send_reply(
+                key,
+                error(
+                    ErrorCode::WrongFreeze,
+                    latest,
+                    format!("cannot confirm freeze {confirmed}: the latest freeze is {latest}"),
+                ),
+                cx.watchers,
+            ),
+            Err(e) => self.send_reply(
+                key,
+                error(ErrorCode::Internal, 0, e.to_string()),
+                cx.watchers,
+            ),
+        }
+    }
+
+    /// Answers the connection whose `Freeze` is in progress, and lets it be
+    /// read again.
+    pub fn answer_freeze(&mut self, outcome: FreezeOutcome, cx: &mut Context<'_>) {
+        let Some(key) = self.freezer.take() else {
+            return;
+        };
+        let Some(conn) = self.conns.get_mut(key) else {
+            return;
+        };
+        conn.busy = false;
+        let reply = match outcome {
+            FreezeOutcome::Frozen => Reply::Done {
+                generation: cx.watchers.generation(),
+            },
+            FreezeOutcome::Aborted { pending, reason } => error(
+                ErrorCode::FreezeAborted,
+                pending,
+                match reason {
+                    AbortReason::TimedOut => format!(
+                        "the freeze timed out with {pending} participant(s) or hooks not confirmed; it was aborted and everything thawed"
+                    ),
+                    AbortReason::ThawRequested => {
+                        "the freeze was aborted by a thaw request; everything thawed".to_string()
+                    }
+                    AbortReason::Restored => {
+                        "the freeze was aborted: the generation changed (a restore); everything thawed"
+                            .to_string()
+                    }
+                    AbortReason::RequesterGone => "the freeze was aborted".to_string(),
+                },
+            ),
+        };
+        self.send_reply(key, reply, cx.watchers);
+        self.schedule(key, cx.work);
+    }
+
+    /// Fan-out of a lifecycle event (`Freeze` or `Thaw`) to every participant.
+    pub fn on_lifecycle_event(&mut self, event: Reply, watchers: &Watchers) {
+        let keys: Vec<usize> = self
+            .conns
+            .iter()
+            .filter(|(_, c)| c.participant.is_some() && c.greeted)
+            .map(|(k, _)| k)
+            .collect();
+        for key in keys {
+            self.send_event(key, event.clone(), watchers);
+        }
+    }
+
+    /// Sends an unsolicited lifecycle event, then the `Changed` that keeps
+    /// an outdated watcher's socket readable.
+    fn send_event(&mut self, key: usize, event: Reply, watchers: &Watchers) {
+        self.send_reply(key, event, watchers);
     }
 
     fn on_ack(&mut self, key: usize, generation: u32, cx: &mut Context<'_>) {
@@ -537,7 +885,7 @@ impl SocketFrontend {
             Err(e) => error(ErrorCode::Internal, 0, e.to_string()),
         };
         self.send_reply(key, reply, cx.watchers);
-        cx.work.resume(key);
+        self.schedule(key, cx.work);
     }
 
     /// Fan-out of a bump: one `Changed` to every watcher connection.
@@ -626,14 +974,14 @@ impl SocketFrontend {
         if let Some(conn) = self.conns.get_mut(key) {
             conn.busy = false;
             self.send_reply(key, reply, cx.watchers);
-            cx.work.resume(key);
+            self.schedule(key, cx.work);
         }
     }
 
     /// Clean exit: every pending wait gets `ShuttingDown`, the socket file
     /// is left to the caller.
     pub fn shutdown(&mut self, watchers: &Watchers) {
-        for key in self.waits.drain() {
+        for key in self.waits.drain().into_iter().chain(self.freezer.take()) {
             if let Some(conn) = self.conns.get_mut(key) {
                 conn.busy = false;
             }
@@ -681,14 +1029,14 @@ impl SocketFrontend {
         if let Some(conn) = self.conns.get_mut(key) {
             conn.close_after_flush = true;
             if conn.outbox.is_empty() {
-                conn.doomed = true;
-                self.doomed.push(key);
+                self.doom(key);
             }
         }
     }
 
     /// Sends one frame now, or queues it (allocating only then) when the
-    /// socket buffer is full.
+    /// socket buffer is full. A client that would pass its outbox limit or
+    /// the memory budget is dropped instead.
     fn send_frame(&mut self, key: usize, frame: &[u8]) {
         let Some(conn) = self.conns.get_mut(key) else {
             return;
@@ -701,29 +1049,39 @@ impl SocketFrontend {
                 Ok(_) => return,
                 Err(rustix::io::Errno::AGAIN) => {}
                 Err(_) => {
-                    conn.doomed = true;
-                    self.doomed.push(key);
+                    self.doom(key);
                     return;
                 }
             }
         }
         let is_changed = |f: &[u8]| matches!(Reply::decode(f), Ok(Reply::Changed { .. }));
         if is_changed(frame) && conn.outbox.back().is_some_and(|f| is_changed(f)) {
-            // Only the newest Changed matters.
+            // Only the newest Changed matters (same size: the cost stays).
             *conn.outbox.back_mut().expect("checked non-empty") = frame.to_vec();
-        } else {
-            conn.outbox.push_back(frame.to_vec());
-        }
-        if conn.outbox.len() > MAX_OUTBOX {
-            tracing::warn!(
-                conn = key,
-                pid = conn.peer.pid,
-                "dropping a client that does not read its replies"
-            );
-            conn.doomed = true;
-            self.doomed.push(key);
             return;
         }
+        let cost = frame.len() + FRAME_OVERHEAD;
+        let uid = conn.peer.uid;
+        let refusal = if conn.outbox.len() >= MAX_OUTBOX {
+            Some(format!(
+                "it has {MAX_OUTBOX} unread replies, the per-connection limit"
+            ))
+        } else {
+            self.queued.refusal(uid, cost)
+        };
+        if let Some(why) = refusal {
+            tracing::warn!(
+                conn = key,
+                uid,
+                pid = conn.peer.pid,
+                "dropping a client that does not read its replies: {why}"
+            );
+            self.doom(key);
+            return;
+        }
+        conn.outbox.push_back(frame.to_vec());
+        conn.queued += cost;
+        self.queued.charge(uid, cost);
         if !conn.writable_interest {
             conn.writable_interest = true;
             let _ = self.registry.reregister(
@@ -741,19 +1099,22 @@ impl SocketFrontend {
         while let Some(frame) = conn.outbox.front() {
             match rustix::net::send(&conn.fd, frame, SendFlags::DONTWAIT | SendFlags::NOSIGNAL) {
                 Ok(_) => {
+                    let cost = frame.len() + FRAME_OVERHEAD;
                     conn.outbox.pop_front();
+                    conn.queued -= cost;
+                    self.queued.release(conn.peer.uid, cost);
                 }
                 Err(rustix::io::Errno::AGAIN) => return,
                 Err(_) => {
-                    conn.doomed = true;
-                    self.doomed.push(key);
+                    self.doom(key);
                     return;
                 }
             }
         }
+        // Give the emptied outbox's buffer back.
+        conn.outbox = VecDeque::new();
         if conn.close_after_flush {
-            conn.doomed = true;
-            self.doomed.push(key);
+            self.doom(key);
             return;
         }
         conn.writable_interest = false;
@@ -764,12 +1125,19 @@ impl SocketFrontend {
         );
     }
 
+    /// Marks a connection for closing at the end of the turn and frees its
+    /// outbox now: nothing more is sent to it.
     fn doom(&mut self, key: usize) {
         if let Some(conn) = self.conns.get_mut(key) {
             if !conn.doomed {
                 conn.doomed = true;
                 self.doomed.push(key);
             }
+            if conn.queued > 0 {
+                self.queued.release(conn.peer.uid, conn.queued);
+                conn.queued = 0;
+            }
+            conn.outbox = VecDeque::new();
         }
     }
 
@@ -797,7 +1165,22 @@ impl SocketFrontend {
                     work.settle();
                 }
             }
+            if let Some(id) = conn.participant {
+                work.transition(watchers.leave(id));
+            }
+            if self.freezer == Some(key) {
+                self.freezer = None;
+                tracing::warn!(
+                    pid = conn.peer.pid,
+                    "the orchestrator of the freeze in progress went away: aborting the freeze"
+                );
+                work.transition(watchers.freeze_requester_gone());
+            }
             self.waits.remove_where(|&k| k == key);
+        }
+        if self.queued.freed_since_trim >= TRIM_AFTER {
+            self.queued.freed_since_trim = 0;
+            return_free_memory();
         }
         // Descriptors were freed: accept what may have waited in the
         // backlog since an accept failed with EMFILE (the listener is

@@ -5,14 +5,25 @@
 //! Both frontends (the socket and `/dev/sysgenid`) register, release and
 //! acknowledge watchers only through [`Watchers`], so the limits are
 //! checked in one place and the per-uid counts cannot drift. A bump goes
-//! through [`Watchers::bump`], which makes it durable (the service's
+//! through `Watchers::bump`, which makes it durable (the service's
 //! save → publish → commit order) and returns a [`Bumped`] that only the
 //! event loop's fan-out consumes: no frontend can change the generation
 //! without every watcher being told.
+//!
+//! It also owns the snapshot lifecycle (`sysgenid_core::lifecycle`): its
+//! participants are watchers, a restore is a bump and the thaw after a
+//! restore waits for the watchers' acknowledgements, so the two state
+//! machines live side by side here. Its methods return the
+//! [`Transition`]s that follow; the caller queues them on the work list
+//! and the event loop tells everyone. Time enters as [`Instant`]s and is
+//! handed to the pure core as milliseconds since this owner was made.
 
 use std::collections::HashMap;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
+use sysgenid_core::lifecycle::{
+    self, FreezeId, Joined, Lifecycle, LifecycleCounts, LifecycleError, ParticipantId, Transition,
+};
 use sysgenid_core::{Barrier, CoreError, Counts, Generation, Tracking, WatcherId};
 use sysgenid_page::PageRecord;
 use sysgenid_proto::SourceStatus;
@@ -32,6 +43,13 @@ pub struct Limits {
     pub max_connections_per_uid: u32,
     /// How long a new connection may take to send its `Hello`.
     pub hello_timeout: Duration,
+    /// Bytes of replies waiting in the outboxes of all socket connections
+    /// together (each frame counted as its length plus
+    /// [`crate::socket::FRAME_OVERHEAD`]).
+    pub max_queued_bytes: usize,
+    /// Bytes of replies waiting in the outboxes of one non-root uid's
+    /// connections.
+    pub max_queued_bytes_per_uid: usize,
 }
 
 impl Default for Limits {
@@ -41,6 +59,8 @@ impl Default for Limits {
             max_watchers_per_uid: 50_000,
             max_connections_per_uid: 4_096,
             hello_timeout: Duration::from_secs(10),
+            max_queued_bytes: 64 << 20,
+            max_queued_bytes_per_uid: 8 << 20,
         }
     }
 }
@@ -108,6 +128,10 @@ pub struct Watchers {
     per_uid: HashMap<u32, u32>,
     /// The `manual` source's line in status.
     manual: SourceStatus,
+    /// The snapshot lifecycle.
+    lifecycle: Lifecycle,
+    /// Time zero of the lifecycle's clock.
+    clock: Instant,
 }
 
 impl Watchers {
@@ -123,7 +147,89 @@ impl Watchers {
                 detail: "privileged bump requests on the socket".into(),
                 ..SourceStatus::default()
             },
+            lifecycle: Lifecycle::new(lifecycle::Config::default()),
+            clock: Instant::now(),
         }
+    }
+
+    /// Sets the lifecycle's settings (at start-up, before any participant).
+    pub fn configure_lifecycle(&mut self, config: lifecycle::Config) {
+        self.lifecycle = Lifecycle::new(config);
+    }
+
+    fn millis(&self, at: Instant) -> lifecycle::Millis {
+        at.saturating_duration_since(self.clock).as_millis() as u64
+    }
+
+    /// Registers a lifecycle participant (its watcher is admitted
+    /// separately); [`Joined::freeze`] says whether to tell it to freeze.
+    pub fn join(&mut self, tracking: Tracking) -> Joined {
+        self.lifecycle.join(tracking)
+    }
+
+    /// Removes a participant (closed or gone).
+    pub fn leave(&mut self, id: ParticipantId) -> Option<Transition> {
+        let now = self.millis(Instant::now());
+        self.lifecycle.leave(id, now).ok().flatten()
+    }
+
+    /// Asks for a freeze that must complete within `timeout`. `Ok` with no
+    /// transitions: frozen already.
+    pub fn freeze(&mut self, timeout: Duration) -> Result<Vec<Transition>, LifecycleError> {
+        let now = self.millis(Instant::now());
+        self.lifecycle.freeze(now, timeout.as_millis() as u64)
+    }
+
+    /// A participant confirms freeze `freeze`.
+    pub fn confirm(
+        &mut self,
+        id: ParticipantId,
+        freeze: FreezeId,
+    ) -> Result<Option<Transition>, LifecycleError> {
+        let now = self.millis(Instant::now());
+        self.lifecycle.confirm(id, freeze, now)
+    }
+
+    /// Asks for a thaw (nothing when running).
+    pub fn thaw(&mut self) -> Option<Transition> {
+        self.lifecycle.thaw()
+    }
+
+    /// The orchestrator of the freeze in progress went away.
+    pub fn freeze_requester_gone(&mut self) -> Option<Transition> {
+        self.lifecycle.requester_gone()
+    }
+
+    /// The generation changed: a restore, for the lifecycle (called by the
+    /// loop's fan-out once every watcher that counts is registered).
+    pub(crate) fn restored(&mut self) -> Option<Transition> {
+        let outdated = self.service.counts().outdated;
+        self.lifecycle.restored(outdated)
+    }
+
+    /// Acknowledgements or closes may have left no tracked watcher
+    /// outdated: after a restore while frozen, that thaws.
+    pub fn caught_up(&mut self) -> Option<Transition> {
+        let outdated = self.service.counts().outdated;
+        self.lifecycle.watchers_outdated(outdated)
+    }
+
+    /// Aborts a freeze past its deadline, thaws one past the bound.
+    pub fn lifecycle_tick(&mut self, now: Instant) -> Option<Transition> {
+        let now = self.millis(now);
+        self.lifecycle.tick(now)
+    }
+
+    /// When [`lifecycle_tick`](Self::lifecycle_tick) next has work.
+    pub fn lifecycle_deadline(&self) -> Option<Instant> {
+        self.lifecycle
+            .next_deadline()
+            .map(|ms| self.clock + Duration::from_millis(ms))
+    }
+
+    /// The lifecycle's numbers now.
+    pub fn lifecycle_counts(&self) -> LifecycleCounts {
+        self.lifecycle.counts(self.millis(Instant::now()))
     }
 
     /// The service, read-only (generation, record, directory, uptime).

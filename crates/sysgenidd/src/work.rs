@@ -19,6 +19,7 @@
 use std::collections::VecDeque;
 use std::time::Instant;
 
+use sysgenid_core::lifecycle::Transition;
 use sysgenid_core::Generation;
 
 /// Who asked for a privileged bump, to be answered once it is done.
@@ -52,6 +53,9 @@ pub struct WorkList {
     /// Socket connections to read again (a wait or bump ended, or their
     /// per-turn frame budget ran out), in order.
     resume: VecDeque<usize>,
+    /// Lifecycle transitions to announce (participants, hooks, the
+    /// orchestrator waiting for its freeze), in order.
+    transitions: VecDeque<Transition>,
 }
 
 impl WorkList {
@@ -63,6 +67,16 @@ impl WorkList {
     /// Queues a privileged bump.
     pub fn bump(&mut self, request: BumpRequest) {
         self.bumps.push_back(request);
+    }
+
+    /// Queues a lifecycle transition to announce (`None`: nothing).
+    pub fn transition(&mut self, transition: impl IntoIterator<Item = Transition>) {
+        self.transitions.extend(transition);
+    }
+
+    /// The next transition to announce.
+    pub fn next_transition(&mut self) -> Option<Transition> {
+        self.transitions.pop_front()
     }
 
     /// Queues a socket connection to be read again.
@@ -93,7 +107,7 @@ impl WorkList {
 
     /// Whether settle or bump work is queued.
     pub fn has_state_work(&self) -> bool {
-        self.settle || !self.bumps.is_empty()
+        self.settle || !self.bumps.is_empty() || !self.transitions.is_empty()
     }
 }
 

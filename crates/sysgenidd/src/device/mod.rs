@@ -3,7 +3,7 @@
 //! The daemon mounts a FUSE filesystem whose root is a regular file onto
 //! the device path (an empty regular file, created if missing) and answers
 //! the protocol itself ([`fuse`]). Every open handle is a watcher in the
-//! same [`Core`] as the socket clients, so status, bumps, acks and the
+//! same `Core` as the socket clients, so status, bumps, acks and the
 //! barrier see both kinds alike. Design notes, the deviations from a real
 //! character device and measured latencies are in `docs/device.md`.
 //!

@@ -1,0 +1,652 @@
+//! The hooks directory: programs the administrator drops into
+//! `/etc/sysgenid/hooks.d` (`--hooks-dir`) that run on every lifecycle
+//! event, for software that will never link a client library.
+//!
+//! Every executable regular file in the directory, in name order, runs as
+//! `HOOK freeze`, `HOOK thaw` or `HOOK change` with `SYSGENID_GENERATION`,
+//! `SYSGENID_EPOCH` (and `SYSGENID_EVENT`) in its environment, one at a time,
+//! each bounded by a timeout after which its process group is killed. The
+//! directory is read again for every event, so hooks can be added and removed
+//! while the daemon runs.
+//!
+//! Hooks run as root, so a file anyone but root (or the daemon's own user)
+//! could have written, a directory others can write into, or a symlink that
+//! leads out of the directory is refused and logged, never run. Names
+//! starting with `.` and package-manager leftovers (`~`, `.dpkg-*`,
+//! `.rpm*`) are skipped, as `run-parts` does.
+//!
+//! The runner is a thread of its own fed through a channel: the event loop
+//! only submits a [`Job`] and later receives its [`Finished`] report
+//! through the callback given at start, so a hook never blocks the loop.
+//! What the loop makes of a report (confirming a freeze, releasing the
+//! watchers a change counted) is decided there.
+
+use std::ffi::OsString;
+use std::os::fd::AsFd;
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::mpsc::{Receiver, Sender};
+use std::sync::Arc;
+use std::time::Duration;
+
+use rustix::event::{PollFd, PollFlags};
+use sysgenid_proto::HooksStatus;
+
+/// The directory used unless `--hooks-dir` says otherwise; if it does not
+/// exist there are no hooks.
+pub const DEFAULT_HOOKS_DIR: &str = "/etc/sysgenid/hooks.d";
+
+/// The default per-hook timeout.
+pub const DEFAULT_HOOK_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// What `--hooks-dir` asked for.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Setting {
+    /// No hooks.
+    Off,
+    /// The default directory, if it exists.
+    Default,
+    /// This directory, which must exist.
+    Dir(PathBuf),
+}
+
+impl Setting {
+    /// Parses `--hooks-dir`: absent → the default, `off`, or a path.
+    pub fn parse(arg: Option<&str>) -> Setting {
+        match arg {
+            None => Setting::Default,
+            Some("off") => Setting::Off,
+            Some(path) => Setting::Dir(path.into()),
+        }
+    }
+}
+
+/// Why the hooks could not be set up.
+#[derive(Debug, thiserror::Error)]
+pub enum HooksError {
+    /// An explicitly named directory is missing or unreadable.
+    #[error("hooks directory {}: {source}. Create it, or pass --hooks-dir off", dir.display())]
+    Dir {
+        /// The directory.
+        dir: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The runner thread could not start.
+    #[error("cannot start the hooks runner: {0}")]
+    Thread(std::io::Error),
+}
+
+/// The event hooks are run for; its name is the hook's argument.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HookEvent {
+    /// Quiesce: the freeze completes once every hook exited.
+    Freeze {
+        /// The freeze number.
+        freeze: u32,
+    },
+    /// Resume.
+    Thaw,
+    /// The generation changed: renew.
+    Change,
+}
+
+impl HookEvent {
+    /// `freeze`, `thaw` or `change`.
+    pub fn name(self) -> &'static str {
+        match self {
+            HookEvent::Freeze { .. } => "freeze",
+            HookEvent::Thaw => "thaw",
+            HookEvent::Change => "change",
+        }
+    }
+}
+
+/// One event to run every hook for.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Job {
+    /// The loop's number for this job, echoed in [`Finished`].
+    pub ticket: u64,
+    /// The event.
+    pub event: HookEvent,
+    /// `SYSGENID_GENERATION`.
+    pub generation: u32,
+    /// `SYSGENID_EPOCH`, 32 hex digits.
+    pub epoch: String,
+}
+
+/// How one hook ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Outcome {
+    /// Exited 0.
+    Succeeded,
+    /// Exited non-zero or was killed by a signal.
+    Failed(String),
+    /// Still running at the timeout; its process group was killed.
+    TimedOut,
+    /// Could not be started.
+    NotStarted(String),
+    /// Refused as unsafe; not run.
+    Refused(String),
+}
+
+/// The result of one hook for one job.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HookResult {
+    /// The file name in the directory.
+    pub name: String,
+    /// How it ended.
+    pub outcome: Outcome,
+}
+
+/// A job whose every hook has exited (or was refused, or timed out).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Finished {
+    /// The job.
+    pub job: Job,
+    /// One entry per file considered, in name order.
+    pub results: Vec<HookResult>,
+    /// A problem with the directory itself (unreadable, unsafe).
+    pub dir_problem: Option<String>,
+}
+
+/// The loop's handle on the runner.
+pub struct Hooks {
+    dir: PathBuf,
+    tx: Sender<Job>,
+    /// Hooks found at the latest scan (refused files not counted).
+    known: Arc<AtomicU32>,
+    status: HooksStatus,
+}
+
+impl Hooks {
+    /// Starts the runner for `setting`; `Ok(None)` when hooks are off or the
+    /// default directory does not exist. `finished` is called on the
+    /// runner's thread after each job.
+    pub fn start(
+        setting: &Setting,
+        timeout: Duration,
+        finished: impl FnMut(Finished) + Send + 'static,
+    ) -> Result<Option<Hooks>, HooksError> {
+        let dir = match setting {
+            Setting::Off => return Ok(None),
+            Setting::Default if !Path::new(DEFAULT_HOOKS_DIR).exists() => {
+                tracing::info!("no hooks: {DEFAULT_HOOKS_DIR} does not exist");
+                return Ok(None);
+            }
+            Setting::Default => PathBuf::from(DEFAULT_HOOKS_DIR),
+            Setting::Dir(dir) => dir.clone(),
+        };
+        let dir = std::fs::canonicalize(&dir)
+            .and_then(|d| std::fs::read_dir(&d).map(|_| d))
+            .map_err(|source| HooksError::Dir {
+                dir: dir.clone(),
+                source,
+            })?;
+        let known = Arc::new(AtomicU32::new(scan(&dir).0.len() as u32));
+        let (tx, rx) = std::sync::mpsc::channel();
+        let runner = Runner {
+            dir: dir.clone(),
+            timeout,
+            known: known.clone(),
+        };
+        std::thread::Builder::new()
+            .name("hooks".into())
+            .spawn(move || runner.run(rx, finished))
+            .map_err(HooksError::Thread)?;
+        let status = HooksStatus {
+            dir: dir.display().to_string(),
+            hooks: known.load(Ordering::Relaxed),
+            ..HooksStatus::default()
+        };
+        Ok(Some(Hooks {
+            dir,
+            tx,
+            known,
+            status,
+        }))
+    }
+
+    /// The directory (canonical).
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// Queues a job; jobs run one after the other, in order.
+    pub fn submit(&self, job: Job) {
+        if self.tx.send(job).is_err() {
+            tracing::error!("the hooks runner has stopped; hooks will not run");
+        }
+    }
+
+    /// Hooks found at the latest scan: what a change counts as tracked
+    /// watchers until its run finishes.
+    pub fn known(&self) -> u32 {
+        self.known.load(Ordering::Relaxed)
+    }
+
+    /// Takes a finished job into the status counters.
+    pub fn record(&mut self, finished: &Finished) {
+        let s = &mut self.status;
+        s.hooks = self.known.load(Ordering::Relaxed);
+        if let Some(problem) = &finished.dir_problem {
+            s.last_problem = Some(problem.clone());
+        }
+        for r in &finished.results {
+            let problem = match &r.outcome {
+                Outcome::Succeeded => {
+                    s.runs += 1;
+                    None
+                }
+                Outcome::Failed(why) | Outcome::NotStarted(why) => {
+                    s.runs += 1;
+                    s.failures += 1;
+                    Some(format!("{} {}: {why}", r.name, finished.job.event.name()))
+                }
+                Outcome::TimedOut => {
+                    s.runs += 1;
+                    s.timeouts += 1;
+                    Some(format!(
+                        "{} {}: timed out and killed",
+                        r.name,
+                        finished.job.event.name()
+                    ))
+                }
+                Outcome::Refused(why) => {
+                    s.refused += 1;
+                    Some(format!("{} refused: {why}", r.name))
+                }
+            };
+            if problem.is_some() {
+                s.last_problem = problem;
+            }
+        }
+    }
+
+    /// For status.
+    pub fn status(&self) -> HooksStatus {
+        self.status.clone()
+    }
+}
+
+struct Runner {
+    dir: PathBuf,
+    timeout: Duration,
+    known: Arc<AtomicU32>,
+}
+
+impl Runner {
+    fn run(self, jobs: Receiver<Job>, mut finished: impl FnMut(Finished)) {
+        for job in jobs {
+            let (hooks, mut results, dir_problem) = scan(&self.dir);
+            self.known.store(hooks.len() as u32, Ordering::Relaxed);
+            if let Some(problem) = &dir_problem {
+                tracing::warn!("hooks: {problem}");
+            }
+            for r in &results {
+                if let Outcome::Refused(why) = &r.outcome {
+                    tracing::warn!(hook = r.name, "hook refused, not run: {why}");
+                }
+            }
+            for (name, path) in hooks {
+                let outcome = self.run_one(&path, &job);
+                match &outcome {
+                    Outcome::Succeeded => {
+                        tracing::info!(hook = name, event = job.event.name(), "hook succeeded")
+                    }
+                    Outcome::TimedOut => tracing::warn!(
+                        hook = name,
+                        event = job.event.name(),
+                        "hook still running after {} ms: killed",
+                        self.timeout.as_millis()
+                    ),
+                    Outcome::Failed(why) | Outcome::NotStarted(why) => {
+                        tracing::warn!(hook = name, event = job.event.name(), "hook failed: {why}")
+                    }
+                    Outcome::Refused(_) => {}
+                }
+                results.push(HookResult { name, outcome });
+            }
+            results.sort_by(|a, b| a.name.cmp(&b.name));
+            finished(Finished {
+                job,
+                results,
+                dir_problem,
+            });
+        }
+    }
+
+    fn run_one(&self, path: &Path, job: &Job) -> Outcome {
+        // A hook's output goes to the daemon's log (stderr).
+        let stdout = match std::io::stderr().as_fd().try_clone_to_owned() {
+            Ok(fd) => std::process::Stdio::from(fd),
+            Err(_) => std::process::Stdio::null(),
+        };
+        let mut child = match std::process::Command::new(path)
+            .arg(job.event.name())
+            .env("SYSGENID_EVENT", job.event.name())
+            .env("SYSGENID_GENERATION", job.generation.to_string())
+            .env("SYSGENID_EPOCH", &job.epoch)
+            .current_dir(&self.dir)
+            .stdin(std::process::Stdio::null())
+            .stdout(stdout)
+            .process_group(0)
+            .spawn()
+        {
+            Ok(child) => child,
+            Err(e) => return Outcome::NotStarted(e.to_string()),
+        };
+        let pid = rustix::process::Pid::from_child(&child);
+        let exited = match rustix::process::pidfd_open(pid, rustix::process::PidfdFlags::empty()) {
+            Ok(pidfd) => wait_readable(&pidfd, self.timeout),
+            // No pidfd (very old kernel): poll the child instead.
+            Err(_) => poll_exit(&mut child, self.timeout),
+        };
+        if !exited {
+            // The whole group: a hook's own children must not outlive it.
+            let _ = rustix::process::kill_process_group(pid, rustix::process::Signal::KILL);
+            let _ = child.wait();
+            return Outcome::TimedOut;
+        }
+        match child.wait() {
+            Ok(status) if status.success() => Outcome::Succeeded,
+            Ok(status) => Outcome::Failed(status.to_string()),
+            Err(e) => Outcome::Failed(e.to_string()),
+        }
+    }
+}
+
+/// Waits until the pidfd is readable (the process exited) or `timeout`.
+fn wait_readable(pidfd: &std::os::fd::OwnedFd, timeout: Duration) -> bool {
+    let deadline = std::time::Instant::now() + timeout;
+    loop {
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        let ts = rustix::time::Timespec {
+            tv_sec: left.as_secs() as i64,
+            tv_nsec: i64::from(left.subsec_nanos()),
+        };
+        let mut fds = [PollFd::new(pidfd, PollFlags::IN)];
+        match rustix::event::poll(&mut fds, Some(&ts)) {
+            Ok(0) => return false,
+            Ok(_) => return true,
+            Err(rustix::io::Errno::INTR) => continue,
+            Err(_) => return false,
+        }
+    }
+}
+
+fn poll_exit(child: &mut std::process::Child, timeout: Duration) -> bool {
+    let deadline = std::time::Instant::now() + timeout;
+    while std::time::Instant::now() < deadline {
+        if let Ok(Some(_)) = child.try_wait() {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    false
+}
+
+/// Names `run-parts` skips: hidden files and package-manager leftovers.
+fn skipped_name(name: &str) -> bool {
+    name.starts_with('.')
+        || name.ends_with('~')
+        || [".dpkg-old", ".dpkg-new", ".dpkg-dist", ".dpkg-tmp"]
+            .iter()
+            .any(|s| name.ends_with(s))
+        || [".rpmsave", ".rpmnew", ".rpmorig"]
+            .iter()
+            .any(|s| name.ends_with(s))
+}
+
+/// Who may own (and so write) a hook: root and the daemon's own user.
+fn trusted_owner(uid: u32) -> bool {
+    uid == 0 || uid == rustix::process::geteuid().as_raw()
+}
+
+/// Why `meta` (a file or the directory) could have been written by someone
+/// untrusted, if it could.
+fn unsafe_because(meta: &std::fs::Metadata) -> Option<String> {
+    let mode = meta.permissions().mode();
+    if !trusted_owner(meta.uid()) {
+        return Some(format!("owned by uid {}, not root", meta.uid()));
+    }
+    if mode & 0o022 != 0 {
+        return Some(format!(
+            "writable by {} (mode {:o})",
+            if mode & 0o002 != 0 {
+                "everyone"
+            } else {
+                "its group"
+            },
+            mode & 0o7777
+        ));
+    }
+    None
+}
+
+/// The hooks to run, in name order, plus one result per refused file and
+/// a problem with the directory itself (then nothing runs).
+fn scan(dir: &Path) -> (Vec<(String, PathBuf)>, Vec<HookResult>, Option<String>) {
+    let mut refused = Vec::new();
+    match std::fs::metadata(dir) {
+        Ok(meta) => {
+            if let Some(why) = unsafe_because(&meta) {
+                return (
+                    Vec::new(),
+                    refused,
+                    Some(format!(
+                        "the directory {} is {why}: no hook runs",
+                        dir.display()
+                    )),
+                );
+            }
+        }
+        Err(e) => {
+            return (
+                Vec::new(),
+                refused,
+                Some(format!("cannot read {}: {e}", dir.display())),
+            )
+        }
+    }
+    let entries = match std::fs::read_dir(dir) {
+        Ok(entries) => entries,
+        Err(e) => {
+            return (
+                Vec::new(),
+                refused,
+                Some(format!("cannot read {}: {e}", dir.display())),
+            )
+        }
+    };
+    let mut names: Vec<OsString> = entries
+        .filter_map(|e| e.ok().map(|e| e.file_name()))
+        .collect();
+    names.sort();
+    let mut hooks = Vec::new();
+    for name in names {
+        let Some(text) = name.to_str().map(str::to_string) else {
+            continue;
+        };
+        if skipped_name(&text) {
+            continue;
+        }
+        let path = dir.join(&name);
+        let Ok(link_meta) = std::fs::symlink_metadata(&path) else {
+            continue;
+        };
+        let (path, meta) = if link_meta.file_type().is_symlink() {
+            match std::fs::canonicalize(&path) {
+                Ok(target) if target.starts_with(dir) => match std::fs::metadata(&target) {
+                    Ok(meta) => (target, meta),
+                    Err(_) => continue,
+                },
+                Ok(target) => {
+                    refused.push(HookResult {
+                        name: text,
+                        outcome: Outcome::Refused(format!(
+                            "a symlink out of the directory (to {})",
+                            target.display()
+                        )),
+                    });
+                    continue;
+                }
+                // A dangling link is not a hook.
+                Err(_) => continue,
+            }
+        } else {
+            (path, link_meta)
+        };
+        if !meta.file_type().is_file() || meta.permissions().mode() & 0o111 == 0 {
+            continue;
+        }
+        if let Some(why) = unsafe_because(&meta) {
+            refused.push(HookResult {
+                name: text,
+                outcome: Outcome::Refused(why),
+            });
+            continue;
+        }
+        hooks.push((text, path));
+    }
+    (hooks, refused, None)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::symlink;
+
+    fn hook(dir: &Path, name: &str, body: &str, mode: u32) -> PathBuf {
+        let path = dir.join(name);
+        std::fs::write(&path, format!("#!/bin/sh\n{body}\n")).unwrap();
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(mode)).unwrap();
+        path
+    }
+
+    fn private_dir() -> tempfile::TempDir {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+        dir
+    }
+
+    #[test]
+    fn scan_keeps_executables_in_name_order_and_refuses_the_unsafe() {
+        let dir = private_dir();
+        let d = std::fs::canonicalize(dir.path()).unwrap();
+        hook(&d, "20-b", "true", 0o755);
+        hook(&d, "10-a", "true", 0o700);
+        hook(&d, "30-not-executable", "true", 0o644);
+        hook(&d, "40-group-writable", "true", 0o775);
+        hook(&d, "50-world-writable", "true", 0o757);
+        hook(&d, ".hidden", "true", 0o755);
+        hook(&d, "60-old~", "true", 0o755);
+        std::fs::create_dir(d.join("70-a-directory")).unwrap();
+        symlink(d.join("10-a"), d.join("80-link-inside")).unwrap();
+        let outside = private_dir();
+        let target = hook(outside.path(), "evil", "true", 0o755);
+        symlink(&target, d.join("90-link-outside")).unwrap();
+        let (hooks, refused, problem) = scan(&d);
+        assert_eq!(problem, None);
+        let names: Vec<&str> = hooks.iter().map(|(n, _)| n.as_str()).collect();
+        assert_eq!(names, ["10-a", "20-b", "80-link-inside"]);
+        let refused: Vec<&str> = refused.iter().map(|r| r.name.as_str()).collect();
+        assert_eq!(
+            refused,
+            ["40-group-writable", "50-world-writable", "90-link-outside"]
+        );
+    }
+
+    #[test]
+    fn a_directory_others_can_write_runs_nothing() {
+        let dir = private_dir();
+        hook(dir.path(), "10-a", "true", 0o755);
+        std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o777)).unwrap();
+        let (hooks, _, problem) = scan(dir.path());
+        assert!(hooks.is_empty());
+        assert!(problem.unwrap().contains("writable by everyone"));
+    }
+
+    #[test]
+    fn hooks_run_in_order_with_the_environment_and_a_timeout() {
+        let dir = private_dir();
+        let log = dir.path().join("log");
+        let log_s = log.display();
+        hook(
+            dir.path(),
+            "10-first",
+            &format!("echo \"first $1 $SYSGENID_GENERATION $SYSGENID_EPOCH\" >> {log_s}"),
+            0o755,
+        );
+        hook(dir.path(), "20-fails", "exit 3", 0o755);
+        hook(
+            dir.path(),
+            "30-hangs",
+            &format!("echo hang >> {log_s}; sleep 30"),
+            0o755,
+        );
+        hook(
+            dir.path(),
+            "40-last",
+            &format!("echo \"last $1\" >> {log_s}"),
+            0o755,
+        );
+        let (tx, rx) = std::sync::mpsc::channel();
+        let hooks = Hooks::start(
+            &Setting::Dir(dir.path().into()),
+            Duration::from_millis(300),
+            move |f| {
+                let _ = tx.send(f);
+            },
+        )
+        .unwrap()
+        .unwrap();
+        assert_eq!(hooks.known(), 4);
+        hooks.submit(Job {
+            ticket: 7,
+            event: HookEvent::Change,
+            generation: 5,
+            epoch: "ab".repeat(16),
+        });
+        let finished = rx.recv_timeout(Duration::from_secs(20)).unwrap();
+        assert_eq!(finished.job.ticket, 7);
+        let outcomes: Vec<(&str, &Outcome)> = finished
+            .results
+            .iter()
+            .map(|r| (r.name.as_str(), &r.outcome))
+            .collect();
+        assert_eq!(outcomes[0], ("10-first", &Outcome::Succeeded));
+        assert!(matches!(outcomes[1], ("20-fails", Outcome::Failed(_))));
+        assert_eq!(outcomes[2], ("30-hangs", &Outcome::TimedOut));
+        assert_eq!(outcomes[3], ("40-last", &Outcome::Succeeded));
+        let text = std::fs::read_to_string(&log).unwrap();
+        assert_eq!(
+            text,
+            format!("first change 5 {}\nhang\nlast change\n", "ab".repeat(16))
+        );
+        let mut hooks = hooks;
+        hooks.record(&finished);
+        let s = hooks.status();
+        assert_eq!((s.runs, s.failures, s.timeouts, s.refused), (4, 1, 1, 0));
+        assert!(s.last_problem.unwrap().contains("30-hangs"));
+    }
+
+    #[test]
+    fn settings_parse_and_a_missing_named_directory_is_an_error() {
+        assert_eq!(Setting::parse(None), Setting::Default);
+        assert_eq!(Setting::parse(Some("off")), Setting::Off);
+        assert!(Hooks::start(&Setting::Off, DEFAULT_HOOK_TIMEOUT, |_| {})
+            .unwrap()
+            .is_none());
+        let err = Hooks::start(
+            &Setting::Dir("/nonexistent/hooks.d".into()),
+            DEFAULT_HOOK_TIMEOUT,
+            |_| {},
+        )
+        .err()
+        .unwrap();
+        assert!(err.to_string().contains("--hooks-dir off"), "{err}");
+    }
+}
