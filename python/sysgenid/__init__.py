@@ -20,6 +20,10 @@ orchestrator can wait until everyone has caught up::
   read.
 * :func:`trigger_update`, :func:`status`, :func:`wait_watchers`,
   :class:`Control`: without being a watcher.
+* The snapshot lifecycle: ``Watcher(lifecycle=True)`` is a participant
+  that :meth:`Watcher.read_event` tells to freeze, thaw or renew
+  (:class:`Event`) and that :meth:`Watcher.confirm`\ s each freeze;
+  :func:`freeze` and :func:`thaw` are the orchestrator's side.
 * :mod:`sysgenid.aio`: asyncio (:func:`sysgenid.aio.changes`).
 * :mod:`sysgenid.snapsafe`: reseed :mod:`random` after a restore.
 
@@ -33,6 +37,7 @@ by anyone other than root or this process's uid is refused
 from ._errors import (
     Disconnected,
     Error,
+    FreezeAborted,
     Interrupted,
     NotRunning,
     Overflow,
@@ -46,9 +51,17 @@ from ._errors import (
     WrongGeneration,
 )
 from ._page import Probe, Record
-from ._protocol import PROTOCOL_VERSION
+from ._protocol import PROTOCOL_VERSION, Event
 from ._trust import default_runtime_dir
-from ._watcher import Control, Watcher, status, trigger_update, wait_watchers
+from ._watcher import (
+    Control,
+    Watcher,
+    freeze,
+    status,
+    thaw,
+    trigger_update,
+    wait_watchers,
+)
 
 __version__ = "0.1.0"
 
@@ -57,6 +70,8 @@ __all__ = [
     "Control",
     "Disconnected",
     "Error",
+    "Event",
+    "FreezeAborted",
     "Interrupted",
     "NotRunning",
     "Overflow",
@@ -72,7 +87,9 @@ __all__ = [
     "WrongGeneration",
     "Watcher",
     "default_runtime_dir",
+    "freeze",
     "status",
+    "thaw",
     "trigger_update",
     "wait_watchers",
 ]

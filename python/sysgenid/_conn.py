@@ -147,11 +147,12 @@ class Connection:
     def reply(self):
         """Blocking: the reply to the request just sent (``Changed`` frames
         before it are consumed)."""
-        return self.reply_noting_changes()[0]
+        return self.reply_noting_changes([])[0]
 
-    def reply_noting_changes(self):
+    def reply_noting_changes(self, events):
         """Like :meth:`reply`, also returning the newest generation the
-        consumed ``Changed`` frames announced (or ``None``)."""
+        consumed ``Changed`` frames announced (or ``None``). Lifecycle
+        events met on the way are appended, in order, to ``events``."""
         newest = None
         while True:
             frame = self.try_recv()
@@ -159,6 +160,8 @@ class Connection:
                 wait_fd(self.sock.fileno(), select.POLLIN)
             elif isinstance(frame, _protocol.Changed):
                 newest = frame.generation if newest is None else max(newest, frame.generation)
+            elif isinstance(frame, _protocol.Event):
+                events.append(frame)
             else:
                 return frame, newest
 
@@ -189,6 +192,34 @@ class Connection:
                 raise frame.exception()
             raise _errors.ProtocolError("unexpected frame %r" % (frame,))
 
+    def try_event(self, skip=None):
+        """Non-blocking read of a lifecycle participant's next event, or
+        :data:`WOULD_BLOCK`: a ``Freeze`` or ``Thaw`` frame is consumed; a
+        ``Changed`` frame is left queued (the socket stays readable while
+        outdated) unless more frames follow it, or it announces ``skip``, a
+        generation the caller chose not to acknowledge yet (then it is
+        consumed, so the caller blocks until something new arrives)."""
+        while True:
+            frame = self.try_peek()
+            if frame is WOULD_BLOCK:
+                return WOULD_BLOCK
+            if isinstance(frame, _protocol.Changed):
+                more = self.queued_bytes() > _protocol.CHANGED_LEN
+                if more or skip == frame.generation:
+                    self.try_recv()
+                    continue
+                return _protocol.Event("change", 0, frame.generation)
+            if isinstance(frame, _protocol.Event):
+                self.try_recv()
+                return frame
+            if isinstance(frame, _protocol.ErrorReply):
+                try:
+                    self.try_recv()
+                except _errors.Error:
+                    pass
+                raise frame.exception()
+            raise _errors.ProtocolError("unexpected frame %r" % (frame,))
+
 
 def expect_done(reply):
     if isinstance(reply, _protocol.Done):
@@ -207,14 +238,16 @@ def expect_status(reply):
 
 
 def expect_welcome(conn):
-    """The generation of the ``Welcome`` that answers our ``Hello``."""
+    """The generation of the ``Welcome`` that answers our ``Hello``; a
+    version this client does not speak is refused (and the caller hangs
+    up)."""
     reply = conn.reply()
     if isinstance(reply, _protocol.Welcome):
-        if reply.version != _protocol.PROTOCOL_VERSION:
+        if reply.version not in _protocol.SUPPORTED_VERSIONS:
             raise _errors.VersionMismatch(
                 reply.version,
-                "sysgenidd speaks protocol version %d, this client speaks %d"
-                % (reply.version, _protocol.PROTOCOL_VERSION),
+                "sysgenidd answered with protocol version %d; this client speaks versions %s"
+                % (reply.version, ", ".join(map(str, _protocol.SUPPORTED_VERSIONS))),
             )
         return reply.generation
     if isinstance(reply, _protocol.ErrorReply):

@@ -21,6 +21,10 @@ NOT_A_WATCHER = 8
 TOO_MANY_WATCHERS = 9
 SHUTTING_DOWN = 10
 INTERNAL = 11
+FREEZE_ABORTED = 12
+NOT_A_PARTICIPANT = 13
+BUSY = 14
+WRONG_FREEZE = 15
 
 CODE_NAMES = {
     WRONG_GENERATION: "WrongGeneration",
@@ -34,6 +38,10 @@ CODE_NAMES = {
     TOO_MANY_WATCHERS: "TooManyWatchers",
     SHUTTING_DOWN: "ShuttingDown",
     INTERNAL: "Internal",
+    FREEZE_ABORTED: "FreezeAborted",
+    NOT_A_PARTICIPANT: "NotAParticipant",
+    BUSY: "Busy",
+    WRONG_FREEZE: "WrongFreeze",
 }
 
 CODE_ERRNO = {
@@ -48,6 +56,10 @@ CODE_ERRNO = {
     TOO_MANY_WATCHERS: _errno.EUSERS,
     SHUTTING_DOWN: _errno.ESHUTDOWN,
     INTERNAL: _errno.EIO,
+    FREEZE_ABORTED: _errno.ETIMEDOUT,
+    NOT_A_PARTICIPANT: _errno.ENOTCONN,
+    BUSY: _errno.EBUSY,
+    WRONG_FREEZE: _errno.EINVAL,
 }
 
 
@@ -123,8 +135,18 @@ class TimedOut(Error, TimeoutError):
         super().__init__(_errno.ETIMEDOUT, message)
 
 
+class FreezeAborted(Error, TimeoutError):
+    """The freeze was aborted (timed out, thawed, or a restore came first)
+    and every participant was thawed (``ETIMEDOUT``); ``.pending`` tracked
+    participants (and hooks) had not confirmed."""
+
+    def __init__(self, pending, message):
+        self.pending = pending
+        super().__init__(_errno.ETIMEDOUT, message)
+
+
 class PermissionDenied(Error, PermissionError):
-    """Not privileged to bump (``EACCES``)."""
+    """Not privileged to bump, freeze or thaw (``EACCES``)."""
 
     def __init__(self, message):
         super().__init__(_errno.EACCES, message)
@@ -187,4 +209,6 @@ def from_reply(code, value, message):
         return Overflow(value, message)
     if code == VERSION_MISMATCH:
         return VersionMismatch(value & 0xFFFF, message)
+    if code == FREEZE_ABORTED:
+        return FreezeAborted(value, message)
     return Refused(code, message)

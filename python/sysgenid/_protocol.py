@@ -10,7 +10,14 @@ import struct
 
 from . import _errors
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2
+"""The newest protocol version this package speaks."""
+MIN_PROTOCOL_VERSION = 1
+"""What plain watchers announce, so they work with any daemon."""
+LIFECYCLE_VERSION = 2
+"""The first version with the snapshot lifecycle (participants, freeze,
+thaw)."""
+SUPPORTED_VERSIONS = (1, 2)
 MAX_FRAME = 2048
 SOCKET_NAME = "sysgenid.sock"
 PAGE_NAME = "generation"
@@ -22,29 +29,45 @@ ACK = 0x02
 WAIT_WATCHERS = 0x03
 BUMP = 0x04
 STATUS = 0x05
+FREEZE = 0x06
+THAW = 0x07
+CONFIRM = 0x08
 WELCOME = 0x81
 CHANGED = 0x82
 DONE = 0x83
 STATUS_REPORT = 0x84
+FREEZE_EVENT = 0x85
+THAW_EVENT = 0x86
 ERROR = 0xFF
 
 _ROLE_CONTROL = 0
 _ROLE_WATCHER = 1
 _FLAG_UNTRACKED = 1 << 0
 _FLAG_HAS_ACKED = 1 << 1
+_FLAG_LIFECYCLE = 1 << 2
+_BUMP_ALLOW_EXHAUSTION = 1 << 0
 
 CHANGED_LEN = 5
 
 
-def hello_control():
-    return struct.pack("<BHBBI", HELLO, PROTOCOL_VERSION, _ROLE_CONTROL, 0, 0)
+def hello_control(version=PROTOCOL_VERSION):
+    return struct.pack("<BHBBI", HELLO, version, _ROLE_CONTROL, 0, 0)
 
 
-def hello_watcher(untracked, acked=None):
+def hello_watcher(untracked, acked=None, lifecycle=False):
+    """A watcher's ``Hello``: plain watchers announce version 1 (any
+    daemon), lifecycle participants the lifecycle's version."""
     flags = (_FLAG_UNTRACKED if untracked else 0) | (0 if acked is None else _FLAG_HAS_ACKED)
+    if lifecycle:
+        flags |= _FLAG_LIFECYCLE
+    version = LIFECYCLE_VERSION if lifecycle else MIN_PROTOCOL_VERSION
     return struct.pack(
-        "<BHBBI", HELLO, PROTOCOL_VERSION, _ROLE_WATCHER, flags, 0 if acked is None else acked
+        "<BHBBI", HELLO, version, _ROLE_WATCHER, flags, 0 if acked is None else acked
     )
+
+
+def hello_version(hello):
+    return struct.unpack_from("<H", hello, 1)[0]
 
 
 def ack(generation):
@@ -55,8 +78,23 @@ def wait_watchers(timeout_ms):
     return struct.pack("<BI", WAIT_WATCHERS, timeout_ms)
 
 
-def bump(min_generation):
-    return struct.pack("<BI", BUMP, min_generation)
+def bump(min_generation, allow_exhaustion=False):
+    """A forced update; ``allow_exhaustion`` adds the optional sixth byte
+    that lets a minimum jump into the counter's last 2**20 values."""
+    frame = struct.pack("<BI", BUMP, min_generation)
+    return frame + bytes([_BUMP_ALLOW_EXHAUSTION]) if allow_exhaustion else frame
+
+
+def freeze(timeout_ms):
+    return struct.pack("<BI", FREEZE, timeout_ms)
+
+
+def thaw():
+    return bytes([THAW])
+
+
+def confirm(freeze_number):
+    return struct.pack("<BI", CONFIRM, freeze_number)
 
 
 def status():
@@ -82,6 +120,36 @@ class Changed:
 
     def __repr__(self):
         return "Changed(%d)" % self.generation
+
+
+class Event:
+    """What a lifecycle participant is told, in the order it happened:
+    ``kind`` is ``"freeze"`` (quiesce, then confirm ``freeze``), ``"thaw"``
+    (resume: that freeze ended) or ``"change"`` (renew, then ack
+    ``generation``; reported again until acknowledged). ``freeze`` is 0
+    for a change."""
+
+    __slots__ = ("kind", "freeze", "generation")
+
+    def __init__(self, kind, freeze, generation):
+        self.kind = kind
+        self.freeze = freeze
+        self.generation = generation
+
+    def __eq__(self, other):
+        return isinstance(other, Event) and (self.kind, self.freeze, self.generation) == (
+            other.kind,
+            other.freeze,
+            other.generation,
+        )
+
+    def __hash__(self):
+        return hash((self.kind, self.freeze, self.generation))
+
+    def __repr__(self):
+        if self.kind == "change":
+            return "Event('change', generation=%d)" % self.generation
+        return "Event(%r, freeze=%d, generation=%d)" % (self.kind, self.freeze, self.generation)
 
 
 class Done:
@@ -148,6 +216,10 @@ def decode_reply(frame):
         _expect_len(frame, 5)
         (generation,) = struct.unpack_from("<I", frame, 1)
         return Changed(generation) if kind == CHANGED else Done(generation)
+    if kind in (FREEZE_EVENT, THAW_EVENT):
+        _expect_len(frame, 9)
+        freeze_number, generation = struct.unpack_from("<II", frame, 1)
+        return Event("freeze" if kind == FREEZE_EVENT else "thaw", freeze_number, generation)
     if kind == STATUS_REPORT:
         try:
             report = json.loads(bytes(frame[1:]).decode("utf-8"))

@@ -5,9 +5,11 @@ The watcher's descriptor is readable exactly while it is outdated, so
 waiting for a change is ``loop.add_reader`` on it: no thread, no polling.
 Requests (``ack``, ``wait_watchers``, ``trigger_update``, ``status``) are
 round trips to a local daemon that may wait (a barrier waits for other
-processes), so they run in the loop's default executor, one at a time. If
-the awaiting task is cancelled, the request still completes in its thread
-and the next call waits for it first, so replies are never mismatched.
+processes), so they run in the loop's default executor. Requests and reads
+take turns on the socket, so a task may wait in :meth:`AsyncWatcher.read`
+while another acknowledges or bumps. If the awaiting task is cancelled,
+the request still completes in its thread and the next call waits for it
+first, so replies are never mismatched.
 """
 
 import asyncio
@@ -20,11 +22,16 @@ class AsyncWatcher:
     """An async :class:`sysgenid.Watcher` (same arguments except
     ``nonblocking``). ``async with AsyncWatcher() as w:`` closes it."""
 
-    def __init__(self, untracked=False, *, runtime_dir=None, reconnect=True):
+    def __init__(self, untracked=False, *, runtime_dir=None, reconnect=True, lifecycle=False):
         self._watcher = Watcher(
-            nonblocking=True, untracked=untracked, runtime_dir=runtime_dir, reconnect=reconnect
+            nonblocking=True,
+            untracked=untracked,
+            runtime_dir=runtime_dir,
+            reconnect=reconnect,
+            lifecycle=lifecycle,
         )
         self._pending = None
+        self._lock = None
 
     @property
     def watcher(self):
@@ -40,19 +47,37 @@ class AsyncWatcher:
 
     async def read(self):
         """Waits until this watcher is outdated; returns the generation
-        (again on every call until acknowledged). Cancel-safe."""
-        await self._settle()
+        (again on every call until acknowledged). Cancel-safe, and safe to
+        run alongside the other methods (they take turns on the socket)."""
+        return await self._next(self._watcher.read)
+
+    async def read_event(self):
+        """The next lifecycle event (:class:`sysgenid.Event`), as
+        :meth:`sysgenid.Watcher.read_event`; waits without blocking the
+        loop. Cancel-safe."""
+        return await self._next(self._watcher.read_event)
+
+    async def confirm(self, freeze):
+        """Confirms freeze number ``freeze``."""
+        await self._call(self._watcher.confirm, freeze)
+
+    async def _next(self, read):
         loop = asyncio.get_running_loop()
         while True:
-            try:
-                return self._watcher.read()
-            except _errors.WouldBlock:
-                pass
-            except (_errors.NotRunning, _errors.Disconnected):
-                # The daemon is restarting: the blocking reconnect loop
-                # runs off the event loop.
-                await self._call(self._watcher._reconnect_with_backoff)
-                continue
+            async with self._turn():
+                await self._settle()
+                try:
+                    return read()
+                except _errors.WouldBlock:
+                    pass
+                except (_errors.NotRunning, _errors.Disconnected):
+                    # The daemon is restarting: the blocking reconnect loop
+                    # runs off the event loop.
+                    await self._in_thread(self._watcher._reconnect_with_backoff)
+                    continue
+            # Wait for readability without holding the turn, so a request
+            # can run meanwhile (its reply also wakes us: we then wait for
+            # the turn and look again).
             fd = self._watcher.fileno()
             ready = loop.create_future()
             loop.add_reader(fd, lambda: ready.done() or ready.set_result(None))
@@ -83,8 +108,16 @@ class AsyncWatcher:
         return self
 
     async def __aexit__(self, *exc):
-        await self._settle()
+        async with self._turn():
+            await self._settle()
         self.close()
+
+    def _turn(self):
+        """The right to use the socket: one request or one look at a time.
+        (Made here, inside the running loop, as Python 3.9 requires.)"""
+        if self._lock is None:
+            self._lock = asyncio.Lock()
+        return self._lock
 
     async def _settle(self):
         """Waits for a request whose awaiting task was cancelled."""
@@ -95,13 +128,17 @@ class AsyncWatcher:
             except Exception:
                 pass
 
-    async def _call(self, fn, *args):
-        await self._settle()
+    async def _in_thread(self, fn, *args):
         loop = asyncio.get_running_loop()
         self._pending = loop.run_in_executor(None, fn, *args)
         result = await asyncio.shield(self._pending)
         self._pending = None
         return result
+
+    async def _call(self, fn, *args):
+        async with self._turn():
+            await self._settle()
+            return await self._in_thread(fn, *args)
 
 
 async def changes(*, untracked=False, runtime_dir=None):

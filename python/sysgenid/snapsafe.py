@@ -79,6 +79,12 @@ _callbacks = []
 _random_instance = None
 
 
+_base_random = _random.Random.random
+_base_getrandbits = _random.Random.getrandbits
+_base_randbytes = _random.Random.randbytes
+_base_seed = _random.Random.seed
+
+
 class SnapSafeRandom(_random.Random):
     """A :class:`random.Random` that reseeds itself from ``os.urandom``
     when the system generation moves, checked on every draw. Needs
@@ -89,32 +95,37 @@ class SnapSafeRandom(_random.Random):
         # Random.__init__ calls seed(), which records the generation.
         super().__init__(x)
 
-    def _check(self):
+    # The draws: one read of the page and one compare, then the C method
+    # itself (called through the base class's descriptor: no super()).
+
+    def random(self):
+        if _words is None or _words[0] != self._seeded_under:
+            self._renew()
+        return _base_random(self)
+
+    def getrandbits(self, k):
+        if _words is None or _words[0] != self._seeded_under:
+            self._renew()
+        return _base_getrandbits(self, k)
+
+    def randbytes(self, n):
+        if _words is None or _words[0] != self._seeded_under:
+            self._renew()
+        return _base_randbytes(self, n)
+
+    def _renew(self):
         if _words is None:
             raise RuntimeError("sysgenid.snapsafe.install() has not been called")
         g = _words[0]
-        if g != self._seeded_under:
-            if self is _random_instance:
-                # The module's generator: run the registered callbacks too.
-                _changed(g)
-            else:
-                self._reseed(g)
+        if self is _random_instance:
+            # The module's generator: run the registered callbacks too.
+            _changed(g)
+        else:
+            self._reseed(g)
 
     def _reseed(self, g):
-        super().seed(int.from_bytes(os.urandom(32), "little"))
+        _base_seed(self, int.from_bytes(os.urandom(32), "little"))
         self._seeded_under = g
-
-    def random(self):
-        self._check()
-        return super().random()
-
-    def getrandbits(self, k):
-        self._check()
-        return super().getrandbits(k)
-
-    def randbytes(self, n):
-        self._check()
-        return super().randbytes(n)
 
     def seed(self, a=None, version=2):
         """Seeds as :meth:`random.Random.seed` does; the state then counts

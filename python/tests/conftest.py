@@ -37,11 +37,13 @@ def wait_until(cond, limit=10.0):
 
 
 class Daemon:
-    """A running ``sysgenidd --source none --device off`` on ``dir``."""
+    """A running ``sysgenidd --source none --device off --hooks-dir off``
+    on ``dir`` (plus ``extra`` flags)."""
 
-    def __init__(self, dir, user=None):
+    def __init__(self, dir, user=None, extra=()):
         self.dir = dir
         self.user = user
+        self.extra = list(extra)
         self.log = dir + ".log"
         self.proc = None
         self.start()
@@ -52,7 +54,8 @@ class Daemon:
             pytest.fail("SYSGENIDD must name the sysgenidd binary (python/run-tests.sh sets it)")
         with open(self.log, "ab") as log:
             self.proc = subprocess.Popen(
-                [binary, "--runtime-dir", self.dir, "--source", "none", "--device", "off"],
+                [binary, "--runtime-dir", self.dir, "--source", "none", "--device", "off",
+                 "--hooks-dir", "off"] + self.extra,
                 stdout=subprocess.DEVNULL,
                 stderr=log,
                 env=dict(os.environ, RUST_LOG="debug"),

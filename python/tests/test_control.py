@@ -146,3 +146,15 @@ def test_a_page_writable_by_others_is_not_trusted(daemon, tmp_path):
 def test_trusted_uids_are_root_and_self():
     assert _trust.trusted_uid(0) and _trust.trusted_uid(os.geteuid())
     assert not _trust.trusted_uid(NOBODY) or os.geteuid() == NOBODY
+
+
+def test_exhausting_the_counter_needs_to_be_asked_for(runtime_env):
+    with pytest.raises(sysgenid.Overflow) as e:
+        sysgenid.trigger_update(0xFFFFFFFF)
+    assert e.value.errno == errno.EOVERFLOW and e.value.current == 0
+    assert runtime_env.generation() == 0, "refused: nothing changed"
+    assert sysgenid.trigger_update(0xFFFFFFFF, allow_exhaustion=True) == 0xFFFFFFFF
+    with pytest.raises(sysgenid.Overflow) as e:
+        sysgenid.trigger_update()
+    assert e.value.current == 0xFFFFFFFF
+    assert runtime_env.generation() == 0xFFFFFFFF

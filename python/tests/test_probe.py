@@ -7,8 +7,6 @@ import pytest
 
 import sysgenid
 
-from conftest import wait_until
-
 
 def test_generation_follows_every_bump(runtime_env):
     p = sysgenid.Probe()

@@ -16,15 +16,25 @@ from conftest import private_dir
 
 
 def test_requests_have_the_documented_bytes():
-    assert _protocol.hello_control() == bytes([0x01, 1, 0, 0, 0, 0, 0, 0, 0])
+    # Control connections announce the newest version; plain watchers 1
+    # (any daemon), lifecycle participants 2 with flag bit 2.
+    assert _protocol.hello_control() == bytes([0x01, 2, 0, 0, 0, 0, 0, 0, 0])
+    assert _protocol.hello_control(1) == bytes([0x01, 1, 0, 0, 0, 0, 0, 0, 0])
     assert _protocol.hello_watcher(False) == bytes([0x01, 1, 0, 1, 0, 0, 0, 0, 0])
     assert _protocol.hello_watcher(True, 0x01020304) == bytes(
         [0x01, 1, 0, 1, 0b11, 4, 3, 2, 1]
     )
+    assert _protocol.hello_watcher(False, None, lifecycle=True) == bytes(
+        [0x01, 2, 0, 1, 0b100, 0, 0, 0, 0]
+    )
     assert _protocol.ack(7) == b"\x02\x07\x00\x00\x00"
     assert _protocol.wait_watchers(1000) == b"\x03\xe8\x03\x00\x00"
     assert _protocol.bump(10) == b"\x04\x0a\x00\x00\x00"
+    assert _protocol.bump(10, allow_exhaustion=True) == b"\x04\x0a\x00\x00\x00\x01"
     assert _protocol.status() == b"\x05"
+    assert _protocol.freeze(0) == b"\x06\x00\x00\x00\x00"
+    assert _protocol.thaw() == b"\x07"
+    assert _protocol.confirm(3) == b"\x08\x03\x00\x00\x00"
 
 
 def test_replies_decode_and_bad_frames_are_protocol_errors():
@@ -32,13 +42,15 @@ def test_replies_decode_and_bad_frames_are_protocol_errors():
     assert (w.version, w.generation) == (1, 5)
     assert _protocol.decode_reply(b"\x82\x09\x00\x00\x00").generation == 9
     assert isinstance(_protocol.decode_reply(b"\x83\x09\x00\x00\x00"), _protocol.Done)
+    assert _protocol.decode_reply(b"\x85\x02\0\0\0\x07\0\0\0") == sysgenid.Event("freeze", 2, 7)
+    assert _protocol.decode_reply(b"\x86\x02\0\0\0\x08\0\0\0") == sysgenid.Event("thaw", 2, 8)
     s = _protocol.decode_reply(b'\x84{"generation": 3}')
     assert s.report == {"generation": 3}
     e = _protocol.decode_reply(b"\xff\x01\x00\x04\x00\x00\x00not current")
     exc = e.exception()
     assert isinstance(exc, sysgenid.WrongGeneration)
     assert exc.errno == errno.EINVAL and exc.current == 4 and "not current" in str(exc)
-    for bad in [b"", b"\x82\x01", b"\x10", b"\x84not json", b"\x84[1]", b"\xff\x63\x00\0\0\0\0",
+    for bad in [b"", b"\x82\x01", b"\x10", b"\x85\x01\0\0\0", b"\x84not json", b"\x84[1]", b"\xff\x63\x00\0\0\0\0",
                 b"\xff\x01"]:
         with pytest.raises(sysgenid.ProtocolError):
             _protocol.decode_reply(bad)
@@ -57,6 +69,10 @@ def test_every_error_code_maps_to_the_seed_errno():
         9: (sysgenid.Refused, errno.EUSERS),
         10: (sysgenid.Refused, errno.ESHUTDOWN),
         11: (sysgenid.Refused, errno.EIO),
+        12: (sysgenid.FreezeAborted, errno.ETIMEDOUT),
+        13: (sysgenid.Refused, errno.ENOTCONN),
+        14: (sysgenid.Refused, errno.EBUSY),
+        15: (sysgenid.Refused, errno.EINVAL),
     }
     for code, (cls, err) in expected.items():
         exc = _protocol.ErrorReply(code, 0, "m").exception()
@@ -67,10 +83,13 @@ def test_every_error_code_maps_to_the_seed_errno():
 
 
 class FakeDaemon:
-    """Listens on a SEQPACKET socket and answers each connection's Hello
-    with the frames given."""
+    """Listens on a SEQPACKET socket and answers the Hello of each
+    connection in turn with the frames given for it (``frames``: one list
+    per connection, or one list for a single connection)."""
 
     def __init__(self, frames):
+        if frames and isinstance(frames[0], bytes):
+            frames = [frames]
         self.dir = private_dir()
         self.path = os.path.join(self.dir, "sysgenid.sock")
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
@@ -82,26 +101,45 @@ class FakeDaemon:
         self.thread.start()
 
     def _serve(self):
-        conn, _ = self.sock.accept()
-        with conn:
-            self.hellos.append(conn.recv(4096))
-            for f in self.frames:
-                conn.send(f)
-            try:
-                conn.recv(4096)  # until the client hangs up
-            except OSError:
-                pass
+        for frames in self.frames:
+            conn, _ = self.sock.accept()
+            with conn:
+                self.hellos.append(conn.recv(4096))
+                for f in frames:
+                    conn.send(f)
+                if frames and frames[-1][0] == 0xFF:
+                    continue  # an error: hang up, as the daemon does
+                try:
+                    while conn.recv(4096):  # until the client hangs up
+                        pass
+                except OSError:
+                    pass
 
     def close(self):
         self.sock.close()
 
 
 def test_a_welcome_of_another_version_is_refused_clearly():
-    fake = FakeDaemon([b"\x81\x02\x00\x00\x00\x00\x00"])
+    fake = FakeDaemon([b"\x81\x03\x00\x00\x00\x00\x00"])
     with pytest.raises(sysgenid.VersionMismatch) as e:
         sysgenid.Watcher(runtime_dir=fake.dir)
-    assert e.value.daemon == 2 and "version 2" in str(e.value)
+    assert e.value.daemon == 3 and "version 3" in str(e.value)
     assert fake.hellos == [_protocol.hello_watcher(False)]
+    fake.close()
+
+
+def test_control_falls_back_to_a_version_1_daemon():
+    mismatch = b"\xff\x06\x00" + struct.pack("<I", 1) + b"this daemon speaks 1"
+    welcome_v1 = b"\x81\x01\x00\x05\x00\x00\x00"
+    fake = FakeDaemon([[mismatch], [welcome_v1]])
+    c = sysgenid.Control(fake.dir)
+    assert (c.version, c.generation_at_connect) == (1, 5)
+    assert fake.hellos == [_protocol.hello_control(2), _protocol.hello_control(1)]
+    with pytest.raises(sysgenid.VersionMismatch, match="upgrade the daemon"):
+        c.freeze()
+    with pytest.raises(sysgenid.VersionMismatch, match="upgrade the daemon"):
+        c.thaw()
+    c.close()
     fake.close()
 
 
@@ -111,6 +149,7 @@ def test_a_version_mismatch_error_from_the_daemon_is_raised():
     with pytest.raises(sysgenid.VersionMismatch) as e:
         sysgenid.Control(fake.dir)
     assert e.value.daemon == 3 and e.value.errno == errno.EPROTONOSUPPORT
+    assert len(fake.hellos) == 1, "no fallback to a version above ours"
     fake.close()
 
 

@@ -210,7 +210,7 @@ impl EventLoop {
         let poll = Poll::new()?;
         let waker = Arc::new(Waker::new(poll.registry(), WAKER)?);
         let (tx, commands) = std::sync::mpsc::channel();
-        let socket = SocketFrontend::new(listener, poll.registry().try_clone()?)?;
+        let socket = SocketFrontend::new(listener, poll.registry().try_clone()?, &limits)?;
         let (sig_tx, mut signals) = mio::unix::pipe::new()?;
         let sig_tx = OwnedFd::from(sig_tx);
         for sig in [signal_hook::consts::SIGTERM, signal_hook::consts::SIGINT] {

@@ -70,6 +70,17 @@ struct Args {
     #[arg(long, default_value_t = Limits::default().max_connections_per_uid, value_name = "N")]
     max_connections_per_uid: u32,
 
+    /// Bytes of unread replies all socket clients together may leave
+    /// queued in the daemon; a client whose reply would pass it is dropped.
+    #[arg(long, default_value_t = Limits::default().max_queued_bytes, value_name = "BYTES")]
+    max_queued_bytes: usize,
+
+    /// Bytes of unread replies the socket clients of one non-root user id
+    /// may leave queued in the daemon; a client whose reply would pass it
+    /// is dropped.
+    #[arg(long, default_value_t = Limits::default().max_queued_bytes_per_uid, value_name = "BYTES")]
+    max_queued_bytes_per_uid: usize,
+
     /// A client that connects must send its Hello within this time, or it
     /// gets an error and is dropped.
     #[arg(long, default_value_t = 10_000, value_name = "MS")]
@@ -155,6 +166,8 @@ fn run(args: Args) -> Result<(), String> {
         max_watchers_per_uid: args.max_watchers_per_uid,
         max_connections_per_uid: args.max_connections_per_uid,
         hello_timeout: Duration::from_millis(args.hello_timeout_ms),
+        max_queued_bytes: args.max_queued_bytes,
+        max_queued_bytes_per_uid: args.max_queued_bytes_per_uid,
     };
     let coalescer = sysgenid_sources::Coalescer::new(Duration::from_millis(args.coalesce_ms));
     let mut server = EventLoop::new(service, listener, limits, coalescer)

@@ -17,7 +17,13 @@
 //! in the socket buffer wait in a small per-connection outbox; consecutive
 //! `Changed` frames there collapse into one, so a watcher that never reads
 //! costs a bounded amount of memory, and a client that floods requests
-//! without reading replies is dropped.
+//! without reading replies is dropped: when its outbox passes
+//! [`MAX_OUTBOX`] frames, or when the bytes waiting in all of its uid's
+//! outboxes (or in everyone's) would pass the budget
+//! (`--max-queued-bytes-per-uid`, `--max-queued-bytes`). An outbox that
+//! empties gives its memory back, and after a large release the allocator
+//! is asked to return free pages to the kernel, so the daemon shrinks
+//! again once a flood ends.
 //!
 //! # Lifecycle participants (protocol version 2)
 //! A watcher that opted in is also a lifecycle participant: the loop hands
@@ -55,7 +61,7 @@ use sysgenid_proto::{
 
 use crate::peer::{Peer, Sender};
 use crate::service::BumpError;
-use crate::watchers::{Bumped, Watchers};
+use crate::watchers::{Bumped, Limits, Watchers};
 use crate::work::{BumpRequest, Pending, Requester, WorkList};
 
 /// The listener's token; connections use their slab key.
@@ -72,6 +78,14 @@ const MAX_OUTBOX: usize = 64;
 /// Frames read from one connection per loop turn before the other ready
 /// connections get theirs.
 pub const FRAMES_PER_TURN: usize = 16;
+
+/// What a queued frame costs beyond its bytes, for the memory budget: its
+/// `Vec` in the outbox and the allocator's chunk header and rounding.
+pub const FRAME_OVERHEAD: usize = 64;
+
+/// Freed outbox bytes after which the allocator is asked to give free
+/// pages back to the kernel.
+const TRIM_AFTER: usize = 1 << 20;
 
 /// What a socket handler may touch besides the frontend itself.
 pub struct Context<'a> {
@@ -97,7 +111,13 @@ struct Conn {
     /// A `WaitWatchers`, `Bump` or `Freeze` is in the loop's hands: read
     /// nothing more.
     busy: bool,
+    /// Queued on the work list to be read again: readiness events do not
+    /// read it meanwhile, so it gets one share per turn however often its
+    /// client writes.
+    scheduled: bool,
     outbox: VecDeque<Vec<u8>>,
+    /// What the outbox costs (see [`FRAME_OVERHEAD`]).
+    queued: usize,
     writable_interest: bool,
     /// Set when the connection must be closed at the end of this turn.
     doomed: bool,
@@ -125,6 +145,8 @@ pub struct SocketFrontend {
     max_connections: usize,
     /// Connections marked for closing this turn.
     doomed: Vec<usize>,
+    /// The outboxes' memory budget and use.
+    queued: QueueBudget,
     /// The connection whose `Freeze` is in progress.
     freezer: Option<usize>,
 }
@@ -141,6 +163,66 @@ pub enum FreezeOutcome {
         /// Why.
         reason: AbortReason,
     },
+}
+
+/// Bytes waiting in outboxes, in total and per uid, against their limits.
+struct QueueBudget {
+    max_total: usize,
+    max_per_uid: usize,
+    total: usize,
+    per_uid: HashMap<u32, usize>,
+    /// Released since the allocator was last asked to trim.
+    freed_since_trim: usize,
+}
+
+impl QueueBudget {
+    /// Why `uid` may not queue `cost` more bytes, if it may not.
+    fn refusal(&self, uid: u32, cost: usize) -> Option<String> {
+        let theirs = self.per_uid.get(&uid).copied().unwrap_or(0);
+        if uid != 0 && theirs + cost > self.max_per_uid {
+            Some(format!(
+                "the unread replies of uid {uid} would take {} bytes, over the per-user budget of {} (--max-queued-bytes-per-uid)",
+                theirs + cost,
+                self.max_per_uid
+            ))
+        } else if self.total + cost > self.max_total {
+            Some(format!(
+                "the unread replies of all clients would take {} bytes, over the budget of {} (--max-queued-bytes)",
+                self.total + cost,
+                self.max_total
+            ))
+        } else {
+            None
+        }
+    }
+
+    fn charge(&mut self, uid: u32, cost: usize) {
+        self.total += cost;
+        *self.per_uid.entry(uid).or_insert(0) += cost;
+    }
+
+    fn release(&mut self, uid: u32, cost: usize) {
+        self.total -= cost;
+        self.freed_since_trim += cost;
+        if let Some(n) = self.per_uid.get_mut(&uid) {
+            *n -= cost;
+            if *n == 0 {
+                self.per_uid.remove(&uid);
+            }
+        }
+    }
+}
+
+/// Asks the allocator to return free heap pages to the kernel. glibc keeps
+/// freed small chunks in its arenas, so after thousands of outboxes are
+/// freed the daemon's resident size would otherwise stay at its peak.
+fn return_free_memory() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: malloc_trim only walks the allocator's own free lists (under
+    // its lock) and releases whole free pages; it has no preconditions.
+    unsafe {
+        libc::malloc_trim(0);
+    }
 }
 
 fn error(code: ErrorCode, value: u32, message: impl Into<String>) -> Reply {
@@ -190,7 +272,11 @@ fn receive(fd: &OwnedFd, buf: &mut [u8]) -> Received {
 
 impl SocketFrontend {
     /// Serves a bound listener, registering it with `registry`.
-    pub fn new(listener: OwnedFd, registry: Registry) -> std::io::Result<SocketFrontend> {
+    pub fn new(
+        listener: OwnedFd,
+        registry: Registry,
+        limits: &Limits,
+    ) -> std::io::Result<SocketFrontend> {
         registry.register(
             &mut SourceFd(&listener.as_raw_fd()),
             LISTENER,
@@ -209,6 +295,13 @@ impl SocketFrontend {
                 .current
                 .map_or(usize::MAX, |n| (n as usize).saturating_sub(RESERVED_FDS)),
             doomed: Vec::new(),
+            queued: QueueBudget {
+                max_total: limits.max_queued_bytes,
+                max_per_uid: limits.max_queued_bytes_per_uid,
+                total: 0,
+                per_uid: HashMap::new(),
+                freed_since_trim: 0,
+            },
             freezer: None,
         })
     }
@@ -302,7 +395,9 @@ impl SocketFrontend {
                 watcher: None,
                 participant: None,
                 busy: false,
+                scheduled: false,
                 outbox: VecDeque::new(),
+                queued: 0,
                 writable_interest: false,
                 doomed: false,
                 close_after_flush: false,
@@ -322,7 +417,8 @@ impl SocketFrontend {
         if writable {
             self.flush(key);
         }
-        if readable || closed {
+        let scheduled = self.conns.get(key).is_some_and(|c| c.scheduled);
+        if closed || (readable && !scheduled) {
             self.read_conn(key, closed, cx);
         }
     }
@@ -330,7 +426,20 @@ impl SocketFrontend {
     /// Reads a connection the work list named again (its wait or bump
     /// ended, or its frame budget ran out last turn).
     pub fn resume(&mut self, key: usize, cx: &mut Context<'_>) {
+        if let Some(conn) = self.conns.get_mut(key) {
+            conn.scheduled = false;
+        }
         self.read_conn(key, false, cx);
+    }
+
+    /// Queues a connection to be read on the next turn, once.
+    fn schedule(&mut self, key: usize, work: &mut WorkList) {
+        if let Some(conn) = self.conns.get_mut(key) {
+            if !conn.scheduled {
+                conn.scheduled = true;
+                work.resume(key);
+            }
+        }
     }
 
     /// Reads up to [`FRAMES_PER_TURN`] frames; queues the connection to be
@@ -367,7 +476,7 @@ impl SocketFrontend {
         }
         // Budget spent: the rest waits for the next turn (the socket is
         // edge-triggered, so it must be queued explicitly).
-        cx.work.resume(key);
+        self.schedule(key, cx.work);
     }
 
     fn on_frame(&mut self, key: usize, frame: &[u8], sender: Option<Sender>, cx: &mut Context<'_>) {
@@ -629,7 +738,7 @@ impl SocketFrontend {
             ),
         };
         self.send_reply(key, reply, cx.watchers);
-        cx.work.resume(key);
+        self.schedule(key, cx.work);
     }
 
     /// Fan-out of a lifecycle event (`Freeze` or `Thaw`) to every participant.
@@ -776,7 +885,7 @@ impl SocketFrontend {
             Err(e) => error(ErrorCode::Internal, 0, e.to_string()),
         };
         self.send_reply(key, reply, cx.watchers);
-        cx.work.resume(key);
+        self.schedule(key, cx.work);
     }
 
     /// Fan-out of a bump: one `Changed` to every watcher connection.
@@ -865,7 +974,7 @@ impl SocketFrontend {
         if let Some(conn) = self.conns.get_mut(key) {
             conn.busy = false;
             self.send_reply(key, reply, cx.watchers);
-            cx.work.resume(key);
+            self.schedule(key, cx.work);
         }
     }
 
@@ -920,14 +1029,14 @@ impl SocketFrontend {
         if let Some(conn) = self.conns.get_mut(key) {
             conn.close_after_flush = true;
             if conn.outbox.is_empty() {
-                conn.doomed = true;
-                self.doomed.push(key);
+                self.doom(key);
             }
         }
     }
 
     /// Sends one frame now, or queues it (allocating only then) when the
-    /// socket buffer is full.
+    /// socket buffer is full. A client that would pass its outbox limit or
+    /// the memory budget is dropped instead.
     fn send_frame(&mut self, key: usize, frame: &[u8]) {
         let Some(conn) = self.conns.get_mut(key) else {
             return;
@@ -940,29 +1049,39 @@ impl SocketFrontend {
                 Ok(_) => return,
                 Err(rustix::io::Errno::AGAIN) => {}
                 Err(_) => {
-                    conn.doomed = true;
-                    self.doomed.push(key);
+                    self.doom(key);
                     return;
                 }
             }
         }
         let is_changed = |f: &[u8]| matches!(Reply::decode(f), Ok(Reply::Changed { .. }));
         if is_changed(frame) && conn.outbox.back().is_some_and(|f| is_changed(f)) {
-            // Only the newest Changed matters.
+            // Only the newest Changed matters (same size: the cost stays).
             *conn.outbox.back_mut().expect("checked non-empty") = frame.to_vec();
-        } else {
-            conn.outbox.push_back(frame.to_vec());
-        }
-        if conn.outbox.len() > MAX_OUTBOX {
-            tracing::warn!(
-                conn = key,
-                pid = conn.peer.pid,
-                "dropping a client that does not read its replies"
-            );
-            conn.doomed = true;
-            self.doomed.push(key);
             return;
         }
+        let cost = frame.len() + FRAME_OVERHEAD;
+        let uid = conn.peer.uid;
+        let refusal = if conn.outbox.len() >= MAX_OUTBOX {
+            Some(format!(
+                "it has {MAX_OUTBOX} unread replies, the per-connection limit"
+            ))
+        } else {
+            self.queued.refusal(uid, cost)
+        };
+        if let Some(why) = refusal {
+            tracing::warn!(
+                conn = key,
+                uid,
+                pid = conn.peer.pid,
+                "dropping a client that does not read its replies: {why}"
+            );
+            self.doom(key);
+            return;
+        }
+        conn.outbox.push_back(frame.to_vec());
+        conn.queued += cost;
+        self.queued.charge(uid, cost);
         if !conn.writable_interest {
             conn.writable_interest = true;
             let _ = self.registry.reregister(
@@ -980,19 +1099,22 @@ impl SocketFrontend {
         while let Some(frame) = conn.outbox.front() {
             match rustix::net::send(&conn.fd, frame, SendFlags::DONTWAIT | SendFlags::NOSIGNAL) {
                 Ok(_) => {
+                    let cost = frame.len() + FRAME_OVERHEAD;
                     conn.outbox.pop_front();
+                    conn.queued -= cost;
+                    self.queued.release(conn.peer.uid, cost);
                 }
                 Err(rustix::io::Errno::AGAIN) => return,
                 Err(_) => {
-                    conn.doomed = true;
-                    self.doomed.push(key);
+                    self.doom(key);
                     return;
                 }
             }
         }
+        // Give the emptied outbox's buffer back.
+        conn.outbox = VecDeque::new();
         if conn.close_after_flush {
-            conn.doomed = true;
-            self.doomed.push(key);
+            self.doom(key);
             return;
         }
         conn.writable_interest = false;
@@ -1003,12 +1125,19 @@ impl SocketFrontend {
         );
     }
 
+    /// Marks a connection for closing at the end of the turn and frees its
+    /// outbox now: nothing more is sent to it.
     fn doom(&mut self, key: usize) {
         if let Some(conn) = self.conns.get_mut(key) {
             if !conn.doomed {
                 conn.doomed = true;
                 self.doomed.push(key);
             }
+            if conn.queued > 0 {
+                self.queued.release(conn.peer.uid, conn.queued);
+                conn.queued = 0;
+            }
+            conn.outbox = VecDeque::new();
         }
     }
 
@@ -1048,6 +1177,10 @@ impl SocketFrontend {
                 work.transition(watchers.freeze_requester_gone());
             }
             self.waits.remove_where(|&k| k == key);
+        }
+        if self.queued.freed_since_trim >= TRIM_AFTER {
+            self.queued.freed_since_trim = 0;
+            return_free_memory();
         }
         // Descriptors were freed: accept what may have waited in the
         // backlog since an accept failed with EMFILE (the listener is

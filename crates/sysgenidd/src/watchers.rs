@@ -43,6 +43,13 @@ pub struct Limits {
     pub max_connections_per_uid: u32,
     /// How long a new connection may take to send its `Hello`.
     pub hello_timeout: Duration,
+    /// Bytes of replies waiting in the outboxes of all socket connections
+    /// together (each frame counted as its length plus
+    /// [`crate::socket::FRAME_OVERHEAD`]).
+    pub max_queued_bytes: usize,
+    /// Bytes of replies waiting in the outboxes of one non-root uid's
+    /// connections.
+    pub max_queued_bytes_per_uid: usize,
 }
 
 impl Default for Limits {
@@ -52,6 +59,8 @@ impl Default for Limits {
             max_watchers_per_uid: 50_000,
             max_connections_per_uid: 4_096,
             hello_timeout: Duration::from_secs(10),
+            max_queued_bytes: 64 << 20,
+            max_queued_bytes_per_uid: 8 << 20,
         }
     }
 }
