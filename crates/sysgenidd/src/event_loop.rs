@@ -538,6 +538,12 @@ impl EventLoop {
     ) -> Result<Generation, BumpError> {
         let before = self.watchers.generation();
         let bumped = self.watchers.bump(min, cause)?;
+        // Clamped at 0: the printk clock and CLOCK_MONOTONIC may disagree
+        // by a few microseconds.
+        let lag_us = signal
+            .and_then(|s| s.kernel_time_us)
+            .map(|t| monotonic_us().saturating_sub(t));
+        // (The lag is taken first: it ends at publication.)
         if signal.is_some() {
             // A restore: the page is published and durable. Give the CPU
             // away once before the bookkeeping (log line, fan-out), so a
@@ -546,11 +552,7 @@ impl EventLoop {
             // ~3x a pipe wake without, ~2x with). Manual bumps do not yield.
             rustix::thread::sched_yield();
         }
-        // Clamped at 0: the printk clock and CLOCK_MONOTONIC may disagree
-        // by a few microseconds.
-        let lag_us = signal
-            .and_then(|s| s.kernel_time_us)
-            .map(|t| monotonic_us().saturating_sub(t));
+
         match (signal, lag_us) {
             (Some(signal), Some(lag_us)) => {
                 self.last_kernel_lag_us = Some(lag_us);
