@@ -14,12 +14,12 @@
 //! preempted in favour of the thread it waits for).
 //!
 //! The record's `USEC` field is `CLOCK_MONOTONIC` at the write, as the
-//! kernel's printk clock would be, so the daemon's own lag figure (record
-//! timestamp → publication) is comparable. The page's `changed_unix_ns`
-//! (stamped by the daemon when its bump starts) splits our figure in two:
-//! record → bump starts (the source thread's wake-up, parse and hop to the
-//! event loop) and bump starts → page visible (epoch draw, state save,
-//! publish).
+//! kernel's printk clock would be, so the daemon's own lag figure (status
+//! `last_kernel_lag_us`: record timestamp → publication) is comparable.
+//! With the page's `changed_unix_ns` (stamped by the daemon when its bump
+//! starts) it splits our figure in three: record → bump starts (the
+//! daemon's wake-up, the read, parse), bump start → published (epoch draw,
+//! state save, publish), published → this process sees it.
 
 use std::io::Write;
 use std::os::fd::AsRawFd;
