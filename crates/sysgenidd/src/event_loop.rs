@@ -17,7 +17,7 @@
 //!    frames each), drain the command channel.
 //! 3. Read the connections the work list names again, once each.
 //! 4. Process the work list until it is empty: each privileged bump is made
-//!    durable and then fanned out ([`EventLoop::bump`]: device mirror and
+//!    durable and then fanned out (`EventLoop::bump`: device mirror and
 //!    readers first, then one `Changed` per socket watcher), then pending
 //!    barrier waits on both frontends are settled. Nothing here calls back
 //!    into frame reading: a connection whose wait ends is queued for step 3
@@ -135,6 +135,8 @@ pub struct EventLoop {
     shutting_down: bool,
     /// The hooks directory's runner, when hooks are on.
     hooks: Option<HooksState>,
+    /// systemd's watchdog, pinged by this loop as one of its timers.
+    watchdog: crate::supervisor::Watchdog,
 }
 
 /// The hooks runner and what the loop tracks for it.
@@ -238,6 +240,7 @@ impl EventLoop {
             poll_sources_more: Vec::new(),
             shutting_down: false,
             hooks: None,
+            watchdog: crate::supervisor::Watchdog::from_env(),
         })
     }
 
@@ -384,6 +387,7 @@ impl EventLoop {
             self.with_socket(|socket, cx| socket.expire(now, cx));
             let transition = self.watchers.lifecycle_tick(now);
             self.work.transition(transition);
+            self.watchdog.tick(now);
             self.process_work();
             self.socket.reap(&mut self.watchers, &mut self.work);
             self.process_work();
@@ -450,6 +454,7 @@ impl EventLoop {
             .into_iter()
             .chain(self.device.as_ref().and_then(|d| d.next_deadline()))
             .chain(self.watchers.lifecycle_deadline())
+            .chain(self.watchdog.deadline())
             .min()
     }
 
@@ -576,6 +581,11 @@ impl EventLoop {
                 "generation changed"
             ),
         }
+        crate::supervisor::status(&format!(
+            "generation {}, last changed by {}",
+            bumped.generation,
+            cause.name()
+        ));
         self.run_hooks(HookEvent::Change, Some(before));
         // After the hooks' watchers are counted: a thaw after a restore
         // waits for them too.

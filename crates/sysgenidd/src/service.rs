@@ -10,7 +10,7 @@
 //! page is always current before any watcher wakes up.
 //!
 //! The core is private: the only way to change the generation is
-//! [`Service::bump`], and only [`crate::watchers::Watchers`] (which owns
+//! `Service::bump`, and only [`crate::watchers::Watchers`] (which owns
 //! the service and the admission limits) registers, releases and
 //! acknowledges watchers.
 

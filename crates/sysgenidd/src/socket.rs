@@ -18,7 +18,7 @@
 //! `Changed` frames there collapse into one, so a watcher that never reads
 //! costs a bounded amount of memory, and a client that floods requests
 //! without reading replies is dropped: when its outbox passes
-//! [`MAX_OUTBOX`] frames, or when the bytes waiting in all of its uid's
+//! `MAX_OUTBOX` (64) frames, or when the bytes waiting in all of its uid's
 //! outboxes (or in everyone's) would pass the budget
 //! (`--max-queued-bytes-per-uid`, `--max-queued-bytes`). An outbox that
 //! empties gives its memory back, and after a large release the allocator
@@ -355,7 +355,7 @@ impl SocketFrontend {
                 None
             };
             if let Some(message) = refusal {
-                tracing::debug!(
+                tracing::warn!(
                     uid = peer.uid,
                     pid = peer.pid,
                     "refusing a connection: {message}"
@@ -1012,7 +1012,7 @@ impl SocketFrontend {
     /// Sends an error and closes the connection once it is flushed.
     fn fatal(&mut self, key: usize, code: ErrorCode, message: impl Into<String>) {
         let message = message.into();
-        tracing::debug!(conn = key, "closing connection: {message}");
+        tracing::info!(conn = key, "closing connection: {message}");
         self.send_frame(
             key,
             &error(

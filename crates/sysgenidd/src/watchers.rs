@@ -5,7 +5,7 @@
 //! Both frontends (the socket and `/dev/sysgenid`) register, release and
 //! acknowledge watchers only through [`Watchers`], so the limits are
 //! checked in one place and the per-uid counts cannot drift. A bump goes
-//! through [`Watchers::bump`], which makes it durable (the service's
+//! through `Watchers::bump`, which makes it durable (the service's
 //! save → publish → commit order) and returns a [`Bumped`] that only the
 //! event loop's fan-out consumes: no frontend can change the generation
 //! without every watcher being told.
