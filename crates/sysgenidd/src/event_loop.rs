@@ -548,6 +548,16 @@ impl EventLoop {
         let lag_us = signal
             .and_then(|s| s.kernel_time_us)
             .map(|t| monotonic_us().saturating_sub(t));
+        // (The lag is taken first: it ends at publication.)
+        if signal.is_some() {
+            // A restore: the page is published and durable. Give the CPU
+            // away once before the bookkeeping (log line, fan-out), so a
+            // program on this CPU that checks the page, the one that may
+            // hold cloned state, sees the new generation first (measured:
+            // ~3x a pipe wake without, ~2x with). Manual bumps do not yield.
+            rustix::thread::sched_yield();
+        }
+
         match (signal, lag_us) {
             (Some(signal), Some(lag_us)) => {
                 self.last_kernel_lag_us = Some(lag_us);
