@@ -36,7 +36,8 @@ const SHUTTING_DOWN: &str = "sysgenidd is shutting down; retry when it is back";
 /// connection is alive (a daemon killed with `kill -9` wakes nobody).
 pub(crate) const LIVENESS_SLICE: Duration = Duration::from_millis(100);
 
-/// The runtime page, mapped the first time a barrier wait needs it.
+/// The runtime page, mapped the first time a barrier wait needs it (and
+/// only if it passes the owner checks `Probe::open` makes).
 pub(crate) struct BarrierPage {
     path: PathBuf,
     page: Option<PageReader>,
@@ -55,7 +56,12 @@ impl BarrierPage {
     fn get(&mut self) -> Option<&PageReader> {
         if !self.tried {
             self.tried = true;
-            self.page = PageReader::open(&self.path).ok();
+            // The page must pass the checks `Probe::open` makes (owner,
+            // writers); an untrusted or missing page leaves the socket.
+            self.page = std::fs::File::open(&self.path).ok().and_then(|file| {
+                crate::trust::check_page(&file, &self.path).ok()?;
+                PageReader::from_file(&file, &self.path).ok()
+            });
         }
         self.page.as_ref()
     }

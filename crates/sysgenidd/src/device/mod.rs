@@ -37,6 +37,7 @@
 //! cache (`FUSE_DIRECT_IO_ALLOW_MMAP`): fills are answered from the page,
 //! and each bump invalidates the cache before any watcher wakes.
 
+pub mod access;
 pub mod fuse;
 
 use std::collections::HashMap;
@@ -55,6 +56,7 @@ use crate::runtime_dir::RuntimeDir;
 use crate::service::BumpError;
 use crate::watchers::Watchers;
 use crate::work::{BumpRequest, Pending, Requester, WorkList};
+pub use access::WriteAccess;
 use fuse::{opcode, Channel, InHeader, Op, Request};
 
 /// `SYSGENID_IOCTL`, the seed's ioctl type.
@@ -127,6 +129,8 @@ pub struct Device {
     /// Parked blocking reads: (unique, fh).
     reads: Vec<(u64, u64)>,
     waits: Pending<ParkedWait>,
+    /// Who may open for writing.
+    access: WriteAccess,
     /// Set when the loop reads `/dev/fuse` itself (passthrough mode): what
     /// the reader thread would otherwise hold.
     served_here: Option<Served>,
@@ -282,6 +286,7 @@ impl Device {
         dir: &RuntimeDir,
         record: &PageRecord,
         forward: Forward,
+        access: WriteAccess,
     ) -> Result<Started, DeviceError> {
         let path = match resolve(setting) {
             Ok(p) => p,
@@ -320,7 +325,7 @@ impl Device {
         let (mut mirror, page) =
             open_device_page(dir).map_err(fail("preparing the device page"))?;
         mirror.publish(record);
-        let fd = fuse::mount(&path).map_err(fail("mount"))?;
+        let fd = fuse::mount(&path, access.kernel_checked()).map_err(fail("mount"))?;
         let mmap = match handshake(&fd, &page) {
             Ok(mode) => mode,
             Err(e) => {
@@ -342,7 +347,7 @@ impl Device {
                 Some(Served {
                     buf: vec![0u8; fuse::READ_BUFFER],
                     page,
-                    attr: root_attr(),
+                    attr: root_attr(access.file_mode(), access.file_gid()),
                 })
             }
             MmapMode::PageCache => {
@@ -350,9 +355,10 @@ impl Device {
                 // invalidation after a bump waits for page fills, which
                 // must then be answered by someone else.
                 let reader_fd = fuse.clone();
+                let attr = root_attr(access.file_mode(), access.file_gid());
                 std::thread::Builder::new()
                     .name("device".into())
-                    .spawn(move || reader(reader_fd, page, forward))
+                    .spawn(move || reader(reader_fd, page, forward, attr))
                     .map_err(fail("starting its thread"))?;
                 // The root inode starts with size 0 until its first
                 // GETATTR, and a mapping touched before that would fault
@@ -371,6 +377,7 @@ impl Device {
             next_fh: 1,
             reads: Vec::new(),
             waits: Pending::default(),
+            access,
             served_here,
         }))
     }
@@ -425,12 +432,13 @@ impl Device {
     /// For status and the startup line.
     pub fn describe(&self) -> String {
         format!(
-            "{} (FUSE, mmap {})",
+            "{} (FUSE, mmap {}, {})",
             self.path.display(),
             match self.mmap {
                 MmapMode::Passthrough(_) => "passthrough to the page",
                 MmapMode::PageCache => "via page cache",
-            }
+            },
+            self.access.describe()
         )
     }
 
@@ -479,7 +487,12 @@ impl Device {
             self.channel().error(unique, libc::EUSERS);
             return;
         }
-        if !read_only && !crate::peer::process_may_bump(header.pid, header.uid) {
+        // With a device group the kernel has checked this open already
+        // (`access`).
+        if !read_only
+            && !self.access.kernel_checked()
+            && !crate::peer::process_may_bump(header.pid, header.uid)
+        {
             tracing::info!(
                 uid = header.uid,
                 pid = header.pid,
@@ -865,12 +878,14 @@ fn now_secs() -> u64 {
         .unwrap_or(0)
 }
 
-/// The root file's attributes (they never change).
-fn root_attr() -> fuse::Attr {
+/// The root file's attributes (they never change): `mode` the permission
+/// bits, `gid` the group.
+fn root_attr(mode: u32, gid: u32) -> fuse::Attr {
     fuse::Attr {
         size: sysgenid_page::PAGE_SIZE as u64,
-        mode: libc::S_IFREG | 0o666,
+        mode: libc::S_IFREG | mode,
         time: now_secs(),
+        gid,
     }
 }
 
@@ -954,10 +969,9 @@ fn answer_stateless(
 
 /// The reader thread of page-cache mode: answers what needs no state,
 /// forwards the rest to the loop.
-fn reader(fd: Arc<OwnedFd>, page: File, forward: Forward) {
+fn reader(fd: Arc<OwnedFd>, page: File, forward: Forward, attr: fuse::Attr) {
     let mut buf = vec![0u8; fuse::READ_BUFFER];
     let ch = Channel::new(fd.as_fd());
-    let attr = root_attr();
     loop {
         let n = match fuse::read_request(&*fd, &mut buf) {
             Ok(Some(n)) => n,
