@@ -133,7 +133,7 @@ pub struct Device {
     access: WriteAccess,
     /// Set when the loop reads `/dev/fuse` itself (passthrough mode): what
     /// the reader thread would otherwise hold.
-    served_here: Option<Served>,
+    served_here: Option<Box<Served>>,
 }
 
 /// What the loop needs to read and answer `/dev/fuse` itself.
@@ -344,11 +344,11 @@ impl Device {
                 rustix::fs::fcntl_setfl(&*fuse, rustix::fs::OFlags::NONBLOCK)
                     .map_err(|e| fail("making /dev/fuse non-blocking")(e.into()))?;
                 drop(forward);
-                Some(Served {
+                Some(Box::new(Served {
                     buf: vec![0u8; fuse::READ_BUFFER],
                     page,
                     attr: root_attr(access.file_mode(), access.file_gid()),
-                })
+                }))
             }
             MmapMode::PageCache => {
                 // Page-cache mode keeps a reader thread: the loop's
