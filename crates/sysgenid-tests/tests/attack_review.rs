@@ -1,0 +1,120 @@
+//! The findings of the security review of the daemon after the snapshot
+//! lifecycle, the hooks directory and the kernel log FIFO arrived, each
+//! replayed by real unprivileged processes (uid 65534, its own user
+//! namespaces) against the real daemon. A finding that is fixed is a plain
+//! test; one whose fix belongs elsewhere is `#[ignore]`d with the reason
+//! (it fails on today's code: run it with `--run-ignored only`).
+//!
+//! Needs root (to run the attackers as nobody and to set up directories
+//! owned by others); each test prints SKIPPED and returns otherwise.
+
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::OnceLock;
+use std::time::Duration;
+
+use sysgenid_proto::LifecycleState;
+use sysgenid_tests::*;
+
+const NOBODY: u32 = 65534;
+
+fn as_nobody(mut cmd: Command) -> Command {
+    cmd.uid(NOBODY).gid(NOBODY);
+    cmd
+}
+
+/// Runs `cmd` to its end; panics with its output if it failed.
+fn run_ok(mut cmd: Command) -> String {
+    let out = cmd.output().expect("run the attacker");
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.status.success(),
+        "attacker failed ({}): {text}{}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    text
+}
+
+/// `tests/attack/klogflood.c`, compiled once per test process.
+fn klogflood() -> &'static Path {
+    static BIN: OnceLock<PathBuf> = OnceLock::new();
+    BIN.get_or_init(|| {
+        let dir = bin("sysgenidd").parent().expect("target dir").to_path_buf();
+        let out = dir.join("sysgenid-test-klogflood");
+        let tmp = dir.join(format!("sysgenid-test-klogflood.{}", std::process::id()));
+        let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/attack/klogflood.c");
+        let status = Command::new("gcc")
+            .args(["-O2", "-Wall", "-Werror", "-o"])
+            .arg(&tmp)
+            .arg(&src)
+            .status()
+            .expect("gcc is needed to build the kernel log flooder");
+        assert!(status.success(), "compiling {}", src.display());
+        std::fs::rename(&tmp, &out).expect("install the kernel log flooder");
+        out
+    })
+}
+
+/// Whether nobody may create a user namespace here (Debian's default).
+fn nobody_has_user_namespaces() -> bool {
+    let mut cmd = Command::new("unshare");
+    cmd.args(["-U", "true"]);
+    as_nobody(cmd)
+        .status()
+        .map(|s| s.success())
+        .unwrap_or(false)
+}
+
+/// Finding 1 (high). `/dev/kmsg` reports lost records (`EPIPE`) when the
+/// kernel's ring buffer overran the reader, and the `vmfork` source then
+/// bumps "conservatively" (a fork record may have been lost). Anyone who
+/// can make the kernel log fast enough can cause that: an unprivileged
+/// user in a user namespace of its own gets unrated facility-0 records
+/// from every failed mount. Measured on Linux 6.18 (128 KiB ring, 2 cores):
+/// 4 flooding processes for 5 s made 16 bumps, aborted nothing only
+/// because no freeze was in progress, and thawed a frozen system by itself
+/// (a restore while frozen thaws once everyone acknowledged). With the
+/// daemon at `SCHED_FIFO` priority 10 the same flood made 0 bumps.
+#[test]
+#[ignore = "finding 1 of the review, not fixed here: the conservative bump on EPIPE lives in sysgenid-sources' kmsg.rs (see the review's write-up)"]
+fn a_kernel_log_flood_by_nobody_neither_bumps_nor_thaws() {
+    if skip_unless_root("(runs the flood as uid 65534)") {
+        return;
+    }
+    if !nobody_has_user_namespaces() {
+        eprintln!("SKIPPED: unprivileged user namespaces are off here");
+        return;
+    }
+    if std::fs::File::open("/dev/kmsg").is_err() {
+        eprintln!("SKIPPED: no readable /dev/kmsg");
+        return;
+    }
+    let flooder = klogflood();
+    let dir = runtime_dir();
+    let daemon = Daemon::start_with(dir.path(), &["--source", "vmfork"]);
+    let before = daemon.status();
+    // Root freezes (no participants: frozen at once).
+    daemon
+        .control()
+        .freeze(Some(Duration::from_secs(5)))
+        .expect("root may freeze");
+    assert_eq!(daemon.status().state, LifecycleState::Frozen);
+
+    let mut flood = Command::new(flooder);
+    flood.args(["4", "5"]);
+    let calls = run_ok(as_nobody(flood));
+    eprintln!("mount calls per flooding process: {}", calls.trim());
+
+    let after = daemon.status();
+    let log = std::fs::read_to_string(&daemon.log).unwrap_or_default();
+    let lost = log.matches("records were lost").count();
+    assert_eq!(
+        (after.generation, after.state),
+        (before.generation, LifecycleState::Frozen),
+        "nobody's kernel log flood bumped the generation {} time(s) ({lost} lost-record signals) and left the system {:?}",
+        after.generation.wrapping_sub(before.generation),
+        after.state
+    );
+}
