@@ -8,6 +8,7 @@
 //! Needs root (to run the attackers as nobody and to set up directories
 //! owned by others); each test prints SKIPPED and returns otherwise.
 
+use std::os::unix::fs::PermissionsExt;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -117,4 +118,84 @@ fn a_kernel_log_flood_by_nobody_neither_bumps_nor_thaws() {
         after.generation.wrapping_sub(before.generation),
         after.state
     );
+}
+
+/// Finding 2 (medium). The hooks directory was checked for its own owner
+/// and mode, never for its parents: a user who can write a parent (here:
+/// owns it) renames the directory away and puts a symlink to any directory
+/// of root's in its place. Every executable in that directory then ran as
+/// root, as a hook (`/usr/sbin/... change`). Now the scan refuses a hooks
+/// directory that became a symlink or whose parents others could write,
+/// and nothing runs.
+#[test]
+fn a_hooks_directory_swapped_by_the_owner_of_its_parent_runs_nothing() {
+    if skip_unless_root("(chowns a parent to uid 65534)") {
+        return;
+    }
+    let base = runtime_dir();
+    let b = std::fs::canonicalize(base.path()).unwrap();
+    let parent = b.join("parent");
+    let hooks = parent.join("hooks.d");
+    let decoy = b.join("roots-programs");
+    let out = b.join("out");
+    for d in [&parent, &hooks, &decoy, &out] {
+        std::fs::create_dir(d).unwrap();
+        std::fs::set_permissions(d, std::fs::Permissions::from_mode(0o755)).unwrap();
+    }
+    let script = |path: &Path, marker: &str| {
+        std::fs::write(
+            path,
+            format!("#!/bin/sh\necho \"$1\" >> {}\n", out.join(marker).display()),
+        )
+        .unwrap();
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o755)).unwrap();
+    };
+    // Root's own hook, and a root-owned program that is no hook.
+    script(&hooks.join("10-installed"), "installed");
+    script(&decoy.join("not-a-hook"), "not-a-hook");
+
+    let dir = runtime_dir();
+    let hooks_arg = hooks.display().to_string();
+    let daemon = Daemon::start_with(
+        dir.path(),
+        &["--hooks-dir", &hooks_arg, "--hook-timeout-ms", "5000"],
+    );
+
+    // While every parent is root's, the installed hook runs.
+    daemon.control().bump(0).expect("root bumps");
+    assert!(
+        wait_until(Duration::from_secs(10), || out.join("installed").exists()),
+        "the installed hook never ran"
+    );
+    // The parent is handed to nobody (a service user's directory, say).
+    std::os::unix::fs::chown(&parent, Some(NOBODY), Some(NOBODY)).unwrap();
+
+    // Nobody swaps the directory for a link to root's programs.
+    let mut swap = Command::new("sh");
+    swap.arg("-c")
+        .arg("mv \"$1/hooks.d\" \"$1/old\" && ln -s \"$2\" \"$1/hooks.d\"")
+        .arg("sh")
+        .arg(&parent)
+        .arg(&decoy);
+    run_ok(as_nobody(swap));
+
+    let runs_before = daemon.status().hooks.expect("hooks status").runs;
+    daemon.control().bump(0).expect("root bumps");
+    // The change's hooks job has finished once status counts it: a run or
+    // a problem reported.
+    let finished = wait_until(Duration::from_secs(10), || {
+        let h = daemon.status().hooks.expect("hooks status");
+        h.runs > runs_before
+            || h.last_problem
+                .as_deref()
+                .is_some_and(|p| p.contains("no hook runs"))
+    });
+    assert!(finished, "the hooks job of the second bump never finished");
+    assert!(
+        !out.join("not-a-hook").exists(),
+        "a program root never installed as a hook ran as root: {}",
+        std::fs::read_to_string(out.join("not-a-hook")).unwrap_or_default()
+    );
+    let problem = daemon.status().hooks.unwrap().last_problem.unwrap();
+    assert!(problem.contains("replaced by a link"), "{problem}");
 }
