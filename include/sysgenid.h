@@ -32,11 +32,53 @@
 #define SYSGENID_UNTRACKED 2u
 
 /**
+ * `sysgenid_open` flag: the watcher is a snapshot-lifecycle participant:
+ * `sysgenid_read_event` tells it to freeze and thaw as well as of changes,
+ * and it must `sysgenid_confirm` each freeze (tracked participants hold a
+ * freeze up until they do). Needs a daemon with the lifecycle (protocol
+ * 2); an older one refuses the open with `-EPROTONOSUPPORT`.
+ */
+#define SYSGENID_LIFECYCLE 4u
+
+/**
  * Flag for [`sysgenid_trigger_update_flags`]: accept a minimum in the
  * counter's last 2^20 values (up to `UINT32_MAX`, after which no later
  * restore can ever be signalled).
  */
 #define SYSGENID_UPDATE_ALLOW_EXHAUSTION 1
+
+/**
+ * `sysgenid_event.kind`: quiesce, then `sysgenid_confirm(w, ev.freeze)`.
+ */
+#define SYSGENID_EVENT_FREEZE 1
+
+/**
+ * `sysgenid_event.kind`: resume (the freeze ended: thawed, aborted, or
+ * thawed by itself after a restore or at the freeze bound).
+ */
+#define SYSGENID_EVENT_THAW 2
+
+/**
+ * `sysgenid_event.kind`: the generation changed: renew, then
+ * `sysgenid_ack(w, ev.generation)`. Reported on every read until
+ * acknowledged.
+ */
+#define SYSGENID_EVENT_CHANGE 3
+
+/**
+ * `sysgenid_status.state`: normal operation.
+ */
+#define SYSGENID_STATE_RUNNING 0
+
+/**
+ * `sysgenid_status.state`: participants are quiescing.
+ */
+#define SYSGENID_STATE_FREEZING 1
+
+/**
+ * `sysgenid_status.state`: every participant confirmed; safe to snapshot.
+ */
+#define SYSGENID_STATE_FROZEN 2
 
 /**
  * One watcher of the system generation: the seed's open file of
@@ -72,7 +114,49 @@ typedef struct {
    * Untracked watchers that have not acknowledged it.
    */
   uint32_t outdated_untracked;
+  /**
+   * The lifecycle state: `SYSGENID_STATE_RUNNING`,
+   * `SYSGENID_STATE_FREEZING` or `SYSGENID_STATE_FROZEN` (always
+   * running with a daemon that predates the lifecycle).
+   */
+  uint32_t state;
+  /**
+   * Tracked participants (and the daemon's hooks) that have not
+   * confirmed the freeze in progress; 0 unless freezing.
+   */
+  uint32_t pending;
+  /**
+   * Registered lifecycle participants.
+   */
+  uint32_t participants;
+  /**
+   * The latest freeze's number (0: none yet).
+   */
+  uint32_t freeze;
 } sysgenid_status;
+
+/**
+ * One lifecycle event, filled by `sysgenid_read_event`. Fields may be
+ * appended in later versions; `sysgenid_read_event` takes the caller's
+ * `sizeof` and fills only what fits.
+ */
+typedef struct {
+  /**
+   * `SYSGENID_EVENT_FREEZE`, `SYSGENID_EVENT_THAW` or
+   * `SYSGENID_EVENT_CHANGE`.
+   */
+  uint32_t kind;
+  /**
+   * The generation: the new one for a change, the current one for a
+   * freeze or thaw.
+   */
+  uint32_t generation;
+  /**
+   * The freeze's number (to pass to `sysgenid_confirm`); the freeze that
+   * ended for a thaw; 0 for a change.
+   */
+  uint32_t freeze;
+} sysgenid_event;
 
 #ifdef __cplusplus
 extern "C" {
@@ -83,7 +167,8 @@ extern "C" {
  * `SYSGENID_RUNTIME_DIR`, default `/run/sysgenid`) and registers as up to
  * date with the current generation, like `open("/dev/sysgenid")`.
  *
- * `flags`: 0 or an OR of `SYSGENID_NONBLOCK` and `SYSGENID_UNTRACKED`.
+ * `flags`: 0 or an OR of `SYSGENID_NONBLOCK`, `SYSGENID_UNTRACKED` and
+ * `SYSGENID_LIFECYCLE`.
  *
  * Ownership: on success `*out` is a new watcher owned by the caller, to be
  * freed with `sysgenid_close`; on failure `*out` is left untouched.
@@ -97,8 +182,11 @@ extern "C" {
  * - `-EINVAL`: `out` is NULL or `flags` has unknown bits;
  * - `-ENOENT`, `-ECONNREFUSED`, `-EACCES`: the daemon's socket is missing,
  *   nobody listens on it, or it may not be opened;
+ * - `-EPERM`: the daemon there runs as neither root nor the caller's uid
+ *   (someone else's, possibly planted): refused before anything is sent;
  * - `-EUSERS`: the daemon's watcher limit is reached;
- * - `-EPROTONOSUPPORT`: the daemon speaks another protocol version;
+ * - `-EPROTONOSUPPORT`: the daemon speaks another protocol version (or,
+ *   with `SYSGENID_LIFECYCLE`, predates the lifecycle);
  * - `-EMFILE`, `-ENFILE`, `-ENOMEM`: out of descriptors or memory;
  * - `-EIO`: anything unexpected.
  *
@@ -224,6 +312,7 @@ int sysgenid_wait_watchers(sysgenid_watcher *w, uint32_t timeout_ms);
  *   would exhaust the counter (see `sysgenid_trigger_update_flags`);
  *   nothing changes;
  * - `-ENOENT`, `-ECONNREFUSED` (NULL `w`): the daemon is not running;
+ * - `-EPERM` (NULL `w`): the daemon runs as neither root nor the caller;
  * - `-EIO`, `-EPROTO`: the daemon could not be reached or misbehaved.
  *
  * # Safety
@@ -300,6 +389,8 @@ void sysgenid_close(sysgenid_watcher *w);
  * - `-EINVAL`: `generation` is NULL;
  * - `-ENOENT`, `-EACCES`: the page file is missing (daemon never ran on
  *   this runtime directory) or not readable;
+ * - `-EPERM`: the page is owned by neither root nor the caller's uid, or
+ *   is writable by group or others: it is not trusted;
  * - `-EPROTO`: the file is not a generation page;
  * - `-ENOMEM` or another errno of `open(2)`/`mmap(2)`.
  *
@@ -307,6 +398,96 @@ void sysgenid_close(sysgenid_watcher *w);
  * `generation` must be NULL or valid for writing one pointer.
  */
 int sysgenid_probe_open(const volatile uint32_t **generation);
+
+/**
+ * Reads the next lifecycle event: a freeze, a thaw, or a change of the
+ * generation, and copies the first `size` bytes of a `sysgenid_event` into
+ * `*event`; pass `sizeof(sysgenid_event)`. Bytes past what this library
+ * knows are zeroed.
+ *
+ * Freeze and thaw events are returned once each, in order; a change is
+ * returned again on every call until `sysgenid_ack` acknowledges it. On a
+ * watcher opened without `SYSGENID_LIFECYCLE` only changes arrive (use
+ * `sysgenid_read` there). On a lifecycle watcher use this function, not
+ * `sysgenid_read`, which skips freeze and thaw events: a freeze nobody
+ * confirms holds the freeze up until its timeout.
+ *
+ * A participant that registers while the system is frozen reads a freeze
+ * first (it counts as frozen already; confirming does no harm).
+ *
+ * Blocking, signals, daemon restarts and thread safety: as
+ * `sysgenid_read` (`-EAGAIN` with `SYSGENID_NONBLOCK` when there is no
+ * event; `-EINTR` when a signal handler runs while blocked). The
+ * descriptor of `sysgenid_fd` is readable while an event is waiting.
+ *
+ * Returns 0, or:
+ * - `-EAGAIN`: `SYSGENID_NONBLOCK` and no event is waiting;
+ * - `-EINTR`: interrupted by a signal before an event arrived;
+ * - `-EINVAL`: `w` or `event` is NULL;
+ * - `-EPROTO`: the daemon sent something unexpected;
+ * - `-EIO` or another errno of `poll(2)`/`recv(2)`: a system call failed.
+ *
+ * # Safety
+ * `w` must be NULL or a live watcher; `event` NULL or valid for writing
+ * `size` bytes.
+ */
+int sysgenid_read_event(sysgenid_watcher *w, sysgenid_event *event, size_t size);
+
+/**
+ * Confirms that this participant has quiesced for freeze `freeze` (the
+ * `freeze` field of its `SYSGENID_EVENT_FREEZE`). The freeze completes once
+ * every tracked participant confirmed. Confirming a freeze that already
+ * ended succeeds and changes nothing (its thaw is on the way).
+ *
+ * Blocking: one round trip. Thread safety: calls on one watcher are
+ * serialized.
+ *
+ * Returns 0, or:
+ * - `-EINVAL`: `w` is NULL, or `freeze` is a freeze this watcher was never
+ *   asked to confirm;
+ * - `-ENOTCONN`: the watcher was not opened with `SYSGENID_LIFECYCLE`
+ *   (nothing is sent);
+ * - `-EIO`, `-EPROTO`: the daemon could not be reached or misbehaved.
+ *
+ * # Safety
+ * `w` must be NULL or a live watcher.
+ */
+int sysgenid_confirm(sysgenid_watcher *w, uint32_t freeze);
+
+/**
+ * Freezes every lifecycle participant before a snapshot (the
+ * orchestrator's side; privileged like `sysgenid_trigger_update`), on a
+ * separate control connection. Returns once every tracked participant
+ * (and every hook of the daemon) confirmed, at once if the system is
+ * frozen already. `timeout_ms` 0 takes the daemon's default.
+ *
+ * Blocking: up to `timeout_ms` (not interrupted by signals).
+ * Thread safety: may be called from any thread.
+ *
+ * Returns 0 (frozen), or:
+ * - `-ETIMEDOUT`: the timeout passed first: the freeze was aborted and
+ *   every participant thawed again (`sysgenid_get_status` tells how many
+ *   were pending while one is in progress);
+ * - `-EACCES`: the caller may not freeze;
+ * - `-EPROTONOSUPPORT`: the daemon predates the lifecycle;
+ * - `-EBUSY`, or another negative errno the daemon reports for a refused
+ *   freeze;
+ * - `-ENOENT`, `-ECONNREFUSED`: the daemon is not running;
+ * - `-EIO`, `-EPROTO`: the daemon could not be reached or misbehaved.
+ */
+int sysgenid_freeze(uint32_t timeout_ms);
+
+/**
+ * Thaws every participant (privileged), on a separate control connection.
+ * Succeeds and changes nothing when nothing is frozen; a freeze still in
+ * progress is aborted.
+ *
+ * Blocking: one round trip. Thread safety: may be called from any thread.
+ *
+ * Returns 0, or `-EACCES`, `-EPROTONOSUPPORT`, or a connection errno as for
+ * `sysgenid_freeze`.
+ */
+int sysgenid_thaw(void);
 
 #ifdef __cplusplus
 }  // extern "C"

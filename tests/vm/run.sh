@@ -6,6 +6,9 @@
 #
 #   SYSGENIDD=/path/sysgenidd SYSGENIDCTL=/path/sysgenidctl tests/vm/run.sh
 #   tests/vm/run.sh --self-test      # harness check with the shell stand-ins
+#   ... tests/vm/run.sh --lifecycle  # the freeze/thaw proof with the QEMU guest
+#                                    # agent instead (lifecycle_vmtest.py, stable
+#                                    # lane only; tests/vm/LIFECYCLE.md)
 #
 # This script prepares the host (packages, cached Debian kernels, a cached
 # chroot with the development suite's QEMU) and hands over to vmtest.py,
@@ -18,12 +21,14 @@ CACHE=${SYSGENID_VM_CACHE:-/var/cache/sysgenid-vm}
 
 usage() {
     cat <<EOF
-usage: SYSGENIDD=BIN SYSGENIDCTL=BIN $0 [--keep]
-       $0 --self-test [--keep]
+usage: SYSGENIDD=BIN SYSGENIDCTL=BIN $0 [--keep] [--lifecycle]
+       $0 --self-test [--keep] [--lifecycle]
 
   --self-test  use the shell stand-ins in tests/vm/fake-sysgenid/ (tests the
                harness, not sysgenid)
   --keep       keep the work directory (serial logs, states) even on success
+  --lifecycle  run the snapshot-lifecycle proof with the QEMU guest agent
+               (lifecycle_vmtest.py, stable kernel and host QEMU) instead
 
 environment: SYSGENIDD, SYSGENIDCTL, SYSGENID_VM_LANES (stable,newest),
              SYSGENID_VM_NEWEST_SUITE (sid), SYSGENID_VM_CACHE, SYSGENID_VM_KERNEL,
@@ -34,10 +39,12 @@ EOF
 }
 
 SELF_TEST=0
+LIFECYCLE=0
 while [ $# -gt 0 ]; do
     case $1 in
         --self-test) SELF_TEST=1 ;;
         --keep) export SYSGENID_VM_KEEP=1 ;;
+        --lifecycle) LIFECYCLE=1 ;;
         -h|--help) usage; exit 0 ;;
         *) echo "run.sh: unknown argument: $1" >&2; usage >&2; exit 2 ;;
     esac
@@ -251,6 +258,10 @@ PY
 }
 
 export SYSGENID_VM_BUSYBOX=$BUSYBOX
+if [ "$LIFECYCLE" = 1 ]; then
+    stable_kernel
+    SYSGENID_VM_KERNEL=$KERNEL SYSGENID_VM_CACHE=$CACHE exec python3 "$HERE/lifecycle_vmtest.py"
+fi
 rc=0
 verdicts=()
 for lane in ${LANES//,/ }; do

@@ -18,8 +18,16 @@
 //!
 //! No panic crosses the boundary: every entry point runs under
 //! `catch_unwind` and turns a panic into `-EIO`.
+//!
+//! The snapshot lifecycle (`SYSGENID_LIFECYCLE`, `sysgenid_read_event`,
+//! `sysgenid_confirm`, `sysgenid_freeze`, `sysgenid_thaw`) is in
+//! `lifecycle.rs`.
 
 #![allow(non_camel_case_types)]
+
+mod lifecycle;
+
+pub use lifecycle::*;
 
 use std::ffi::c_int;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
@@ -27,7 +35,7 @@ use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::{Mutex, MutexGuard, OnceLock};
 use std::time::Duration;
 
-use sysgenid_client::{Control, Error, Probe, Watcher};
+use sysgenid_client::{Control, Error, LifecycleState, Probe, Watcher};
 
 /// `sysgenid_open` flag: `sysgenid_read` returns `-EAGAIN` instead of
 /// blocking when the watcher is up to date (the seed's `O_NONBLOCK`).
@@ -37,8 +45,15 @@ pub const SYSGENID_NONBLOCK: u32 = 0x1u32;
 /// that acknowledges when it next runs).
 pub const SYSGENID_UNTRACKED: u32 = 0x2u32;
 
+/// `sysgenid_open` flag: the watcher is a snapshot-lifecycle participant:
+/// `sysgenid_read_event` tells it to freeze and thaw as well as of changes,
+/// and it must `sysgenid_confirm` each freeze (tracked participants hold a
+/// freeze up until they do). Needs a daemon with the lifecycle (protocol
+/// 2); an older one refuses the open with `-EPROTONOSUPPORT`.
+pub const SYSGENID_LIFECYCLE: u32 = 0x4u32;
+
 /// Every flag `sysgenid_open` knows.
-const KNOWN_FLAGS: u32 = SYSGENID_NONBLOCK | SYSGENID_UNTRACKED;
+const KNOWN_FLAGS: u32 = SYSGENID_NONBLOCK | SYSGENID_UNTRACKED | SYSGENID_LIFECYCLE;
 
 /// One watcher of the system generation: the seed's open file of
 /// `/dev/sysgenid`. Opaque; created by `sysgenid_open`, freed by
@@ -49,6 +64,8 @@ pub struct sysgenid_watcher {
     /// the watcher's current socket.
     epoll: OwnedFd,
     nonblocking: bool,
+    /// Opened with `SYSGENID_LIFECYCLE` (a participant).
+    lifecycle: bool,
 }
 
 struct Inner {
@@ -74,6 +91,17 @@ pub struct sysgenid_status {
     pub outdated: u32,
     /// Untracked watchers that have not acknowledged it.
     pub outdated_untracked: u32,
+    /// The lifecycle state: `SYSGENID_STATE_RUNNING`,
+    /// `SYSGENID_STATE_FREEZING` or `SYSGENID_STATE_FROZEN` (always
+    /// running with a daemon that predates the lifecycle).
+    pub state: u32,
+    /// Tracked participants (and the daemon's hooks) that have not
+    /// confirmed the freeze in progress; 0 unless freezing.
+    pub pending: u32,
+    /// Registered lifecycle participants.
+    pub participants: u32,
+    /// The latest freeze's number (0: none yet).
+    pub freeze: u32,
 }
 
 /// The page word, as C sees it. cbindgen renames it to `volatile uint32_t`
@@ -155,6 +183,7 @@ fn open(flags: u32) -> Result<Box<sysgenid_watcher>, c_int> {
     let nonblocking = flags & SYSGENID_NONBLOCK != 0;
     let watcher = Watcher::builder()
         .untracked(flags & SYSGENID_UNTRACKED != 0)
+        .lifecycle(flags & SYSGENID_LIFECYCLE != 0)
         .nonblocking(nonblocking)
         .open()
         .map_err(|e| neg(&e))?;
@@ -174,6 +203,7 @@ fn open(flags: u32) -> Result<Box<sysgenid_watcher>, c_int> {
         }),
         epoll,
         nonblocking,
+        lifecycle: flags & SYSGENID_LIFECYCLE != 0,
     }))
 }
 
@@ -181,7 +211,8 @@ fn open(flags: u32) -> Result<Box<sysgenid_watcher>, c_int> {
 /// `SYSGENID_RUNTIME_DIR`, default `/run/sysgenid`) and registers as up to
 /// date with the current generation, like `open("/dev/sysgenid")`.
 ///
-/// `flags`: 0 or an OR of `SYSGENID_NONBLOCK` and `SYSGENID_UNTRACKED`.
+/// `flags`: 0 or an OR of `SYSGENID_NONBLOCK`, `SYSGENID_UNTRACKED` and
+/// `SYSGENID_LIFECYCLE`.
 ///
 /// Ownership: on success `*out` is a new watcher owned by the caller, to be
 /// freed with `sysgenid_close`; on failure `*out` is left untouched.
@@ -195,8 +226,11 @@ fn open(flags: u32) -> Result<Box<sysgenid_watcher>, c_int> {
 /// - `-EINVAL`: `out` is NULL or `flags` has unknown bits;
 /// - `-ENOENT`, `-ECONNREFUSED`, `-EACCES`: the daemon's socket is missing,
 ///   nobody listens on it, or it may not be opened;
+/// - `-EPERM`: the daemon there runs as neither root nor the caller's uid
+///   (someone else's, possibly planted): refused before anything is sent;
 /// - `-EUSERS`: the daemon's watcher limit is reached;
-/// - `-EPROTONOSUPPORT`: the daemon speaks another protocol version;
+/// - `-EPROTONOSUPPORT`: the daemon speaks another protocol version (or,
+///   with `SYSGENID_LIFECYCLE`, predates the lifecycle);
 /// - `-EMFILE`, `-ENFILE`, `-ENOMEM`: out of descriptors or memory;
 /// - `-EIO`: anything unexpected.
 ///
@@ -288,37 +322,68 @@ pub unsafe extern "C" fn sysgenid_read(w: *mut sysgenid_watcher, generation: *mu
         if generation.is_null() {
             return -libc::EINVAL;
         }
-        let mut backoff = std::time::Duration::from_millis(10);
-        loop {
-            match w.with(|watcher| watcher.try_read()) {
-                Ok(Some(g)) => {
-                    // SAFETY: non-null and, by contract, writable.
-                    unsafe { generation.write(g) };
-                    return 0;
-                }
-                Ok(None) if w.nonblocking => return -libc::EAGAIN,
-                Ok(None) => {}
-                // The daemon is away (restarting): wait for it to come
-                // back, in both modes (see above).
-                Err(e) if [libc::ECONNRESET, libc::ECONNREFUSED, libc::ENOENT].contains(&-e) => {
-                    std::thread::sleep(backoff);
-                    backoff = (backoff * 2).min(std::time::Duration::from_secs(1));
-                    continue;
-                }
-                Err(e) => return e,
+        match read_blocking(w, |watcher| watcher.try_read()) {
+            Ok(g) => {
+                // SAFETY: non-null and, by contract, writable.
+                unsafe { generation.write(g) };
+                0
             }
-            backoff = std::time::Duration::from_millis(10);
-            let mut pfd = libc::pollfd {
-                fd: w.epoll.as_raw_fd(),
-                events: libc::POLLIN,
-                revents: 0,
-            };
-            // SAFETY: one valid pollfd, for the duration of the call.
-            if unsafe { libc::poll(&mut pfd, 1, -1) } < 0 {
-                return -last_errno();
-            }
+            Err(e) => e,
         }
     })
+}
+
+/// The blocking read shared by `sysgenid_read` and `sysgenid_read_event`:
+/// `try_op` until it yields, polling the stable descriptor in between (so a
+/// signal interrupts the wait with `-EINTR`), waiting out a daemon restart
+/// with backoff in both modes (see `sysgenid_read`).
+fn read_blocking<T>(
+    w: &sysgenid_watcher,
+    mut try_op: impl FnMut(&mut Watcher) -> Result<Option<T>, Error>,
+) -> Result<T, c_int> {
+    let mut backoff = Duration::from_millis(10);
+    loop {
+        match w.with(&mut try_op) {
+            Ok(Some(v)) => return Ok(v),
+            Ok(None) if w.nonblocking => return Err(-libc::EAGAIN),
+            Ok(None) => {}
+            // The daemon is away (restarting): wait for it to come back.
+            Err(e) if [libc::ECONNRESET, libc::ECONNREFUSED, libc::ENOENT].contains(&-e) => {
+                std::thread::sleep(backoff);
+                backoff = (backoff * 2).min(Duration::from_secs(1));
+                continue;
+            }
+            Err(e) => return Err(e),
+        }
+        backoff = Duration::from_millis(10);
+        let mut pfd = libc::pollfd {
+            fd: w.epoll.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        // SAFETY: one valid pollfd, for the duration of the call.
+        if unsafe { libc::poll(&mut pfd, 1, -1) } < 0 {
+            return Err(-last_errno());
+        }
+    }
+}
+
+/// Copies the first `size` bytes of `value` to `out` and zeroes the bytes
+/// past it: the append-only struct convention of `sysgenid_get_status` and
+/// `sysgenid_read_event`.
+///
+/// # Safety
+/// `out` must be valid for writing `size` bytes.
+unsafe fn copy_out<T: Copy>(value: &T, out: *mut u8, size: usize) {
+    let ours = std::mem::size_of::<T>();
+    // SAFETY: `out` is valid for `size` bytes by contract; we copy at most
+    // `min(size, ours)` bytes from a live value and zero the rest.
+    unsafe {
+        std::ptr::copy_nonoverlapping((value as *const T).cast::<u8>(), out, size.min(ours));
+        if size > ours {
+            std::ptr::write_bytes(out.add(ours), 0, size - ours);
+        }
+    }
 }
 
 /// Acknowledges `generation`, like `write()` on the seed's device: this
@@ -405,6 +470,7 @@ pub unsafe extern "C" fn sysgenid_wait_watchers(
 ///   would exhaust the counter (see `sysgenid_trigger_update_flags`);
 ///   nothing changes;
 /// - `-ENOENT`, `-ECONNREFUSED` (NULL `w`): the daemon is not running;
+/// - `-EPERM` (NULL `w`): the daemon runs as neither root nor the caller;
 /// - `-EIO`, `-EPROTO`: the daemon could not be reached or misbehaved.
 ///
 /// # Safety
@@ -515,21 +581,17 @@ pub unsafe extern "C" fn sysgenid_get_status(
             tracked: report.tracked,
             outdated: report.outdated,
             outdated_untracked: report.outdated_untracked,
+            state: match report.state {
+                LifecycleState::Running => SYSGENID_STATE_RUNNING,
+                LifecycleState::Freezing => SYSGENID_STATE_FREEZING,
+                LifecycleState::Frozen => SYSGENID_STATE_FROZEN,
+            },
+            pending: report.pending,
+            participants: report.participants,
+            freeze: report.freeze,
         };
-        let ours = std::mem::size_of::<sysgenid_status>();
-        let out = out.cast::<u8>();
-        // SAFETY: `out` is valid for `size` bytes by contract; we copy at
-        // most `min(size, ours)` bytes from a live local and zero the rest.
-        unsafe {
-            std::ptr::copy_nonoverlapping(
-                (&status as *const sysgenid_status).cast::<u8>(),
-                out,
-                size.min(ours),
-            );
-            if size > ours {
-                std::ptr::write_bytes(out.add(ours), 0, size - ours);
-            }
-        }
+        // SAFETY: `out` is valid for `size` bytes by contract.
+        unsafe { copy_out(&status, out.cast::<u8>(), size) };
         0
     })
 }
@@ -581,6 +643,8 @@ static PROBE: OnceLock<Probe> = OnceLock::new();
 /// - `-EINVAL`: `generation` is NULL;
 /// - `-ENOENT`, `-EACCES`: the page file is missing (daemon never ran on
 ///   this runtime directory) or not readable;
+/// - `-EPERM`: the page is owned by neither root nor the caller's uid, or
+///   is writable by group or others: it is not trusted;
 /// - `-EPROTO`: the file is not a generation page;
 /// - `-ENOMEM` or another errno of `open(2)`/`mmap(2)`.
 ///

@@ -308,12 +308,41 @@ fn api_every_function_and_errno() {
 }
 
 #[test]
+fn lifecycle_participants_freeze_thaw_change_and_abort() {
+    let dir = runtime_dir();
+    let d = Daemon::start(dir.path());
+    let (status, out) =
+        Prog::start(&test_program("lifecycle", Link::Shared), &[], dir.path()).finish();
+    assert!(status.success(), "lifecycle failed:\n{out}");
+    assert!(out.contains("lifecycle: all"), "{out}");
+    let st = d.status();
+    assert_eq!(st.state, sysgenid_client::LifecycleState::Running, "{st:?}");
+    assert_eq!(st.watchers, 0, "{st:?}");
+}
+
+#[test]
 fn api_without_daemon() {
     let dir = runtime_dir();
     let missing = dir.path().join("nothing-here");
     let (status, out) =
         Prog::start(&test_program("api", Link::Shared), &["down"], &missing).finish();
     assert!(status.success(), "api down failed:\n{out}");
+}
+
+#[test]
+fn api_refuses_a_daemon_of_another_uid() {
+    if sysgenid_tests::skip_unless_root("to run a daemon as nobody") {
+        return;
+    }
+    let squat = sysgenid_tests::Squatter::start(65534);
+    let (status, out) = Prog::start(
+        &test_program("api", Link::Shared),
+        &["untrusted"],
+        &squat.path(),
+    )
+    .finish();
+    assert!(status.success(), "api untrusted failed:\n{out}");
+    assert!(out.contains("api: all"), "{out}");
 }
 
 #[test]

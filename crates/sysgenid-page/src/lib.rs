@@ -257,6 +257,12 @@ impl PageReader {
     /// life of the reader, across bumps and daemon restarts.
     pub fn open(path: &Path) -> Result<PageReader, PageError> {
         let file = File::open(path).map_err(io_err(path))?;
+        PageReader::from_file(&file, path)
+    }
+
+    /// Maps an already opened page file (`path` names it in errors), for a
+    /// caller that inspects the descriptor (its owner, its mode) first.
+    pub fn from_file(file: &File, path: &Path) -> Result<PageReader, PageError> {
         let len = file.metadata().map_err(io_err(path))?.len();
         if len < PAGE_SIZE as u64 {
             return Err(PageError::Invalid {
@@ -266,7 +272,7 @@ impl PageReader {
         }
         // SAFETY: a read-only shared mapping of a file that its writer
         // never truncates; all reads go through atomics (`Fields`).
-        let map = unsafe { memmap2::MmapOptions::new().len(PAGE_SIZE).map(&file) }
+        let map = unsafe { memmap2::MmapOptions::new().len(PAGE_SIZE).map(file) }
             .map_err(io_err(path))?;
         let reader = PageReader { map };
         let f = reader.fields();

@@ -63,21 +63,20 @@ pub const PAGE_NAME: &str = "generation";
 /// Environment variable naming the runtime directory.
 pub const RUNTIME_DIR_ENV: &str = "SYSGENID_RUNTIME_DIR";
 
-/// The runtime directory every binary and library uses unless told
-/// otherwise: `SYSGENID_RUNTIME_DIR` if set, else `/run/sysgenid` for root,
-/// else `$XDG_RUNTIME_DIR/sysgenid` (or `/tmp/sysgenid-<uid>` when that is
-/// unset). Part of the contract, so it lives with the protocol.
+/// The system daemon's runtime directory.
+pub const SYSTEM_RUNTIME_DIR: &str = "/run/sysgenid";
+
+/// The runtime directory every client uses unless told otherwise:
+/// `SYSGENID_RUNTIME_DIR` if set, else [`SYSTEM_RUNTIME_DIR`], for every
+/// uid, so an unprivileged program reaches the system daemon with no
+/// configuration. A per-user daemon is only ever used when asked for (the
+/// variable, or an explicit `--runtime-dir`), so a directory another user
+/// can create first (`/tmp/...`) is never a default. Part of the contract,
+/// so it lives with the protocol.
 pub fn default_runtime_dir() -> std::path::PathBuf {
-    if let Some(dir) = std::env::var_os(RUNTIME_DIR_ENV) {
-        return dir.into();
-    }
-    let uid = rustix::process::geteuid();
-    if uid.is_root() {
-        return "/run/sysgenid".into();
-    }
-    match std::env::var_os("XDG_RUNTIME_DIR") {
-        Some(xdg) => std::path::Path::new(&xdg).join("sysgenid"),
-        None => format!("/tmp/sysgenid-{}", uid.as_raw()).into(),
+    match std::env::var_os(RUNTIME_DIR_ENV) {
+        Some(dir) if !dir.is_empty() => dir.into(),
+        _ => SYSTEM_RUNTIME_DIR.into(),
     }
 }
 

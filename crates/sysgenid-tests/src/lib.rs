@@ -273,3 +273,59 @@ pub fn stdout(o: &Output) -> String {
 pub fn stderr(o: &Output) -> String {
     String::from_utf8_lossy(&o.stderr).to_string()
 }
+
+/// A `sysgenidd` run by another uid in a directory that uid owns: what a
+/// user squatting a runtime directory would start. Clients must refuse it
+/// unless they run as that uid. Needs root (to run as `uid`).
+pub struct Squatter {
+    /// The squatted runtime directory.
+    pub dir: tempfile::TempDir,
+    child: Child,
+}
+
+impl Squatter {
+    /// Starts `sysgenidd --source none --device off` as `uid` and waits
+    /// until its socket and page exist (a client cannot be used to wait:
+    /// it would rightly refuse the daemon).
+    pub fn start(uid: u32) -> Squatter {
+        use std::os::unix::process::CommandExt;
+        let dir = runtime_dir();
+        let rundir = dir.path().join("run");
+        std::fs::create_dir(&rundir).unwrap();
+        std::os::unix::fs::chown(&rundir, Some(uid), Some(uid)).unwrap();
+        let child = Command::new(bin("sysgenidd"))
+            .arg("--runtime-dir")
+            .arg(&rundir)
+            .args(["--source", "none", "--device", "off"])
+            .uid(uid)
+            .gid(uid)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("spawn sysgenidd");
+        let mut s = Squatter { dir, child };
+        let ready = wait_until(Duration::from_secs(10), || {
+            rundir.join("sysgenid.sock").exists() && rundir.join("generation").exists()
+        });
+        assert!(
+            ready,
+            "the squatting daemon did not come up: {:?}",
+            s.child.try_wait()
+        );
+        s
+    }
+
+    /// Its runtime directory.
+    pub fn path(&self) -> PathBuf {
+        self.dir.path().join("run")
+    }
+}
+
+impl Drop for Squatter {
+    fn drop(&mut self) {
+        // SAFETY: kill(2) on our own child's pid has no memory-safety
+        // preconditions.
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        let _ = self.child.wait();
+    }
+}

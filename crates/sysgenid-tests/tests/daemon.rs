@@ -238,3 +238,50 @@ fn a_connection_that_never_says_hello_is_dropped_with_a_reason() {
     d.control().bump(0).unwrap();
     assert_eq!(w.read().unwrap(), 1);
 }
+
+#[test]
+fn a_client_hangs_up_on_a_welcome_of_another_version() {
+    use rustix::net::{AddressFamily, SocketAddrUnix, SocketFlags, SocketType};
+    // A stand-in daemon that answers every Hello with a Welcome of a
+    // version no client asked for.
+    let dir = runtime_dir();
+    std::fs::set_permissions(
+        dir.path(),
+        std::os::unix::fs::PermissionsExt::from_mode(0o755),
+    )
+    .unwrap();
+    let path = dir.path().join("sysgenid.sock");
+    let listener = rustix::net::socket_with(
+        AddressFamily::UNIX,
+        SocketType::SEQPACKET,
+        SocketFlags::CLOEXEC,
+        None,
+    )
+    .unwrap();
+    rustix::net::bind(&listener, &SocketAddrUnix::new(&path).unwrap()).unwrap();
+    rustix::net::listen(&listener, 8).unwrap();
+    let server = std::thread::spawn(move || {
+        let conn = rustix::net::accept(&listener).unwrap();
+        let mut buf = [0u8; 4096];
+        let _ = rustix::net::recv(&conn, &mut buf, rustix::net::RecvFlags::empty()).unwrap();
+        let welcome = Reply::Welcome {
+            version: 77,
+            generation: 5,
+        }
+        .encode();
+        rustix::net::send(&conn, &welcome, rustix::net::SendFlags::empty()).unwrap();
+    });
+    let result = sysgenid::Watcher::builder()
+        .runtime_dir(dir.path())
+        .reconnect(false)
+        .open();
+    server.join().unwrap();
+    match result {
+        Err(sysgenid::Error::VersionMismatch { daemon, message }) => {
+            assert_eq!(daemon, 77);
+            assert!(message.contains("protocol 77"), "{message}");
+        }
+        Err(other) => panic!("expected VersionMismatch, got {other:?}"),
+        Ok(_) => panic!("a Welcome of version 77 was accepted"),
+    }
+}

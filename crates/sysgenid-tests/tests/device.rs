@@ -530,3 +530,69 @@ fn measure_round_trips() {
     assert!(line.ends_with("stale-at-wake 0"), "{line}");
     c.wait_success();
 }
+
+/// `--device-group`: the kernel lets a member of the group (here through a
+/// supplementary group) open the device `O_RDWR` and run the seed's
+/// example 1 (read, acknowledge with write); a non-member of the same uid
+/// still gets `EACCES` on a write open, and neither may force an update.
+#[test]
+fn a_device_group_member_opens_for_writing_and_acknowledges() {
+    require_fuse!();
+    // `users` (gid 100) exists on Debian; uid 65534 is not in it.
+    let Some(group) = std::fs::read_to_string("/etc/group").ok().and_then(|g| {
+        g.lines()
+            .find(|l| l.starts_with("users:"))
+            .map(str::to_owned)
+    }) else {
+        eprintln!("SKIPPED: no group `users` here");
+        return;
+    };
+    let gid: u32 = group.split(':').nth(2).unwrap().parse().unwrap();
+    let tmp = runtime_dir();
+    let dev = tmp.path().join("sysgenid");
+    let mut daemon = Daemon::start_with(
+        &tmp.path().join("rt"),
+        &["--device", dev.to_str().unwrap(), "--device-group", "users"],
+    );
+    assert!(
+        daemon.log().contains("write opens for group users"),
+        "{}",
+        daemon.log()
+    );
+    use std::os::unix::fs::MetadataExt;
+    let meta = std::fs::metadata(&dev).unwrap();
+    assert_eq!((meta.mode() & 0o7777, meta.gid()), (0o664, gid));
+    let as_nobody = |groups: &str, cmd: &str, arg: &str| {
+        let mut c = Command::new("setpriv");
+        c.args(["--reuid", "65534", "--regid", "65534"]);
+        if groups.is_empty() {
+            c.arg("--clear-groups");
+        } else {
+            c.args(["--groups", groups]);
+        }
+        c.arg(sgdev()).arg(cmd).arg(&dev).arg(arg);
+        Client::spawn_with(&mut c)
+    };
+    let mut outsider = as_nobody("", "force", "100");
+    outsider.expect("open-rdwr-error EACCES");
+    let mut member = as_nobody(&gid.to_string(), "watchdog", "1");
+    member.expect("ready");
+    daemon.wait_watchers_registered(1);
+    assert_eq!(daemon.control().bump(0).unwrap(), 1);
+    member.expect("generation 1");
+    member.expect("acked 1");
+    member.wait_success();
+    daemon
+        .control()
+        .wait_watchers(Some(Duration::from_secs(5)))
+        .unwrap();
+    let mut forcer = as_nobody(&gid.to_string(), "force", "100");
+    forcer.expect("force-error EACCES");
+    assert_eq!(daemon.generation(), 1, "a member may not force an update");
+    daemon.stop();
+    if let Ok(path) = std::ffi::CString::new(dev.as_os_str().as_encoded_bytes()) {
+        // SAFETY: umount2 reads a NUL-terminated path we own; failure
+        // (nothing mounted there) is ignored.
+        unsafe { libc::umount2(path.as_ptr(), libc::MNT_DETACH) };
+    }
+}

@@ -665,3 +665,20 @@ fn a_failing_exec_leaves_the_event_unanswered_and_runs_once_per_event() {
     );
     kill_group(&mut p);
 }
+
+#[test]
+fn confirming_on_a_plain_watcher_is_refused_locally_and_keeps_the_connection() {
+    let dir = runtime_dir();
+    let d = Daemon::start(dir.path());
+    let mut plain = d.watcher();
+    match plain.confirm(1) {
+        Err(Error::Refused { code, .. }) => assert_eq!(code, sysgenid::ErrorCode::NotAParticipant),
+        other => panic!("expected NotAParticipant, got {other:?}"),
+    }
+    // Nothing was sent: the daemon did not hang up on a protocol violation,
+    // so the same connection still acknowledges the next generation.
+    let generation = d.control().bump(0).unwrap();
+    assert_eq!(plain.read().unwrap(), generation);
+    plain.ack(generation).unwrap();
+    assert_eq!(d.status().outdated, 0);
+}

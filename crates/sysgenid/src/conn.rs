@@ -57,6 +57,8 @@ impl Conn {
                 Err(e) => return Err(not_running(e)),
             }
         }
+        // Nothing is sent, not even Hello, to a daemon we do not trust.
+        crate::trust::check_daemon(&fd, socket)?;
         let conn = Conn { fd };
         let hello = conn.send(&Request::Hello { version, role });
         if let Err(Error::Disconnected) = hello {

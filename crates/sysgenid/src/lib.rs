@@ -41,6 +41,7 @@ mod lifecycle;
 #[cfg(feature = "rand_core")]
 mod rng;
 mod snapsafe;
+mod trust;
 
 use std::collections::VecDeque;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, RawFd};
@@ -71,6 +72,20 @@ pub enum Error {
         socket: PathBuf,
         /// Why.
         source: std::io::Error,
+    },
+    /// The socket or page is served by someone this process does not trust
+    /// (not root, not its own uid): see [`Probe::open`] and the module
+    /// `trust` (`EPERM`).
+    #[error("refusing {}: {why}, and only root or this process's own uid {caller} is trusted (another user may have planted it). Use the system daemon (/run/sysgenid, the default) or point SYSGENID_RUNTIME_DIR at a daemon run by root or by you", path.display())]
+    Untrusted {
+        /// The socket or page path.
+        path: PathBuf,
+        /// The uid found (the daemon's, or the page file's owner).
+        owner: u32,
+        /// This process's effective uid.
+        caller: u32,
+        /// What was found.
+        why: String,
     },
     /// Non-blocking read with nothing new (`EAGAIN`).
     #[error("no new generation (would block)")]
@@ -190,6 +205,7 @@ impl Error {
     pub fn errno(&self) -> i32 {
         match self {
             Error::NotRunning { source, .. } => source.raw_os_error().unwrap_or(libc_errno::ENOENT),
+            Error::Untrusted { .. } => libc_errno::EPERM,
             Error::WouldBlock => libc_errno::EAGAIN,
             Error::WrongGeneration { .. } => ErrorCode::WrongGeneration.errno(),
             Error::Interrupted { .. } => ErrorCode::Interrupted.errno(),
@@ -207,6 +223,7 @@ impl Error {
 }
 
 mod libc_errno {
+    pub const EPERM: i32 = 1;
     pub const ENOENT: i32 = 2;
     pub const EIO: i32 = 5;
     pub const EAGAIN: i32 = 11;
@@ -221,9 +238,21 @@ fn expect_done(reply: Reply) -> Result<u32, Error> {
     }
 }
 
-fn expect_welcome(conn: &Conn) -> Result<u32, Error> {
+/// The `Welcome` to a `Hello` of `sent` version. A daemon answers with
+/// the version the client asked for; any other version is one this client
+/// may not speak, so it hangs up with a clear error (`docs/protocol.md`).
+fn expect_welcome(conn: &Conn, sent: u16) -> Result<u32, Error> {
     match conn.reply()? {
-        Reply::Welcome { generation, .. } => Ok(generation),
+        Reply::Welcome {
+            version,
+            generation,
+        } if version == sent => Ok(generation),
+        Reply::Welcome { version, .. } => Err(Error::VersionMismatch {
+            daemon: version,
+            message: format!(
+                "sysgenidd answered with protocol {version} to this client's protocol {sent}: use a client and daemon from compatible releases"
+            ),
+        }),
         Reply::Error(e) => Err(Error::from_reply(e)),
         other => Err(Error::Protocol(format!("expected Welcome, got {other:?}"))),
     }
@@ -310,7 +339,7 @@ impl WatcherBuilder {
         let socket = self.runtime_dir.join(SOCKET_NAME);
         let (role, version) = self.hello(None);
         let conn = Conn::connect(&socket, role, version)?;
-        let acked = expect_welcome(&conn)?;
+        let acked = expect_welcome(&conn, version)?;
         Ok(Watcher {
             conn,
             socket,
@@ -551,7 +580,7 @@ impl Watcher {
     fn reconnect_once(&mut self) -> Result<(), Error> {
         let (role, version) = self.opts.hello(Some(self.acked));
         let conn = Conn::connect(&self.socket, role, version)?;
-        let generation = expect_welcome(&conn)?;
+        let generation = expect_welcome(&conn, version)?;
         self.conn = conn;
         self.conn_no += 1;
         // A daemon that restarted comes up running: a participant that was
@@ -605,13 +634,15 @@ impl Control {
     /// Connects to the daemon in `runtime_dir` (`None`: the default). Speaks
     /// the newest protocol; a daemon that only speaks version 1 is served
     /// with version 1 (everything but the lifecycle works).
+    /// The daemon must run as root or as this process's uid
+    /// ([`Error::Untrusted`] otherwise).
     pub fn connect(runtime_dir: Option<&Path>) -> Result<Control, Error> {
         let dir = runtime_dir.map_or_else(default_runtime_dir, Path::to_path_buf);
         let socket = dir.join(SOCKET_NAME);
         let mut version = PROTOCOL_VERSION;
         loop {
             let conn = Conn::connect(&socket, Role::Control, version)?;
-            match expect_welcome(&conn) {
+            match expect_welcome(&conn, version) {
                 Ok(generation) => {
                     return Ok(Control {
                         conn,
@@ -682,15 +713,20 @@ pub struct Probe {
 }
 
 impl Probe {
-    /// Maps the page in `runtime_dir` (`None`: the default).
+    /// Maps the page in `runtime_dir` (`None`: the default). The page must
+    /// be owned by root or by this process's uid and writable by nobody
+    /// else ([`Error::Untrusted`] otherwise).
     pub fn open(runtime_dir: Option<&Path>) -> Result<Probe, Error> {
         let dir = runtime_dir.map_or_else(default_runtime_dir, Path::to_path_buf);
         let path = dir.join(PAGE_NAME);
-        let page = sysgenid_page::PageReader::open(&path).map_err(|e| match e {
-            sysgenid_page::PageError::Io { source, .. } => Error::NotRunning {
-                socket: path.clone(),
-                source,
-            },
+        let not_running = |source| Error::NotRunning {
+            socket: path.clone(),
+            source,
+        };
+        let file = std::fs::File::open(&path).map_err(not_running)?;
+        trust::check_page(&file, &path)?;
+        let page = sysgenid_page::PageReader::from_file(&file, &path).map_err(|e| match e {
+            sysgenid_page::PageError::Io { source, .. } => not_running(source),
             e => Error::Protocol(e.to_string()),
         })?;
         Ok(Probe { page })

@@ -164,6 +164,15 @@ impl Watcher {
     /// confirming it afterwards succeeds and sends nothing (its thaw is
     /// reported by the reconnection).
     pub fn confirm(&mut self, freeze: u32) -> Result<(), Error> {
+        // The daemon treats a Confirm from a plain watcher (or on a
+        // version 1 connection) as a protocol violation and hangs up:
+        // refuse it here, sending nothing, with the code it would name.
+        if !self.opts.lifecycle {
+            return Err(Error::Refused {
+                code: ErrorCode::NotAParticipant,
+                message: "this watcher is not a lifecycle participant; open it with lifecycle(true) to confirm freezes".into(),
+            });
+        }
         if matches!(self.last_freeze, Some((id, on)) if id == freeze && on != self.conn_no) {
             return Ok(());
         }

@@ -5,117 +5,12 @@
 #![forbid(unsafe_code)]
 
 use std::io::Write;
-use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
-use clap::{Parser, Subcommand};
+use clap::Parser;
 use sysgenid::{Control, Error, Event, LifecycleState, Watcher};
-
-const AFTER_HELP: &str = "\
-Exit codes:
-  0  success
-  1  error (for example the daemon is not running: the message names the socket;
-     or a bump refused because it would exhaust the counter, see bump --help)
-  2  usage error
-  3  timeout (wait-watchers; freeze: the freeze was aborted and everything thawed)
-  4  permission denied (bump, freeze, thaw without CAP_SYS_ADMIN or CAP_CHECKPOINT_RESTORE)
-
-Examples:
-  sysgenidctl get                       # print the generation
-  sysgenidctl watch --exec ./reseed.sh  # run a command on every restore, then acknowledge
-  sysgenidctl bump                      # as root: force a new generation (CRIU post-restore hook)
-  sysgenidctl wait-watchers --timeout-ms 5000   # wait until every tracked watcher caught up
-  sysgenidctl freeze --timeout-ms 5000  # as root: quiesce every participant before a snapshot
-  sysgenidctl thaw                      # as root: resume them
-  sysgenidctl watch --lifecycle --exec ./quiesce.sh   # a participant: SYSGENID_EVENT=freeze|thaw|change
-  sysgenidctl status --json";
-
-/// Watch and control the system generation (sysgenidd).
-///
-/// The system generation is a number that increases every time this machine
-/// is restored from a snapshot or cloned. Programs watch it, renew what must
-/// be unique (seeds, ids, keys), and acknowledge the new value.
-#[derive(Parser, Debug)]
-#[command(version, after_help = AFTER_HELP)]
-struct Args {
-    /// The daemon's runtime directory (socket and page). Default: /run/sysgenid
-    /// as root, else $XDG_RUNTIME_DIR/sysgenid.
-    #[arg(long, global = true, env = "SYSGENID_RUNTIME_DIR", value_name = "DIR")]
-    runtime_dir: Option<PathBuf>,
-
-    #[command(subcommand)]
-    command: Cmd,
-}
-
-#[derive(Subcommand, Debug)]
-enum Cmd {
-    /// Print the current generation.
-    Get,
-    /// Register a watcher; on each change print the new generation (one per
-    /// line), run CMD if given with SYSGENID_GENERATION set, then acknowledge.
-    ///
-    /// With --lifecycle, a snapshot-lifecycle participant: prints one line
-    /// per event (`freeze`, `thaw`, or the new generation), runs CMD once
-    /// per event with SYSGENID_EVENT=freeze|thaw|change and
-    /// SYSGENID_GENERATION set, and confirms the freeze or acknowledges the
-    /// change when CMD exits 0 (without CMD, at once).
-    Watch {
-        /// Exit after N changes (with --lifecycle: N events; default: run
-        /// until killed).
-        #[arg(long, value_name = "N")]
-        count: Option<u64>,
-        /// Do not hold up wait-watchers (nor, with --lifecycle, a freeze).
-        #[arg(long)]
-        untracked: bool,
-        /// Take part in the snapshot lifecycle: be told to freeze and thaw.
-        #[arg(long)]
-        lifecycle: bool,
-        /// Command (and arguments) to run on each change (each event with
-        /// --lifecycle) before acknowledging (confirming).
-        #[arg(long, num_args = 1.., value_name = "CMD", allow_hyphen_values = true, trailing_var_arg = true)]
-        exec: Vec<String>,
-    },
-    /// Freeze every lifecycle participant before a snapshot (as root). Exit 0
-    /// once frozen; 3 if not frozen within the timeout (the freeze is then
-    /// aborted and everything thawed); 4 if not privileged.
-    Freeze {
-        /// Give up after MS milliseconds (default and 0: 30000).
-        #[arg(long, value_name = "MS")]
-        timeout_ms: Option<u32>,
-    },
-    /// Thaw after a snapshot (as root). Exit 0, also when not frozen; 4 if
-    /// not privileged.
-    Thaw,
-    /// Force a new generation: max(MIN, current + 1). Needs CAP_SYS_ADMIN or
-    /// CAP_CHECKPOINT_RESTORE (root). Prints the new generation.
-    ///
-    /// A MIN above 4293918719 (the counter's last 2^20 values) that jumps
-    /// past current + 1 is refused (exit 1, nothing changes) unless
-    /// --allow-exhaustion is given: the counter ends at 4294967295, and once
-    /// there no later restore can ever be signalled.
-    Bump {
-        /// The minimum value for the new generation.
-        #[arg(long, default_value_t = 0, value_name = "N")]
-        min: u32,
-        /// Accept a MIN in the counter's last 2^20 values (ends the
-        /// mechanism for good if MIN is 4294967295).
-        #[arg(long)]
-        allow_exhaustion: bool,
-    },
-    /// Wait until no tracked watcher is outdated.
-    WaitWatchers {
-        /// Give up after MS milliseconds (exit 3); 0 waits forever.
-        #[arg(long, default_value_t = 0, value_name = "MS")]
-        timeout_ms: u32,
-    },
-    /// Show the generation, watchers, sources and last change.
-    Status {
-        /// Machine-readable JSON.
-        #[arg(long)]
-        json: bool,
-    },
-}
+use sysgenidctl::cli::{Args, Cmd};
 
 fn main() -> ExitCode {
     let args = Args::parse();

@@ -135,6 +135,8 @@ pub struct EventLoop {
     shutting_down: bool,
     /// The hooks directory's runner, when hooks are on.
     hooks: Option<HooksState>,
+    /// systemd's watchdog, pinged by this loop as one of its timers.
+    watchdog: crate::supervisor::Watchdog,
 }
 
 /// The hooks runner and what the loop tracks for it.
@@ -238,6 +240,7 @@ impl EventLoop {
             poll_sources_more: Vec::new(),
             shutting_down: false,
             hooks: None,
+            watchdog: crate::supervisor::Watchdog::from_env(),
         })
     }
 
@@ -384,6 +387,7 @@ impl EventLoop {
             self.with_socket(|socket, cx| socket.expire(now, cx));
             let transition = self.watchers.lifecycle_tick(now);
             self.work.transition(transition);
+            self.watchdog.tick(now);
             self.process_work();
             self.socket.reap(&mut self.watchers, &mut self.work);
             self.process_work();
@@ -450,6 +454,7 @@ impl EventLoop {
             .into_iter()
             .chain(self.device.as_ref().and_then(|d| d.next_deadline()))
             .chain(self.watchers.lifecycle_deadline())
+            .chain(self.watchdog.deadline())
             .min()
     }
 
@@ -543,6 +548,16 @@ impl EventLoop {
         let lag_us = signal
             .and_then(|s| s.kernel_time_us)
             .map(|t| monotonic_us().saturating_sub(t));
+        // (The lag is taken first: it ends at publication.)
+        if signal.is_some() {
+            // A restore: the page is published and durable. Give the CPU
+            // away once before the bookkeeping (log line, fan-out), so a
+            // program on this CPU that checks the page, the one that may
+            // hold cloned state, sees the new generation first (measured:
+            // ~3x a pipe wake without, ~2x with). Manual bumps do not yield.
+            rustix::thread::sched_yield();
+        }
+
         match (signal, lag_us) {
             (Some(signal), Some(lag_us)) => {
                 self.last_kernel_lag_us = Some(lag_us);
@@ -566,6 +581,11 @@ impl EventLoop {
                 "generation changed"
             ),
         }
+        crate::supervisor::status(&format!(
+            "generation {}, last changed by {}",
+            bumped.generation,
+            cause.name()
+        ));
         self.run_hooks(HookEvent::Change, Some(before));
         // After the hooks' watchers are counted: a thaw after a restore
         // waits for them too.

@@ -2,6 +2,7 @@
 //! can be tested on their own. The binary (`main.rs`) only parses flags.
 //!
 //! Layout, from the inside out:
+//! * [`cli`]: the command line, shared with the man page and completions;
 //! * [`service`]: the pure `sysgenid-core` state machine plus the saved
 //!   state ([`state`]) and the published page, in crash-safe order;
 //! * [`watchers`]: the one owner of the service, the watcher limits, the
@@ -17,14 +18,17 @@
 //!   without following anyone's symlinks;
 //! * [`peer`]: who is on the other end, and whether they may bump;
 //! * [`hooks`]: the hooks directory's runner, on a thread of its own;
+//! * [`supervisor`]: readiness and the watchdog for systemd;
 //! * restore-signal sources come from the `sysgenid-sources` crate and run
 //!   in their own threads, feeding the loop through a channel.
 //!
 //! May depend on: `sysgenid-core`, `sysgenid-proto`, `sysgenid-page`,
-//! `sysgenid-sources`. Nothing depends on it but its binary. Inside, the
+//! `sysgenid-sources`. Nothing depends on it but its binary and the man
+//! page generator (`sysgenid-packaging`, through [`cli`]). Inside, the
 //! frontends (`socket`, `device`) depend on `watchers` and `work` only;
 //! `event_loop` is the one module that uses both frontends.
 
+pub mod cli;
 pub mod device;
 pub mod event_loop;
 pub mod hooks;
@@ -33,5 +37,6 @@ pub mod runtime_dir;
 pub mod service;
 pub mod socket;
 pub mod state;
+pub mod supervisor;
 pub mod watchers;
 pub mod work;

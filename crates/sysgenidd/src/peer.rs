@@ -308,6 +308,85 @@ mod tests {
         }
     }
 
+    fn open_fds() -> usize {
+        std::fs::read_dir("/proc/self/fd").unwrap().count()
+    }
+
+    #[test]
+    fn a_bump_frame_arrives_with_its_senders_credentials_and_pushed_fds_are_not_kept() {
+        use rustix::net::{
+            socketpair, AddressFamily, SendAncillaryBuffer, SendAncillaryMessage, SendFlags,
+            SocketFlags, SocketType,
+        };
+        let (ours, theirs) = socketpair(
+            AddressFamily::UNIX,
+            SocketType::SEQPACKET,
+            SocketFlags::CLOEXEC,
+            None,
+        )
+        .unwrap();
+        pass_credentials(ours.as_fd()).unwrap();
+        let bump = sysgenid_proto::Request::Bump {
+            min_generation: 3,
+            allow_exhaustion: false,
+        }
+        .encode();
+        let status = sysgenid_proto::Request::Status.encode();
+        let before = open_fds();
+        // A Bump with two descriptors pushed along: refused by the kernel
+        // (6.16+), else delivered and closed by us.
+        {
+            let pushed = [
+                std::fs::File::open("/dev/null").unwrap(),
+                std::fs::File::open("/dev/null").unwrap(),
+            ];
+            let fds = [pushed[0].as_fd(), pushed[1].as_fd()];
+            let mut space = [std::mem::MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(2))];
+            let mut control = SendAncillaryBuffer::new(&mut space);
+            assert!(control.push(SendAncillaryMessage::ScmRights(&fds)));
+            match rustix::net::sendmsg(
+                &theirs,
+                &[std::io::IoSlice::new(&bump)],
+                &mut control,
+                SendFlags::empty(),
+            ) {
+                Err(Errno::PERM) => {}
+                Ok(_) => {
+                    drop(pushed);
+                    let mut buf = [0u8; 64];
+                    let (n, _, sender) = recv_frame(ours.as_fd(), &mut buf).unwrap();
+                    assert_eq!(&buf[..n], &bump[..]);
+                    drop(sender);
+                    assert_eq!(open_fds(), before, "the pushed descriptors were closed");
+                }
+                Err(e) => panic!("sendmsg: {e}"),
+            }
+        }
+        // A plain Bump, then a Status.
+        rustix::net::send(&theirs, &bump, SendFlags::empty()).unwrap();
+        rustix::net::send(&theirs, &status, SendFlags::empty()).unwrap();
+        let mut buf = [0u8; 64];
+        let (n, len, sender) = recv_frame(ours.as_fd(), &mut buf).unwrap();
+        assert_eq!((n, len), (bump.len(), bump.len()));
+        assert_eq!(&buf[..n], &bump[..]);
+        let sender = sender.expect("a Bump is received with its sender");
+        assert_eq!(
+            sender.pid(),
+            rustix::process::getpid().as_raw_nonzero().get()
+        );
+        assert_eq!(sender.uid(), rustix::process::getuid().as_raw());
+        assert!(sender.pidfd.is_some(), "SCM_PIDFD, or pinned on receipt");
+        assert_eq!(open_fds(), before + 1, "the pidfd, nothing else");
+        drop(sender);
+        let (n, _, sender) = recv_frame(ours.as_fd(), &mut buf).unwrap();
+        assert_eq!(&buf[..n], &status[..]);
+        assert!(
+            sender.is_none(),
+            "no credentials are taken for other frames"
+        );
+        assert_eq!(open_fds(), before);
+    }
+
     #[test]
     fn missing_credentials_are_refused() {
         assert_eq!(privileged(None), Err(Refusal::NoSender));

@@ -355,7 +355,7 @@ impl SocketFrontend {
                 None
             };
             if let Some(message) = refusal {
-                tracing::debug!(
+                tracing::warn!(
                     uid = peer.uid,
                     pid = peer.pid,
                     "refusing a connection: {message}"
@@ -1012,7 +1012,7 @@ impl SocketFrontend {
     /// Sends an error and closes the connection once it is flushed.
     fn fatal(&mut self, key: usize, code: ErrorCode, message: impl Into<String>) {
         let message = message.into();
-        tracing::debug!(conn = key, "closing connection: {message}");
+        tracing::info!(conn = key, "closing connection: {message}");
         self.send_frame(
             key,
             &error(

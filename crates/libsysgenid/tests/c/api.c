@@ -52,6 +52,20 @@ static int down(void)
 	return 0;
 }
 
+/* Against a daemon run by another uid: everything is refused with -EPERM. */
+static int untrusted(void)
+{
+	sysgenid_watcher *w = NULL;
+	const volatile uint32_t *g = NULL;
+
+	CHECK("open untrusted daemon -> -EPERM", sysgenid_open(&w, 0), -EPERM);
+	CHECK("out untouched on refusal", w == NULL, 1);
+	CHECK("probe untrusted page -> -EPERM", sysgenid_probe_open(&g), -EPERM);
+	CHECK("trigger_update(NULL) untrusted -> -EPERM", sysgenid_trigger_update(NULL, 0), -EPERM);
+	printf("api: all %d checks passed\n", checks);
+	return 0;
+}
+
 int main(int argc, char **argv)
 {
 	sysgenid_watcher *w, *nb, *untracked;
@@ -63,6 +77,8 @@ int main(int argc, char **argv)
 	setvbuf(stdout, NULL, _IOLBF, 0);
 	if (argc > 1 && strcmp(argv[1], "down") == 0)
 		return down();
+	if (argc > 1 && strcmp(argv[1], "untrusted") == 0)
+		return untrusted();
 
 	CHECK("open(NULL) -> -EINVAL", sysgenid_open(NULL, 0), -EINVAL);
 	CHECK("unknown flag -> -EINVAL", sysgenid_open(&w, 0x80), -EINVAL);

@@ -446,6 +446,8 @@ pub struct Attr {
     pub mode: u32,
     /// `mtime`/`ctime` seconds.
     pub time: u64,
+    /// `gid` (the owner is always root).
+    pub gid: u32,
 }
 
 impl Attr {
@@ -460,14 +462,17 @@ impl Attr {
         }
         o[60..64].copy_from_slice(&self.mode.to_ne_bytes());
         o[64..68].copy_from_slice(&1u32.to_ne_bytes());
+        o[72..76].copy_from_slice(&self.gid.to_ne_bytes());
         o[80..84].copy_from_slice(&4096u32.to_ne_bytes());
     }
 }
 
 /// Opens `/dev/fuse` and mounts a FUSE filesystem whose root is a regular
 /// file onto `target` (itself a regular file): `rootmode=100000`,
-/// `allow_other`, no `default_permissions` (the daemon checks access).
-pub fn mount(target: &Path) -> io::Result<OwnedFd> {
+/// `allow_other`; with `default_permissions` when `kernel_checks_access`
+/// (the kernel applies the file's mode and group at open), else the daemon
+/// checks access.
+pub fn mount(target: &Path, kernel_checks_access: bool) -> io::Result<OwnedFd> {
     let fd = rustix::fs::open(
         "/dev/fuse",
         rustix::fs::OFlags::RDWR | rustix::fs::OFlags::CLOEXEC,
@@ -476,8 +481,13 @@ pub fn mount(target: &Path) -> io::Result<OwnedFd> {
     let target_c = CString::new(target.as_os_str().as_bytes())
         .map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
     let data = CString::new(format!(
-        "fd={},rootmode=100000,user_id=0,group_id=0,allow_other",
-        fd.as_raw_fd()
+        "fd={},rootmode=100000,user_id=0,group_id=0,allow_other{}",
+        fd.as_raw_fd(),
+        if kernel_checks_access {
+            ",default_permissions"
+        } else {
+            ""
+        }
     ))
     .expect("no NUL");
     // SAFETY: all pointers are valid NUL-terminated strings that outlive the

@@ -30,6 +30,7 @@
 //! cache (`FUSE_DIRECT_IO_ALLOW_MMAP`): fills are answered from the page,
 //! and each bump invalidates the cache before any watcher wakes.
 
+pub mod access;
 pub mod fuse;
 
 use std::collections::HashMap;
@@ -48,6 +49,7 @@ use crate::runtime_dir::RuntimeDir;
 use crate::service::BumpError;
 use crate::watchers::Watchers;
 use crate::work::{BumpRequest, Pending, Requester, WorkList};
+pub use access::WriteAccess;
 use fuse::{opcode, Channel, InHeader, Op, Request};
 
 /// `SYSGENID_IOCTL`, the seed's ioctl type.
@@ -120,6 +122,8 @@ pub struct Device {
     /// Parked blocking reads: (unique, fh).
     reads: Vec<(u64, u64)>,
     waits: Pending<ParkedWait>,
+    /// Who may open for writing.
+    access: WriteAccess,
 }
 
 /// A request forwarded by the reader thread.
@@ -247,6 +251,7 @@ impl Device {
         dir: &RuntimeDir,
         record: &PageRecord,
         forward: Forward,
+        access: WriteAccess,
     ) -> Result<Started, DeviceError> {
         let path = match resolve(setting) {
             Ok(p) => p,
@@ -285,7 +290,7 @@ impl Device {
         let (mut mirror, page) =
             open_device_page(dir).map_err(fail("preparing the device page"))?;
         mirror.publish(record);
-        let fd = fuse::mount(&path).map_err(fail("mount"))?;
+        let fd = fuse::mount(&path, access.kernel_checked()).map_err(fail("mount"))?;
         let mmap = match handshake(&fd, &page) {
             Ok(mode) => mode,
             Err(e) => {
@@ -297,7 +302,10 @@ impl Device {
         let reader_fd = fuse.clone();
         std::thread::Builder::new()
             .name("device".into())
-            .spawn(move || reader(reader_fd, page, forward))
+            .spawn({
+                let (mode, gid) = (access.file_mode(), access.file_gid());
+                move || reader(reader_fd, page, forward, mode, gid)
+            })
             .map_err(fail("starting its thread"))?;
         // The root inode starts with size 0 until its first GETATTR, and a
         // mapping touched before that would fault (SIGBUS) in page-cache
@@ -312,18 +320,20 @@ impl Device {
             next_fh: 1,
             reads: Vec::new(),
             waits: Pending::default(),
+            access,
         }))
     }
 
     /// For status and the startup line.
     pub fn describe(&self) -> String {
         format!(
-            "{} (FUSE, mmap {})",
+            "{} (FUSE, mmap {}, {})",
             self.path.display(),
             match self.mmap {
                 MmapMode::Passthrough(_) => "passthrough to the page",
                 MmapMode::PageCache => "via page cache",
-            }
+            },
+            self.access.describe()
         )
     }
 
@@ -372,7 +382,12 @@ impl Device {
             self.channel().error(unique, libc::EUSERS);
             return;
         }
-        if !read_only && !crate::peer::process_may_bump(header.pid, header.uid) {
+        // With a device group the kernel has checked this open already
+        // (`access`).
+        if !read_only
+            && !self.access.kernel_checked()
+            && !crate::peer::process_may_bump(header.pid, header.uid)
+        {
             tracing::info!(
                 uid = header.uid,
                 pid = header.pid,
@@ -759,13 +774,14 @@ fn now_secs() -> u64 {
 }
 
 /// The reader thread: answers what needs no state, forwards the rest.
-fn reader(fd: Arc<OwnedFd>, page: File, forward: Forward) {
+fn reader(fd: Arc<OwnedFd>, page: File, forward: Forward, mode: u32, gid: u32) {
     let mut buf = vec![0u8; fuse::READ_BUFFER];
     let ch = Channel::new(fd.as_fd());
     let attr = fuse::Attr {
         size: sysgenid_page::PAGE_SIZE as u64,
-        mode: libc::S_IFREG | 0o666,
+        mode: libc::S_IFREG | mode,
         time: now_secs(),
+        gid,
     };
     loop {
         let n = match fuse::read_request(&*fd, &mut buf) {

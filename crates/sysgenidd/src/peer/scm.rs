@@ -9,7 +9,8 @@
 //! frame that carries no credentials (reading that into a `UCred` would be
 //! undefined behaviour), and its ancillary parser skips `SCM_PIDFD`, whose
 //! descriptor would then leak. Descriptors a client pushes with
-//! `SCM_RIGHTS` are closed at once.
+//! `SCM_RIGHTS` are refused by the kernel where it can (`SO_PASSRIGHTS`,
+//! Linux 6.16) and closed at once otherwise.
 //!
 //! # References
 //! `unix(7)` (`SO_PASSCRED`, `SO_PASSPIDFD`, `SCM_CREDENTIALS`,
@@ -23,12 +24,16 @@ use rustix::io::Errno;
 /// `SO_PASSPIDFD` and `SCM_PIDFD` from `<asm-generic/socket.h>` (Linux 6.5).
 const SO_PASSPIDFD: libc::c_int = 76;
 const SCM_PIDFD: libc::c_int = 0x04;
+/// `SO_PASSRIGHTS` (Linux 6.16): 0 makes the kernel refuse `SCM_RIGHTS`
+/// sent to us (the sender gets `EPERM`).
+const SO_PASSRIGHTS: libc::c_int = 83;
 
 /// Room for one `SCM_CREDENTIALS` (`CMSG_SPACE(12)` = 32) and one
 /// `SCM_PIDFD` (`CMSG_SPACE(4)` = 24), 8-byte aligned for `cmsghdr`. The
-/// kernel writes credentials first and the pidfd last; descriptors a client
-/// pushed come in between and may crowd the pidfd out (`MSG_CTRUNC`), which
-/// can only make its own request fail.
+/// kernel writes credentials first and the pidfd last; on kernels that
+/// still accept descriptors sent to us (before 6.16), those come in between
+/// and may crowd the pidfd out (`MSG_CTRUNC`), which can only make the
+/// pushing client's own request fail.
 #[repr(C, align(8))]
 struct Control([u8; 64]);
 
@@ -44,22 +49,29 @@ pub(super) struct SentBy {
 /// pidfd) to every frame on `listener`'s connections. Set on the listening
 /// socket before `listen`: accepted sockets inherit both options, and
 /// frames sent before `accept` carry credentials too, so no frame is ever
-/// without them. Returns whether `SO_PASSPIDFD` is supported.
+/// without them. Where the kernel can (6.16+), descriptors sent to us are
+/// refused outright (`SO_PASSRIGHTS` 0), so none can crowd a pidfd out or
+/// cost us a descriptor. Returns whether `SO_PASSPIDFD` is supported.
 pub(super) fn pass_credentials(listener: BorrowedFd<'_>) -> std::io::Result<bool> {
     rustix::net::sockopt::set_socket_passcred(listener, true)?;
-    let one: libc::c_int = 1;
-    // SAFETY: setsockopt reads `size_of::<c_int>()` bytes from `one`, which
-    // lives for the call; the descriptor is valid for the call.
+    let _ = set_int_option(listener, SO_PASSRIGHTS, 0);
+    Ok(set_int_option(listener, SO_PASSPIDFD, 1))
+}
+
+/// `setsockopt(SOL_SOCKET, option, value)`; false if the kernel refused.
+fn set_int_option(sock: BorrowedFd<'_>, option: libc::c_int, value: libc::c_int) -> bool {
+    // SAFETY: setsockopt reads `size_of::<c_int>()` bytes from `value`,
+    // which lives for the call; the descriptor is valid for the call.
     let rc = unsafe {
         libc::setsockopt(
-            listener.as_raw_fd(),
+            sock.as_raw_fd(),
             libc::SOL_SOCKET,
-            SO_PASSPIDFD,
-            (&one as *const libc::c_int).cast(),
+            option,
+            (&value as *const libc::c_int).cast(),
             size_of::<libc::c_int>() as libc::socklen_t,
         )
     };
-    Ok(rc == 0)
+    rc == 0
 }
 
 /// `recvmsg` of one datagram into `buf` (non-blocking, `MSG_TRUNC`), with
@@ -124,18 +136,15 @@ pub(super) fn recv_with_sender(
                 }
                 SCM_PIDFD | libc::SCM_RIGHTS => {
                     for i in 0..data_len / size_of::<libc::c_int>() {
-                        // SAFETY: reads the i-th whole c_int of the payload,
-                        // unaligned.
+                        // SAFETY: reading the i-th whole c_int of the payload.
                         let raw = unsafe { data.cast::<libc::c_int>().add(i).read_unaligned() };
-                        // When the kernel cannot install a pidfd (the
-                        // descriptor table is full) it sends -errno in its
-                        // place: no descriptor, so no pidfd, and the sender
-                        // is judged as having none (refused).
                         if raw < 0 {
+                            // The kernel could not make the pidfd (it
+                            // reports -errno, e.g. EMFILE): none.
                             continue;
                         }
-                        // SAFETY: a non-negative value is a new descriptor
-                        // the kernel installed for us and nothing else owns.
+                        // SAFETY: a non-negative entry is a new descriptor
+                        // the kernel installed for us; nothing else owns it.
                         let fd = unsafe { OwnedFd::from_raw_fd(raw) };
                         if kind == SCM_PIDFD && sent_by.pidfd.is_none() {
                             sent_by.pidfd = Some(fd);
