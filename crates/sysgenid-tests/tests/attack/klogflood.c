@@ -51,6 +51,7 @@ int main(int argc, char **argv) {
                     break;
             }
             printf("%ld\n", n);
+            fflush(stdout);
             _exit(0);
         }
     }
