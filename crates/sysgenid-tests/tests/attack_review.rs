@@ -205,3 +205,96 @@ fn a_hooks_directory_swapped_by_the_owner_of_its_parent_runs_nothing() {
     let problem = daemon.status().hooks.unwrap().last_problem.unwrap();
     assert!(problem.contains("replaced by a link"), "{problem}");
 }
+
+/// Finding 3 (low; needs privileged orchestrators). The socket kept one
+/// slot for "the connection whose freeze is in progress" and answered
+/// whoever held it when a freeze's outcome was announced. When a freeze
+/// completed, a thaw ended it and another freeze started, all in one loop
+/// turn, the new freeze's orchestrator took the slot before the first
+/// freeze's outcome was announced: it was told `Done` (frozen) while its
+/// own freeze still waited for a participant (it would snapshot programs
+/// that never quiesced), and the first orchestrator was never answered.
+/// Replayed deterministically by one root connection that is a participant
+/// and pipelines `Confirm`, `Thaw`, `Freeze` (read in one turn). Outcomes
+/// now go to the orchestrator of that very freeze.
+#[test]
+fn a_freeze_outcome_goes_to_the_orchestrator_of_that_freeze() {
+    use rustix::net::{AddressFamily, RecvFlags, SendFlags, SocketAddrUnix, SocketType};
+    use std::sync::mpsc;
+    use sysgenid_proto::{Reply, Request, Role};
+
+    let dir = runtime_dir();
+    let daemon = Daemon::start(dir.path());
+    let sock = rustix::net::socket(AddressFamily::UNIX, SocketType::SEQPACKET, None).unwrap();
+    let addr = SocketAddrUnix::new(dir.path().join("sysgenid.sock")).unwrap();
+    rustix::net::connect(&sock, &addr).unwrap();
+    let send = |r: Request| {
+        rustix::net::send(&sock, &r.encode(), SendFlags::empty()).unwrap();
+    };
+    let recv = |timeout: Duration| -> Option<Reply> {
+        let mut fds = [rustix::event::PollFd::new(
+            &sock,
+            rustix::event::PollFlags::IN,
+        )];
+        let ts = rustix::time::Timespec {
+            tv_sec: timeout.as_secs() as i64,
+            tv_nsec: 0,
+        };
+        if rustix::event::poll(&mut fds, Some(&ts)).unwrap() == 0 {
+            return None;
+        }
+        let mut buf = [0u8; 4096];
+        let (n, _) = rustix::net::recv(&sock, &mut buf, RecvFlags::empty()).unwrap();
+        Some(Reply::decode(&buf[..n]).expect("a valid frame"))
+    };
+    send(Request::Hello {
+        version: 2,
+        role: Role::Watcher {
+            untracked: false,
+            acked: None,
+            lifecycle: true,
+        },
+    });
+    assert!(matches!(
+        recv(Duration::from_secs(5)),
+        Some(Reply::Welcome { .. })
+    ));
+
+    // Orchestrator A freezes; the participant is told.
+    let (tx, a) = mpsc::channel();
+    let mut control = daemon.control();
+    std::thread::spawn(move || {
+        let _ = tx.send(control.freeze(Some(Duration::from_secs(20))));
+    });
+    let freeze = loop {
+        match recv(Duration::from_secs(5)) {
+            Some(Reply::Freeze { freeze, .. }) => break freeze,
+            Some(Reply::Changed { .. }) => continue,
+            other => panic!("expected the freeze event, got {other:?}"),
+        }
+    };
+    // One turn: confirm freeze 1 (A's freeze completes), thaw, freeze again.
+    send(Request::Confirm { freeze });
+    send(Request::Thaw);
+    send(Request::Freeze { timeout_ms: 2000 });
+    let mut replies = Vec::new();
+    while replies.len() < 3 {
+        match recv(Duration::from_secs(10)) {
+            Some(Reply::Freeze { .. } | Reply::Thaw { .. } | Reply::Changed { .. }) => {}
+            Some(reply) => replies.push(reply),
+            None => break,
+        }
+    }
+    let a_result = a.recv_timeout(Duration::from_secs(10));
+    assert!(
+        matches!(a_result, Ok(Ok(_))),
+        "orchestrator A's freeze completed (its participant confirmed), but A was told {a_result:?}"
+    );
+    // Freeze 2 waits for this participant, which is busy with it and never
+    // confirms: aborted at its 2 s timeout, never `Done`.
+    assert!(
+        matches!(replies.as_slice(), [Reply::Done { .. }, Reply::Done { .. }, Reply::Error(e)]
+            if e.code == sysgenid_proto::ErrorCode::FreezeAborted),
+        "replies to Confirm, Thaw, Freeze: {replies:?}"
+    );
+}
