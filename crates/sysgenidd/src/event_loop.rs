@@ -713,7 +713,7 @@ impl EventLoop {
             }
             Transition::Frozen { id } => {
                 tracing::info!(freeze = id, "frozen");
-                self.with_socket(|socket, cx| socket.answer_freeze(FreezeOutcome::Frozen, cx));
+                self.with_socket(|socket, cx| socket.answer_freeze(id, FreezeOutcome::Frozen, cx));
             }
             Transition::Aborted {
                 id,
@@ -732,7 +732,7 @@ impl EventLoop {
                     "freeze aborted because {why}, with {pending} participant(s) or hooks not confirmed; thawing everyone"
                 );
                 self.with_socket(|socket, cx| {
-                    socket.answer_freeze(FreezeOutcome::Aborted { pending, reason }, cx)
+                    socket.answer_freeze(id, FreezeOutcome::Aborted { pending, reason }, cx)
                 });
                 self.thaw_everyone(id, generation);
             }
