@@ -93,3 +93,22 @@ fn usage_errors_are_exit_2_and_help_teaches() {
         "{text}"
     );
 }
+
+#[test]
+fn a_reader_that_went_away_ends_the_output_quietly() {
+    // `sysgenidctl status | head -1`: the pipe's reader is gone before the
+    // output is written. Ends with status 0 and no panic message.
+    let dir = runtime_dir();
+    let _d = Daemon::start(dir.path());
+    let (reader, writer) = rustix::pipe::pipe().unwrap();
+    drop(reader);
+    let out = ctl_command(dir.path())
+        .arg("status")
+        .stdout(std::process::Stdio::from(writer))
+        .stderr(std::process::Stdio::piped())
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!err.contains("panicked"), "{err}");
+    assert_eq!(out.status.code(), Some(0), "{err}");
+}

@@ -12,6 +12,28 @@ use clap::Parser;
 use sysgenid::{Control, Error, Event, LifecycleState, Watcher};
 use sysgenidctl::cli::{Args, Cmd};
 
+/// Prints one line to stdout. When the reader went away (`sysgenidctl
+/// status | head -1`, a closed pipe from `watch`) the program ends quietly
+/// with status 0, as it would by SIGPIPE, instead of panicking; a `watch`
+/// then has not acknowledged what it could not report.
+macro_rules! out {
+    ($($arg:tt)*) => {
+        print_line(format_args!($($arg)*))
+    };
+}
+
+fn print_line(line: std::fmt::Arguments<'_>) {
+    use std::io::Write;
+    let mut stdout = std::io::stdout().lock();
+    if let Err(e) = writeln!(stdout, "{line}").and_then(|()| stdout.flush()) {
+        if e.kind() == std::io::ErrorKind::BrokenPipe {
+            std::process::exit(0);
+        }
+        eprintln!("sysgenidctl: cannot write to stdout: {e}");
+        std::process::exit(1);
+    }
+}
+
 fn main() -> ExitCode {
     let args = Args::parse();
     match run(&args) {
@@ -32,7 +54,7 @@ fn run(args: &Args) -> Result<(), Error> {
     match &args.command {
         Cmd::Get => {
             let control = Control::connect(dir)?;
-            println!("{}", control.generation_at_connect());
+            out!("{}", control.generation_at_connect());
         }
         Cmd::Watch {
             count,
@@ -106,7 +128,7 @@ fn run(args: &Args) -> Result<(), Error> {
             } else {
                 control.bump(*min)?
             };
-            println!("{generation}");
+            out!("{generation}");
         }
         Cmd::WaitWatchers { timeout_ms } => {
             let timeout = (*timeout_ms > 0).then(|| Duration::from_millis(u64::from(*timeout_ms)));
@@ -115,7 +137,7 @@ fn run(args: &Args) -> Result<(), Error> {
         Cmd::Status { json } => {
             let s = Control::connect(dir)?.status()?;
             if *json {
-                println!(
+                out!(
                     "{}",
                     serde_json::to_string_pretty(&s).map_err(|e| Error::Protocol(e.to_string()))?
                 );
@@ -203,9 +225,9 @@ fn ago(unix_ms: Option<u64>) -> String {
 }
 
 fn print_status(s: &sysgenid::StatusReport) {
-    println!("generation:   {}", s.generation);
-    println!("epoch:        {}", s.epoch);
-    println!(
+    out!("generation:   {}", s.generation);
+    out!("epoch:        {}", s.epoch);
+    out!(
         "last change:  {}{}",
         ago(s.last_change_unix_ms),
         if s.last_change_sources.is_empty() {
@@ -214,9 +236,12 @@ fn print_status(s: &sysgenid::StatusReport) {
             format!(" (by {})", s.last_change_sources.join(" + "))
         }
     );
-    println!(
+    out!(
         "watchers:     {} ({} tracked, {} outdated, {} untracked outdated; counts are advisory)",
-        s.watchers, s.tracked, s.outdated, s.outdated_untracked
+        s.watchers,
+        s.tracked,
+        s.outdated,
+        s.outdated_untracked
     );
     let state = match s.state {
         LifecycleState::Running => "running".to_string(),
@@ -235,10 +260,10 @@ fn print_status(s: &sysgenid::StatusReport) {
             }
         ),
     };
-    println!("state:        {state}");
-    println!("participants: {}", s.participants);
+    out!("state:        {state}");
+    out!("participants: {}", s.participants);
     if let Some(h) = &s.hooks {
-        println!(
+        out!(
             "hooks:        {} in {} ({} runs, {} failed, {} timed out, {} refused){}",
             h.hooks,
             h.dir,
@@ -252,12 +277,12 @@ fn print_status(s: &sysgenid::StatusReport) {
                 .unwrap_or_default()
         );
     }
-    println!("uptime:       {:.1} s", s.uptime_ms as f64 / 1000.0);
-    println!("runtime dir:  {}", s.runtime_dir);
-    println!("device:       {}", s.device.as_deref().unwrap_or("off"));
-    println!("sources:");
+    out!("uptime:       {:.1} s", s.uptime_ms as f64 / 1000.0);
+    out!("runtime dir:  {}", s.runtime_dir);
+    out!("device:       {}", s.device.as_deref().unwrap_or("off"));
+    out!("sources:");
     for src in &s.sources {
-        println!(
+        out!(
             "  {:<8} {:<8} events {:<4} last {:<14} {}",
             src.name,
             if src.active { "active" } else { "inactive" },

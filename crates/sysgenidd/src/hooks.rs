@@ -332,6 +332,11 @@ impl Runner {
             .env("SYSGENID_EVENT", job.event.name())
             .env("SYSGENID_GENERATION", job.generation.to_string())
             .env("SYSGENID_EPOCH", &job.epoch)
+            // The service manager's channel is the daemon's alone: a hook
+            // must not be able to report readiness or feed the watchdog.
+            .env_remove("NOTIFY_SOCKET")
+            .env_remove("WATCHDOG_USEC")
+            .env_remove("WATCHDOG_PID")
             .current_dir(&self.dir)
             .stdin(std::process::Stdio::null())
             .stdout(stdout)
