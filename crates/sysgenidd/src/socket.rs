@@ -584,7 +584,7 @@ impl SocketFrontend {
             // Registered during a freeze: told at once, right after Welcome.
             Some(freeze) => {
                 self.send_frame(key, &welcome.encode());
-                self.send_event(key, Reply::Freeze { freeze, generation }, watchers);
+                self.send_reply(key, Reply::Freeze { freeze, generation }, watchers);
             }
         }
     }
@@ -741,7 +741,9 @@ impl SocketFrontend {
         self.schedule(key, cx.work);
     }
 
-    /// Fan-out of a lifecycle event (`Freeze` or `Thaw`) to every participant.
+    /// Fan-out of a lifecycle event (`Freeze` or `Thaw`) to every
+    /// participant, each followed (by `send_reply`) by the `Changed` that
+    /// keeps an outdated watcher's socket readable.
     pub fn on_lifecycle_event(&mut self, event: Reply, watchers: &Watchers) {
         let keys: Vec<usize> = self
             .conns
@@ -750,14 +752,8 @@ impl SocketFrontend {
             .map(|(k, _)| k)
             .collect();
         for key in keys {
-            self.send_event(key, event.clone(), watchers);
+            self.send_reply(key, event.clone(), watchers);
         }
-    }
-
-    /// Sends an unsolicited lifecycle event, then the `Changed` that keeps
-    /// an outdated watcher's socket readable.
-    fn send_event(&mut self, key: usize, event: Reply, watchers: &Watchers) {
-        self.send_reply(key, event, watchers);
     }
 
     fn on_ack(&mut self, key: usize, generation: u32, cx: &mut Context<'_>) {
