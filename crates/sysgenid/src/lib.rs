@@ -49,6 +49,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 pub use lifecycle::Event;
+use lifecycle::Freezes;
 use rustix::event::PollFlags;
 pub use sysgenid_proto::{
     ErrorCode, HooksStatus, LifecycleState, SourceStatus, StatusReport, PROTOCOL_VERSION,
@@ -347,9 +348,7 @@ impl WatcherBuilder {
             acked,
             events: VecDeque::new(),
             skipped: None,
-            conn_no: 0,
-            frozen: None,
-            last_freeze: None,
+            freezes: Freezes::default(),
         })
     }
 }
@@ -369,13 +368,8 @@ pub struct Watcher {
     /// A generation the caller chose not to acknowledge yet
     /// ([`Watcher::skip`]).
     skipped: Option<u32>,
-    /// Counts reconnections: freeze numbers belong to one daemon run.
-    conn_no: u64,
-    /// The freeze this participant was last told of and not yet thawed
-    /// from, with the connection it came on.
-    frozen: Option<(u32, u64)>,
-    /// The latest freeze told of, with its connection (kept after the thaw).
-    last_freeze: Option<(u32, u64)>,
+    /// The freezes told of, across reconnections.
+    freezes: Freezes,
 }
 
 impl Watcher {
@@ -582,15 +576,11 @@ impl Watcher {
         let conn = Conn::connect(&self.socket, role, version)?;
         let generation = expect_welcome(&conn, version)?;
         self.conn = conn;
-        self.conn_no += 1;
-        // A daemon that restarted comes up running: a participant that was
-        // frozen is told to thaw, unless the new daemon froze it again (it
-        // sends that Freeze right behind the Welcome).
-        if let Some((freeze, _)) = self.frozen {
-            if !matches!(self.conn.try_peek(), Ok(Try::Ready(Reply::Freeze { .. }))) {
-                self.events.push_back(Event::Thaw { freeze, generation });
-            }
-        }
+        let conn = &self.conn;
+        let thaw = self.freezes.reconnected(generation, || {
+            matches!(conn.try_peek(), Ok(Try::Ready(Reply::Freeze { .. })))
+        });
+        self.events.extend(thaw);
         Ok(())
     }
 }
