@@ -24,6 +24,49 @@ pub fn bin(name: &str) -> PathBuf {
     path
 }
 
+/// Raises RLIMIT_NOFILE to `want` (soft and hard; raising the hard limit
+/// needs CAP_SYS_RESOURCE) or, failing that, the soft limit to the hard
+/// one; returns the new soft limit. A daemon started afterwards inherits
+/// it (sysgenidd does not raise its own), and needs two descriptors per
+/// connection (the socket and the peer's pidfd).
+pub fn raise_nofile_to(want: u64) -> u64 {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit/setrlimit read and write one live rlimit struct.
+    unsafe {
+        assert_eq!(libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim), 0);
+        if lim.rlim_max < want {
+            let more = libc::rlimit {
+                rlim_cur: want,
+                rlim_max: want,
+            };
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &more) == 0 {
+                return want;
+            }
+        }
+        lim.rlim_cur = lim.rlim_max;
+        assert_eq!(libc::setrlimit(libc::RLIMIT_NOFILE, &lim), 0);
+    }
+    lim.rlim_cur
+}
+
+/// Raises the soft RLIMIT_NOFILE to the hard limit; the new soft limit.
+pub fn raise_nofile() -> u64 {
+    raise_nofile_to(0)
+}
+
+/// The resident set (`VmRSS`) of process `pid`, KiB.
+pub fn rss_kib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap()
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .expect("VmRSS in /proc/<pid>/status")
+}
+
 /// A temporary runtime directory that other users can traverse (so tests
 /// can run clients as `nobody`).
 pub fn runtime_dir() -> tempfile::TempDir {

@@ -27,23 +27,6 @@ fn full() -> bool {
     std::env::var_os("SYSGENID_FULL").is_some_and(|v| v != "0")
 }
 
-/// Raises the soft RLIMIT_NOFILE to the hard limit (the daemon inherits
-/// it: sysgenidd does not raise its own, and each connection costs it two
-/// descriptors, the socket and the peer's pidfd).
-fn raise_nofile() -> u64 {
-    let mut lim = libc::rlimit {
-        rlim_cur: 0,
-        rlim_max: 0,
-    };
-    // SAFETY: getrlimit/setrlimit read/write one live rlimit struct.
-    unsafe {
-        assert_eq!(libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim), 0);
-        lim.rlim_cur = lim.rlim_max;
-        assert_eq!(libc::setrlimit(libc::RLIMIT_NOFILE, &lim), 0);
-    }
-    lim.rlim_cur
-}
-
 fn sock_path(dir: &Path) -> PathBuf {
     dir.join("sysgenid.sock")
 }
