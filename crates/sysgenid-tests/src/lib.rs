@@ -6,6 +6,7 @@
 //! that).
 
 use std::os::unix::fs::PermissionsExt;
+use std::os::unix::net::UnixDatagram;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
@@ -65,6 +66,33 @@ pub fn rss_kib(pid: u32) -> u64 {
         .find_map(|l| l.strip_prefix("VmRSS:"))
         .and_then(|v| v.split_whitespace().next()?.parse().ok())
         .expect("VmRSS in /proc/<pid>/status")
+}
+
+/// A raw `SOCK_SEQPACKET` connection to `path` (std has none): a rustix
+/// socket wrapped as a `UnixDatagram` for send/recv, which work on any
+/// connected socket. Reads and writes give up after `timeout`.
+pub fn seqpacket_connect(path: &Path, timeout: Duration) -> std::io::Result<UnixDatagram> {
+    use rustix::net::{AddressFamily, SocketAddrUnix, SocketFlags, SocketType};
+    let fd = rustix::net::socket_with(
+        AddressFamily::UNIX,
+        SocketType::SEQPACKET,
+        SocketFlags::CLOEXEC,
+        None,
+    )?;
+    rustix::net::connect(&fd, &SocketAddrUnix::new(path)?)?;
+    let sock = UnixDatagram::from(fd);
+    sock.set_read_timeout(Some(timeout))?;
+    sock.set_write_timeout(Some(timeout))?;
+    Ok(sock)
+}
+
+/// The `Hello` frame of this protocol version for `role`.
+pub fn hello_frame(role: sysgenid_proto::Role) -> Vec<u8> {
+    sysgenid_proto::Request::Hello {
+        version: sysgenid_proto::PROTOCOL_VERSION,
+        role,
+    }
+    .encode()
 }
 
 /// A temporary runtime directory that other users can traverse (so tests
