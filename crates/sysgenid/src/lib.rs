@@ -404,20 +404,7 @@ impl Watcher {
                 }
             };
         }
-        loop {
-            match self.conn.try_changed() {
-                Ok(Try::Ready(generation)) => return Ok(generation),
-                Ok(Try::WouldBlock) if self.opts.nonblocking => return Err(Error::WouldBlock),
-                Ok(Try::WouldBlock) => {
-                    wait_fd(self.conn.fd(), PollFlags::IN, None)?;
-                }
-                Err(Error::Disconnected) if self.opts.reconnect && !self.opts.nonblocking => {
-                    self.reconnect()?;
-                }
-                Err(Error::Disconnected) if self.opts.reconnect => self.reconnect_once()?,
-                Err(e) => return Err(e),
-            }
-        }
+        self.blocking(|w| w.conn.try_changed())
     }
 
     /// Like [`read`](Self::read) but never blocks: `Ok(None)` when there is
@@ -566,6 +553,31 @@ impl Watcher {
                     delay = (delay * 2).min(Duration::from_secs(1));
                 }
                 other => return other,
+            }
+        }
+    }
+
+    /// What `attempt` gives once it is ready: between attempts, waits for
+    /// the socket (non-blocking: [`Error::WouldBlock`]), and reconnects when
+    /// the daemon went away (if reconnecting is on; non-blocking: one try,
+    /// no waiting). The loop of [`read`](Self::read) and
+    /// [`read_event`](Self::read_event).
+    fn blocking<T>(
+        &mut self,
+        mut attempt: impl FnMut(&mut Watcher) -> Result<Try<T>, Error>,
+    ) -> Result<T, Error> {
+        loop {
+            match attempt(self) {
+                Ok(Try::Ready(value)) => return Ok(value),
+                Ok(Try::WouldBlock) if self.opts.nonblocking => return Err(Error::WouldBlock),
+                Ok(Try::WouldBlock) => {
+                    wait_fd(self.conn.fd(), PollFlags::IN, None)?;
+                }
+                Err(Error::Disconnected) if self.opts.reconnect && !self.opts.nonblocking => {
+                    self.reconnect()?;
+                }
+                Err(Error::Disconnected) if self.opts.reconnect => self.reconnect_once()?,
+                Err(e) => return Err(e),
             }
         }
     }

@@ -5,10 +5,9 @@
 
 use std::time::Duration;
 
-use rustix::event::PollFlags;
 use sysgenid_proto::{Reply, Request, LIFECYCLE_VERSION};
 
-use crate::conn::{wait_fd, Try};
+use crate::conn::Try;
 use crate::{expect_done, Control, Error, ErrorCode, Watcher};
 
 /// What a lifecycle participant is told, in the order it happened.
@@ -156,23 +155,11 @@ impl Watcher {
     /// [`try_read_event`](Self::try_read_event) gives `None` before polling
     /// the descriptor again.
     pub fn read_event(&mut self) -> Result<Event, Error> {
-        loop {
-            if let Some(event) = self.events.pop_front() {
-                return Ok(self.freezes.note(event));
-            }
-            match self.conn.try_event(self.skipped) {
-                Ok(Try::Ready(event)) => return Ok(self.freezes.note(event)),
-                Ok(Try::WouldBlock) if self.opts.nonblocking => return Err(Error::WouldBlock),
-                Ok(Try::WouldBlock) => {
-                    wait_fd(self.conn.fd(), PollFlags::IN, None)?;
-                }
-                Err(Error::Disconnected) if self.opts.reconnect && !self.opts.nonblocking => {
-                    self.reconnect()?;
-                }
-                Err(Error::Disconnected) if self.opts.reconnect => self.reconnect_once()?,
-                Err(e) => return Err(e),
-            }
-        }
+        let event = self.blocking(|w| match w.events.pop_front() {
+            Some(event) => Ok(Try::Ready(event)),
+            None => w.conn.try_event(w.skipped),
+        })?;
+        Ok(self.freezes.note(event))
     }
 
     /// Like [`read_event`](Self::read_event) but never blocks: `Ok(None)`
