@@ -589,9 +589,9 @@ impl SocketFrontend {
         }
     }
 
-    /// Whether the sender of a freeze or thaw frame may do it: the rule of
-    /// a forced update (`peer::privileged`), judged on the process that
-    /// sent the frame. Answers the refusal itself.
+    /// Whether the sender of a bump, freeze or thaw frame may do it
+    /// (`peer::privileged`), judged on the process that sent the frame.
+    /// Answers the refusal itself; `what` names the request in it.
     fn check_privilege(
         &mut self,
         key: usize,
@@ -827,17 +827,12 @@ impl SocketFrontend {
         sender: Option<Sender>,
         cx: &mut Context<'_>,
     ) {
-        if let Err(why) = crate::peer::privileged(sender.as_ref()) {
-            let (pid, uid) = sender.as_ref().map_or((0, 0), |s| (s.pid(), s.uid()));
-            let message = format!(
-                "permission denied: forcing a generation update needs CAP_SYS_ADMIN or CAP_CHECKPOINT_RESTORE in sysgenidd's user namespace; the sender (pid {pid}, uid {uid}) was refused: {why}"
-            );
-            tracing::warn!("{message}");
-            self.send_reply(
-                key,
-                error(ErrorCode::PermissionDenied, 0, message),
-                cx.watchers,
-            );
+        if !self.check_privilege(
+            key,
+            "forcing a generation update",
+            sender.as_ref(),
+            cx.watchers,
+        ) {
             return;
         }
         // The loop bumps and fans out, then calls `answer_bump`.
