@@ -13,7 +13,16 @@
 //! | 12 | 4  | `layout`: [`PAGE_LAYOUT_VERSION`] |
 //! | 16 | 16 | `epoch`: 128-bit id drawn at every change (differs across clones) |
 //! | 32 | 8  | `changed_unix_ns`: wall-clock time of the last change |
-//! | 40 | .. | zero, reserved |
+//! | 40 | 4  | `outdated_tracked` (layout 2+): tracked watchers not yet caught up; a futex word |
+//! | 44 | .. | zero, reserved |
+//!
+//! On a clean stop the daemon stores [`OUTDATED_STOPPED`] there (and wakes
+//! the waiters), so barrier waiters on the page learn it as waiters parked
+//! on the socket do.
+//! Layout 1 pages (daemons before `outdated_tracked`) have zero at 40; a
+//! reader uses the field only when `layout` is 2 or more
+//! ([`PageReader::outdated_tracked`]). Only the runtime page carries it:
+//! the device's mirror page (`device-page`) leaves it 0.
 //!
 //! # Memory ordering
 //! The writer ([`PageWriter::publish`]) is the only writer; it runs on the
@@ -28,6 +37,19 @@
 //! * The daemon publishes the page *before* it notifies any watcher, so a
 //!   watcher woken for generation *n* that then reads the page sees at least
 //!   *n*.
+//! * `outdated_tracked` is stored with `Release` by
+//!   [`PageWriter::set_outdated_tracked`] whenever the count changes (after
+//!   the core changed, before the daemon answers anyone), and loaded with
+//!   `Acquire` by [`PageReader::outdated_tracked`]. After a bump it is
+//!   stored after `generation`, so a reader that sees the post-bump count
+//!   sees the new generation too. The writer wakes futex waiters on the
+//!   word (`FUTEX_WAKE`, shared) when the count drops to 0 and after every
+//!   bump ([`PageWriter::wake_outdated_waiters`]), never on other
+//!   decrements: a waiter sleeps (`FUTEX_WAIT` on the value it loaded,
+//!   [`PageReader::wait_outdated_tracked`]) until the barrier is satisfied
+//!   or the generation moved; the kernel compares the word under its
+//!   futex lock, so a change between the load and the wait is never
+//!   missed.
 //!
 //! The file is never replaced, only rewritten in place, so a mapping made at
 //! any time stays valid and current across bumps and daemon restarts.
@@ -41,7 +63,13 @@ pub const PAGE_SIZE: usize = 4096;
 /// `"SGID"` read as a little-endian u32.
 pub const PAGE_MAGIC: u32 = u32::from_le_bytes(*b"SGID");
 /// Version of the layout above.
-pub const PAGE_LAYOUT_VERSION: u32 = 1;
+pub const PAGE_LAYOUT_VERSION: u32 = 2;
+/// The first layout with `outdated_tracked` at offset 40.
+pub const LAYOUT_WITH_OUTDATED: u32 = 2;
+/// `outdated_tracked` of a daemon that stopped cleanly (never a count:
+/// the daemon's watcher limit is far below it). The next daemon replaces
+/// it at start.
+pub const OUTDATED_STOPPED: u32 = u32::MAX;
 
 /// Checks of an unchanging odd `seq` before a reader decides its writer
 /// died mid-publish.
@@ -53,6 +81,7 @@ const OFF_MAGIC: usize = 8;
 const OFF_LAYOUT: usize = 12;
 const OFF_EPOCH: usize = 16;
 const OFF_CHANGED: usize = 32;
+const OFF_OUTDATED: usize = 40;
 
 /// One consistent view of the page's record.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -240,6 +269,30 @@ impl PageWriter {
         seq.store(s.wrapping_add(2), Ordering::Release);
     }
 
+    /// Stores the count of tracked watchers not yet caught up (`Release`)
+    /// and, when it dropped to 0, wakes the waiters on it. Returns whether
+    /// it woke them.
+    pub fn set_outdated_tracked(&mut self, count: u32) -> bool {
+        let fields = self.fields();
+        let word = fields.u32_at(OFF_OUTDATED);
+        let old = word.swap(count, Ordering::Release);
+        let wake = count == 0 && old != 0;
+        if wake {
+            self.wake_outdated_waiters();
+        }
+        wake
+    }
+
+    /// Wakes every process waiting on `outdated_tracked` (after a bump:
+    /// their callers may now be outdated themselves).
+    pub fn wake_outdated_waiters(&self) {
+        let fields = self.fields();
+        let word = fields.u32_at(OFF_OUTDATED);
+        // Shared (not FUTEX_PRIVATE): the waiters are other processes
+        // mapping the same file. Waking nobody is not an error.
+        let _ = rustix::thread::futex::wake(word, rustix::thread::futex::Flags::empty(), u32::MAX);
+    }
+
     /// Flushes the page to its file (tmpfs: a no-op; elsewhere: durability).
     pub fn flush(&self) -> std::io::Result<()> {
         self.map.flush()
@@ -311,6 +364,40 @@ impl PageReader {
     /// A consistent copy of the whole record (seqlock read).
     pub fn record(&self) -> PageRecord {
         self.fields().record()
+    }
+
+    /// The page's layout version.
+    pub fn layout(&self) -> u32 {
+        self.fields().u32_at(OFF_LAYOUT).load(Ordering::Acquire)
+    }
+
+    /// Tracked watchers not yet caught up, as last published (`Acquire`);
+    /// `None` on a layout 1 page, which does not carry it.
+    pub fn outdated_tracked(&self) -> Option<u32> {
+        (self.layout() >= LAYOUT_WITH_OUTDATED)
+            .then(|| self.fields().u32_at(OFF_OUTDATED).load(Ordering::Acquire))
+    }
+
+    /// Sleeps while `outdated_tracked` is `seen`, until the daemon wakes
+    /// waiters (the count reached 0, or a bump), `timeout` passes, or a
+    /// signal or spurious wake-up; returns at once if the word is no longer
+    /// `seen`. The caller loads the word again in any case.
+    pub fn wait_outdated_tracked(&self, seen: u32, timeout: std::time::Duration) {
+        let fields = self.fields();
+        let word = fields.u32_at(OFF_OUTDATED);
+        let ts = rustix::time::Timespec {
+            tv_sec: timeout.as_secs() as i64,
+            tv_nsec: i64::from(timeout.subsec_nanos()),
+        };
+        // EAGAIN (the word changed), ETIMEDOUT and EINTR all mean: look
+        // again. A read-only shared mapping may be waited on (FUTEX_WAIT
+        // only reads the word).
+        let _ = rustix::thread::futex::wait(
+            word,
+            rustix::thread::futex::Flags::empty(),
+            seen,
+            Some(&ts),
+        );
     }
 }
 
@@ -402,6 +489,43 @@ mod tests {
             reader.fields().u32_at(OFF_SEQ).load(Ordering::Relaxed) % 2,
             0
         );
+    }
+
+    #[test]
+    fn outdated_count_is_published_and_wakes_a_waiter_in_another_thread() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut w, path) = writer(dir.path());
+        w.publish(&PageRecord::default());
+        let reader = PageReader::open(&path).unwrap();
+        assert_eq!(reader.layout(), PAGE_LAYOUT_VERSION);
+        assert_eq!(reader.outdated_tracked(), Some(0));
+        assert!(!w.set_outdated_tracked(2), "no wake when rising");
+        assert!(!w.set_outdated_tracked(1), "no wake on a decrement above 0");
+        assert_eq!(reader.outdated_tracked(), Some(1));
+        let waiter = std::thread::spawn(move || {
+            let started = std::time::Instant::now();
+            while let Some(n @ 1..) = reader.outdated_tracked() {
+                reader.wait_outdated_tracked(n, std::time::Duration::from_secs(30));
+            }
+            started.elapsed()
+        });
+        std::thread::sleep(std::time::Duration::from_millis(50));
+        assert!(w.set_outdated_tracked(0), "dropping to 0 wakes");
+        let waited = waiter.join().unwrap();
+        assert!(
+            waited < std::time::Duration::from_secs(30),
+            "woken, not timed out"
+        );
+    }
+
+    #[test]
+    fn a_layout_1_page_has_no_outdated_count() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut w, path) = writer(dir.path());
+        w.publish(&PageRecord::default());
+        w.fields().u32_at(OFF_LAYOUT).store(1, Ordering::Relaxed);
+        let reader = PageReader::open(&path).unwrap();
+        assert_eq!(reader.outdated_tracked(), None);
     }
 
     #[test]

@@ -156,6 +156,71 @@ fn barrier_succeeds_times_out_and_is_interrupted() {
 }
 
 #[test]
+fn the_page_carries_the_barriers_count_and_the_waiters_answers_stay_the_daemons() {
+    let dir = runtime_dir();
+    let d = Daemon::start(dir.path());
+    let page = sysgenid_page::PageReader::open(&dir.path().join("generation")).unwrap();
+    let count = || page.outdated_tracked().expect("layout 2 page");
+    let mut tracked = d.watcher();
+    let mut lazy = Watcher::builder()
+        .runtime_dir(dir.path())
+        .untracked(true)
+        .open()
+        .unwrap();
+    assert_eq!(count(), 0);
+    d.control().bump(0).unwrap();
+    assert_eq!(count(), 1, "published before the bump's answer");
+    assert_eq!(d.status().outdated, count());
+
+    // Nothing tracked is outdated once `tracked` acks, but `lazy` (an
+    // untracked watcher) still is: its own wait is interrupted, as the
+    // daemon says, though the page shows 0.
+    let g = tracked.read().unwrap();
+    tracked.ack(g).unwrap();
+    assert_eq!(count(), 0, "published before the ack's answer");
+    let e = lazy
+        .wait_watchers(Some(Duration::from_secs(5)))
+        .unwrap_err();
+    assert!(
+        matches!(e, Error::Interrupted { generation: 1, .. }),
+        "{e:?}"
+    );
+    tracked.wait_watchers(Some(Duration::from_secs(5))).unwrap();
+    d.control()
+        .wait_watchers(Some(Duration::from_secs(5)))
+        .unwrap();
+
+    // Closing an outdated tracked watcher moves the count too.
+    d.control().bump(0).unwrap();
+    assert_eq!(count(), 1);
+    drop(tracked);
+    assert!(wait_until(Duration::from_secs(5), || count() == 0));
+    let _ = lazy.read();
+}
+
+#[test]
+fn a_barrier_waiter_on_the_page_notices_a_daemon_killed_under_it() {
+    let dir = runtime_dir();
+    let mut d = Daemon::start(dir.path());
+    let _w = d.watcher();
+    d.control().bump(0).unwrap();
+    let waiter = {
+        let dir = dir.path().to_path_buf();
+        std::thread::spawn(move || {
+            sysgenid::Control::connect(Some(&dir))
+                .unwrap()
+                .wait_watchers(None)
+        })
+    };
+    std::thread::sleep(Duration::from_millis(200));
+    // kill -9 wakes nobody on the page: the waiter's liveness check sees
+    // the connection hang up.
+    d.kill9();
+    let e = waiter.join().unwrap().unwrap_err();
+    assert!(matches!(e, Error::Disconnected), "{e:?}");
+}
+
+#[test]
 fn untracked_watchers_do_not_hold_up_the_barrier() {
     let dir = runtime_dir();
     let d = Daemon::start(dir.path());

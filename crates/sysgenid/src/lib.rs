@@ -36,6 +36,7 @@
 
 #[cfg(feature = "tokio")]
 pub mod asyncio;
+mod barrier;
 mod conn;
 mod lifecycle;
 #[cfg(feature = "rand_core")]
@@ -56,6 +57,7 @@ pub use sysgenid_proto::{
 };
 use sysgenid_proto::{Reply, Request, Role, MIN_PROTOCOL_VERSION, PAGE_NAME, SOCKET_NAME};
 
+use barrier::{wait_on_page, BarrierPage, PageAnswer};
 use conn::{wait_fd, Conn, Try};
 #[cfg(feature = "rand_core")]
 pub use rng::SnapSafeRng;
@@ -341,8 +343,10 @@ impl WatcherBuilder {
         let (role, version) = self.hello(None);
         let conn = Conn::connect(&socket, role, version)?;
         let acked = expect_welcome(&conn, version)?;
+        let page = BarrierPage::new(self.runtime_dir.join(PAGE_NAME));
         Ok(Watcher {
             conn,
+            page,
             socket,
             opts: self,
             acked,
@@ -359,6 +363,8 @@ impl WatcherBuilder {
 /// their file descriptor. Dropping it unregisters the watcher.
 pub struct Watcher {
     conn: Conn,
+    /// The page, for barrier waits that need no daemon hop.
+    page: BarrierPage,
     socket: PathBuf,
     opts: WatcherBuilder,
     /// The generation this watcher last acknowledged (or registered at).
@@ -457,7 +463,17 @@ impl Watcher {
     /// is outdated, [`Error::Interrupted`] if this watcher is or becomes
     /// outdated (handle, ack, retry), [`Error::TimedOut`] after `timeout`
     /// (`None` = forever).
+    ///
+    /// When the daemon's page carries the barrier's count, a satisfied
+    /// barrier is seen there (a futex wait, no daemon hop); the other
+    /// answers still come from the daemon (see the `barrier` module; a
+    /// timed-out wait then takes up to 1 ms longer).
     pub fn wait_watchers(&mut self, timeout: Option<Duration>) -> Result<(), Error> {
+        let timeout = match wait_on_page(&mut self.page, self.conn.fd(), timeout, Some(self.acked))?
+        {
+            PageAnswer::Satisfied => return Ok(()),
+            PageAnswer::AskDaemon(left) => left,
+        };
         self.request(&Request::WaitWatchers {
             timeout_ms: timeout_ms(timeout),
         })
@@ -627,6 +643,8 @@ fn status_reply(conn: &Conn) -> Result<StatusReport, Error> {
 /// being a watcher.
 pub struct Control {
     conn: Conn,
+    /// The page, for barrier waits that need no daemon hop.
+    page: BarrierPage,
     generation: u32,
     /// The protocol version this connection speaks.
     version: u16,
@@ -648,6 +666,7 @@ impl Control {
                 Ok(generation) => {
                     return Ok(Control {
                         conn,
+                        page: BarrierPage::new(dir.join(PAGE_NAME)),
                         generation,
                         version,
                     })
@@ -699,7 +718,15 @@ impl Control {
 
     /// Waits until no tracked watcher is outdated (never interrupted: this
     /// connection is not a watcher). `None` waits forever.
+    ///
+    /// When the daemon's page carries the barrier's count, the wait is a
+    /// futex wait on it (no daemon hop); a timeout is still answered by
+    /// the daemon (see the `barrier` module; up to 1 ms later).
     pub fn wait_watchers(&mut self, timeout: Option<Duration>) -> Result<(), Error> {
+        let timeout = match wait_on_page(&mut self.page, self.conn.fd(), timeout, None)? {
+            PageAnswer::Satisfied => return Ok(()),
+            PageAnswer::AskDaemon(left) => left,
+        };
         self.conn.send(&Request::WaitWatchers {
             timeout_ms: timeout_ms(timeout),
         })?;

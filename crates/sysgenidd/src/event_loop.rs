@@ -2,9 +2,10 @@
 //! happens in the daemon happens here, in turns.
 //!
 //! Everything that changes the generation or a watcher runs on this thread,
-//! so the core needs no locks. Sources and the device's reader thread run
-//! in their own threads and hand their events over a channel plus a
-//! [`mio::Waker`] ([`LoopHandle`], [`Command`]).
+//! so the core needs no locks. Threaded sources (and the device's reader
+//! thread in page-cache mode) hand their events over a channel plus a
+//! [`mio::Waker`] ([`LoopHandle`], [`Command`]); the kernel log and, with
+//! FUSE passthrough, `/dev/fuse` are read from the loop's own poll set.
 //!
 //! The loop owns the [`Watchers`] and both frontends ([`SocketFrontend`],
 //! [`Device`]) and is the only code that calls both: the frontends know
@@ -54,7 +55,7 @@ use sysgenid_core::{Generation, Tracking, WatcherId};
 use sysgenid_proto::{LifecycleState, Reply, SourceStatus, StatusReport};
 use sysgenid_sources::{PollSource, Readiness};
 
-use crate::device::{Device, DeviceRequest, Forward};
+use crate::device::{Device, DeviceRequest, Forward, Readiness as DeviceReadiness};
 use crate::hooks::{Finished, HookEvent, Hooks, Job};
 use crate::service::{BumpError, Service};
 use crate::socket::{self, Context, FreezeOutcome, SocketFrontend};
@@ -64,6 +65,8 @@ use crate::work::{BumpRequest, Requester, WorkList};
 
 const WAKER: Token = Token(usize::MAX - 2);
 const SIGNALS: Token = Token(usize::MAX - 3);
+/// `/dev/fuse`, when the loop serves the device itself.
+const DEVICE: Token = Token(usize::MAX - 4);
 /// Poll sources use the tokens below this one, counting down.
 const POLL_SOURCES: usize = usize::MAX - 8;
 /// At most this many poll sources (there is one today: the kernel log).
@@ -132,6 +135,8 @@ pub struct EventLoop {
     poll_sources: Vec<Option<Box<dyn PollSource>>>,
     /// Poll sources that used up their read budget: read again next turn.
     poll_sources_more: Vec<usize>,
+    /// The device used up its read budget: read it again next turn.
+    device_more: bool,
     shutting_down: bool,
     /// The hooks directory's runner, when hooks are on.
     hooks: Option<HooksState>,
@@ -238,6 +243,7 @@ impl EventLoop {
             last_kernel_lag_us: None,
             poll_sources: Vec::new(),
             poll_sources_more: Vec::new(),
+            device_more: false,
             shutting_down: false,
             hooks: None,
             watchdog: crate::supervisor::Watchdog::from_env(),
@@ -329,9 +335,35 @@ impl EventLoop {
         }
     }
 
-    /// Serves the device's requests from now on (see `device`).
-    pub fn attach_device(&mut self, device: Device) {
+    /// Serves the device's requests from now on (see `device`): from the
+    /// poll set when the device allows it, else as [`Command::Device`]s
+    /// from its reader thread.
+    pub fn attach_device(&mut self, device: Device) -> io::Result<()> {
+        if let Some(fd) = device.poll_fd() {
+            use std::os::fd::AsRawFd;
+            // Registering reports requests already queued.
+            self.poll.registry().register(
+                &mut mio::unix::SourceFd(&fd.as_raw_fd()),
+                DEVICE,
+                Interest::READABLE,
+            )?;
+        }
         self.device = Some(device);
+        Ok(())
+    }
+
+    /// Reads and answers the device's queued requests.
+    fn on_device_readable(&mut self) {
+        let Some(device) = &mut self.device else {
+            return;
+        };
+        match device.on_readable(&mut self.watchers, &mut self.work) {
+            DeviceReadiness::Drained => {}
+            DeviceReadiness::More => self.device_more = true,
+            // The descriptor stays open (replies to parked requests fail
+            // quietly); nothing more will be read from it.
+            DeviceReadiness::Gone => tracing::warn!("device: the kernel ended the FUSE connection"),
+        }
     }
 
     /// The service (for the startup line).
@@ -343,7 +375,10 @@ impl EventLoop {
     pub fn run(&mut self) -> io::Result<()> {
         let mut events = Events::with_capacity(1024);
         while !self.shutting_down {
-            let timeout = if self.work.has_resumed() || !self.poll_sources_more.is_empty() {
+            let timeout = if self.work.has_resumed()
+                || !self.poll_sources_more.is_empty()
+                || self.device_more
+            {
                 Some(Duration::ZERO)
             } else {
                 self.next_deadline()
@@ -358,11 +393,15 @@ impl EventLoop {
             for i in std::mem::take(&mut self.poll_sources_more) {
                 self.on_poll_source(i);
             }
+            if std::mem::take(&mut self.device_more) {
+                self.on_device_readable();
+            }
             for event in events.iter() {
                 match event.token() {
                     socket::LISTENER => self.socket.accept_all(&self.watchers),
                     WAKER => self.drain_commands(),
                     SIGNALS => self.shutting_down = true,
+                    DEVICE => self.on_device_readable(),
                     Token(t) if t <= POLL_SOURCES && POLL_SOURCES - t < MAX_POLL_SOURCES => {
                         self.on_poll_source(POLL_SOURCES - t)
                     }
@@ -442,6 +481,7 @@ impl EventLoop {
             "shutting down; the saved generation is kept for the next start"
         );
         self.socket.shutdown(&self.watchers);
+        self.watchers.stopping();
         self.watchers.service().dir().remove_socket();
         if let Some(device) = &mut self.device {
             device.shutdown();
@@ -673,7 +713,7 @@ impl EventLoop {
             }
             Transition::Frozen { id } => {
                 tracing::info!(freeze = id, "frozen");
-                self.with_socket(|socket, cx| socket.answer_freeze(FreezeOutcome::Frozen, cx));
+                self.with_socket(|socket, cx| socket.answer_freeze(id, FreezeOutcome::Frozen, cx));
             }
             Transition::Aborted {
                 id,
@@ -692,7 +732,7 @@ impl EventLoop {
                     "freeze aborted because {why}, with {pending} participant(s) or hooks not confirmed; thawing everyone"
                 );
                 self.with_socket(|socket, cx| {
-                    socket.answer_freeze(FreezeOutcome::Aborted { pending, reason }, cx)
+                    socket.answer_freeze(id, FreezeOutcome::Aborted { pending, reason }, cx)
                 });
                 self.thaw_everyone(id, generation);
             }

@@ -10,8 +10,11 @@
 //! while the daemon runs.
 //!
 //! Hooks run as root, so a file anyone but root (or the daemon's own user)
-//! could have written, a directory others can write into, or a symlink that
-//! leads out of the directory is refused and logged, never run. Names
+//! could have written, a directory others can write into, a directory that
+//! others could swap for another (an ancestor they own or can write
+//! without the sticky bit, or the directory replaced by a symlink), or a
+//! symlink that leads out of the directory or through a directory others
+//! can write is refused and logged, never run. Names
 //! starting with `.` and package-manager leftovers (`~`, `.dpkg-*`,
 //! `.rpm*`) are skipped, as `run-parts` does.
 //!
@@ -426,10 +429,57 @@ fn unsafe_because(meta: &std::fs::Metadata) -> Option<String> {
     None
 }
 
+/// Why someone untrusted could put another directory at `dir`'s path, if
+/// they could: `dir` (canonical at start) is now a symlink, or one of its
+/// ancestors is owned by someone untrusted or writable by its group or
+/// others without the sticky bit (whoever can write a directory can rename
+/// its entries, and so swap the hooks directory for a link to any
+/// directory of root's, whose programs would then run as hooks).
+fn path_unsafe_because(dir: &Path) -> Option<String> {
+    match std::fs::symlink_metadata(dir) {
+        Ok(meta) if meta.file_type().is_dir() => {}
+        Ok(_) => return Some("no longer a directory (it was replaced by a link)".to_string()),
+        Err(e) => return Some(format!("unreadable: {e}")),
+    }
+    for ancestor in dir.ancestors().skip(1) {
+        let meta = match std::fs::symlink_metadata(ancestor) {
+            Ok(meta) => meta,
+            Err(e) => return Some(format!("under {}, unreadable: {e}", ancestor.display())),
+        };
+        let mode = meta.permissions().mode();
+        let why = if meta.file_type().is_symlink() {
+            Some("a symlink".to_string())
+        } else if !trusted_owner(meta.uid()) {
+            Some(format!("owned by uid {}, not root", meta.uid()))
+        } else if mode & 0o022 != 0 && mode & 0o1000 == 0 {
+            Some(format!(
+                "writable by others without the sticky bit (mode {:o})",
+                mode & 0o7777
+            ))
+        } else {
+            None
+        };
+        if let Some(why) = why {
+            return Some(format!("under {}, which is {why}", ancestor.display()));
+        }
+    }
+    None
+}
+
 /// The hooks to run, in name order, plus one result per refused file and
 /// a problem with the directory itself (then nothing runs).
 fn scan(dir: &Path) -> (Vec<(String, PathBuf)>, Vec<HookResult>, Option<String>) {
     let mut refused = Vec::new();
+    if let Some(why) = path_unsafe_because(dir) {
+        return (
+            Vec::new(),
+            refused,
+            Some(format!(
+                "the directory {} is {why}: no hook runs",
+                dir.display()
+            )),
+        );
+    }
     match std::fs::metadata(dir) {
         Ok(meta) => {
             if let Some(why) = unsafe_because(&meta) {
@@ -479,10 +529,33 @@ fn scan(dir: &Path) -> (Vec<(String, PathBuf)>, Vec<HookResult>, Option<String>)
         };
         let (path, meta) = if link_meta.file_type().is_symlink() {
             match std::fs::canonicalize(&path) {
-                Ok(target) if target.starts_with(dir) => match std::fs::metadata(&target) {
-                    Ok(meta) => (target, meta),
-                    Err(_) => continue,
-                },
+                Ok(target) if target.starts_with(dir) => {
+                    // The directories between the hooks directory and the
+                    // target must be as safe as the directory itself.
+                    let between = target
+                        .ancestors()
+                        .skip(1)
+                        .take_while(|a| *a != dir)
+                        .find_map(|a| {
+                            std::fs::metadata(a)
+                                .ok()
+                                .and_then(|m| unsafe_because(&m))
+                                .map(|why| format!("{} ({why})", a.display()))
+                        });
+                    if let Some(why) = between {
+                        refused.push(HookResult {
+                            name: text,
+                            outcome: Outcome::Refused(format!(
+                                "a symlink into an unsafe directory: {why}"
+                            )),
+                        });
+                        continue;
+                    }
+                    match std::fs::metadata(&target) {
+                        Ok(meta) => (target, meta),
+                        Err(_) => continue,
+                    }
+                }
                 Ok(target) => {
                     refused.push(HookResult {
                         name: text,
@@ -557,6 +630,42 @@ mod tests {
             refused,
             ["40-group-writable", "50-world-writable", "90-link-outside"]
         );
+    }
+
+    #[test]
+    fn a_link_through_a_subdirectory_others_can_write_is_refused() {
+        let dir = private_dir();
+        let d = std::fs::canonicalize(dir.path()).unwrap();
+        let open = d.join("spool");
+        std::fs::create_dir(&open).unwrap();
+        std::fs::set_permissions(&open, std::fs::Permissions::from_mode(0o777)).unwrap();
+        let target = hook(&open, "x", "true", 0o755);
+        symlink(&target, d.join("10-through-spool")).unwrap();
+        let (hooks, refused, problem) = scan(&d);
+        assert_eq!(problem, None);
+        assert!(hooks.is_empty(), "{hooks:?}");
+        assert_eq!(refused.len(), 1);
+        assert!(
+            matches!(&refused[0].outcome, Outcome::Refused(why) if why.contains("spool")),
+            "{refused:?}"
+        );
+    }
+
+    #[test]
+    fn a_directory_replaced_by_a_link_runs_nothing() {
+        let dir = private_dir();
+        let d = std::fs::canonicalize(dir.path()).unwrap();
+        let hooks_dir = d.join("hooks.d");
+        let other = d.join("other");
+        std::fs::create_dir(&hooks_dir).unwrap();
+        std::fs::create_dir(&other).unwrap();
+        hook(&other, "10-not-a-hook", "true", 0o755);
+        assert_eq!(scan(&hooks_dir).2, None);
+        std::fs::remove_dir(&hooks_dir).unwrap();
+        symlink(&other, &hooks_dir).unwrap();
+        let (hooks, _, problem) = scan(&hooks_dir);
+        assert!(hooks.is_empty(), "{hooks:?}");
+        assert!(problem.unwrap().contains("replaced by a link"));
     }
 
     #[test]

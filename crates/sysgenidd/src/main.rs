@@ -180,7 +180,9 @@ fn run(args: Args) -> Result<(), String> {
     {
         Started::Serving(device) => {
             let description = device.describe();
-            server.attach_device(device);
+            server
+                .attach_device(device)
+                .map_err(|e| format!("serving the device from the event loop: {e}"))?;
             description
         }
         Started::Disabled(why) => why.to_string(),

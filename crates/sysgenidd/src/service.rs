@@ -210,6 +210,9 @@ impl Service {
             last_change_sources: Vec::new(),
         };
         service.page.publish(&record);
+        // No watcher yet; a count left by a killed predecessor is replaced
+        // (and its waiters woken).
+        service.publish_outdated();
         Ok(service)
     }
 
@@ -249,6 +252,11 @@ impl Service {
         };
         self.page.publish(&self.record);
         self.core.commit_generation(next)?;
+        // Every watcher is outdated now: the barrier's count, then the
+        // waiters on it (their own watchers may be outdated too).
+        if !self.publish_outdated() {
+            self.page.wake_outdated_waiters();
+        }
         self.last_change_sources = vec![source.to_string()];
         Ok(next)
     }
@@ -285,18 +293,40 @@ impl Service {
     /// Registers a watcher. Only [`crate::watchers::Watchers`] calls this,
     /// after its admission checks.
     pub(crate) fn register(&mut self, tracking: Tracking, acked: Option<Generation>) -> WatcherId {
-        self.core.register(tracking, acked)
+        let id = self.core.register(tracking, acked);
+        self.publish_outdated();
+        id
     }
 
     /// Removes a watcher.
     pub(crate) fn unregister(&mut self, id: WatcherId) -> Result<Tracking, CoreError> {
-        self.core.unregister(id)
+        let released = self.core.unregister(id);
+        self.publish_outdated();
+        released
     }
 
     /// Acknowledges `generation` for a watcher; true if the barrier may
     /// have moved.
     pub(crate) fn ack(&mut self, id: WatcherId, generation: Generation) -> Result<bool, CoreError> {
-        self.core.ack(id, generation)
+        let moved = self.core.ack(id, generation);
+        self.publish_outdated();
+        moved
+    }
+
+    /// Clean exit: barrier waiters on the page are told the daemon stopped
+    /// (as parked socket waiters are answered `ShuttingDown`).
+    pub(crate) fn stopping(&mut self) {
+        self.page
+            .set_outdated_tracked(sysgenid_page::OUTDATED_STOPPED);
+        self.page.wake_outdated_waiters();
+    }
+
+    /// Publishes the count of outdated tracked watchers on the page (the
+    /// barrier's futex word, see `sysgenid_page`), waking its waiters when
+    /// it reached 0. Called after every change of the core's watchers,
+    /// before the daemon answers anyone. True if it woke them.
+    fn publish_outdated(&mut self) -> bool {
+        self.page.set_outdated_tracked(self.core.counts().outdated)
     }
 
     /// Records that another source reported the same change (coalesced).

@@ -52,7 +52,7 @@ use mio::unix::SourceFd;
 use mio::{Interest, Registry, Token};
 use rustix::net::{RecvFlags, SendFlags, SocketFlags};
 use slab::Slab;
-use sysgenid_core::lifecycle::{AbortReason, LifecycleError, ParticipantId};
+use sysgenid_core::lifecycle::{AbortReason, FreezeId, LifecycleError, ParticipantId, Transition};
 use sysgenid_core::{Barrier, CoreError, Generation, Tracking, WatcherId};
 use sysgenid_proto::{
     ErrorCode, ErrorReply, Reply, Request, Role, StatusReport, DEFAULT_FREEZE_TIMEOUT_MS,
@@ -147,8 +147,11 @@ pub struct SocketFrontend {
     doomed: Vec<usize>,
     /// The outboxes' memory budget and use.
     queued: QueueBudget,
-    /// The connection whose `Freeze` is in progress.
-    freezer: Option<usize>,
+    /// The connections waiting for the outcome of their `Freeze`, by
+    /// freeze number. Usually one; a freeze whose outcome is not announced
+    /// yet may have ended and another started in the same turn, and each
+    /// outcome goes to the orchestrator of that very freeze.
+    freezers: Vec<(FreezeId, usize)>,
 }
 
 /// How a freeze request ended, for [`SocketFrontend::answer_freeze`].
@@ -302,7 +305,7 @@ impl SocketFrontend {
                 per_uid: HashMap::new(),
                 freed_since_trim: 0,
             },
-            freezer: None,
+            freezers: Vec::new(),
         })
     }
 
@@ -640,7 +643,11 @@ impl SocketFrontend {
             Ok(transitions) => {
                 // Answered by the loop with the freeze's outcome.
                 self.conns[key].busy = true;
-                self.freezer = Some(key);
+                for t in &transitions {
+                    if let Transition::FreezeStarted { id } = t {
+                        self.freezers.push((*id, key));
+                    }
+                }
                 cx.work.transition(transitions);
             }
             Err(LifecycleError::Busy { id, pending }) => self.send_reply(
@@ -705,12 +712,13 @@ impl SocketFrontend {
         }
     }
 
-    /// Answers the connection whose `Freeze` is in progress, and lets it be
+    /// Answers the connection that asked for freeze `id`, and lets it be
     /// read again.
-    pub fn answer_freeze(&mut self, outcome: FreezeOutcome, cx: &mut Context<'_>) {
-        let Some(key) = self.freezer.take() else {
+    pub fn answer_freeze(&mut self, id: FreezeId, outcome: FreezeOutcome, cx: &mut Context<'_>) {
+        let Some(i) = self.freezers.iter().position(|&(f, _)| f == id) else {
             return;
         };
+        let (_, key) = self.freezers.remove(i);
         let Some(conn) = self.conns.get_mut(key) else {
             return;
         };
@@ -972,7 +980,8 @@ impl SocketFrontend {
     /// Clean exit: every pending wait gets `ShuttingDown`, the socket file
     /// is left to the caller.
     pub fn shutdown(&mut self, watchers: &Watchers) {
-        for key in self.waits.drain().into_iter().chain(self.freezer.take()) {
+        let freezers: Vec<usize> = self.freezers.drain(..).map(|(_, key)| key).collect();
+        for key in self.waits.drain().into_iter().chain(freezers) {
             if let Some(conn) = self.conns.get_mut(key) {
                 conn.busy = false;
             }
@@ -1159,13 +1168,20 @@ impl SocketFrontend {
             if let Some(id) = conn.participant {
                 work.transition(watchers.leave(id));
             }
-            if self.freezer == Some(key) {
-                self.freezer = None;
-                tracing::warn!(
-                    pid = conn.peer.pid,
-                    "the orchestrator of the freeze in progress went away: aborting the freeze"
-                );
-                work.transition(watchers.freeze_requester_gone());
+            if let Some(i) = self.freezers.iter().position(|&(_, k)| k == key) {
+                let (id, _) = self.freezers.remove(i);
+                // Only the freeze in progress is aborted: an earlier one of
+                // this orchestrator has ended already (its outcome is on
+                // the work list).
+                let counts = watchers.lifecycle_counts();
+                if counts.state == sysgenid_core::lifecycle::State::Freezing && counts.freeze == id
+                {
+                    tracing::warn!(
+                        pid = conn.peer.pid,
+                        "the orchestrator of the freeze in progress went away: aborting the freeze"
+                    );
+                    work.transition(watchers.freeze_requester_gone());
+                }
             }
             self.waits.remove_where(|&k| k == key);
         }

@@ -340,6 +340,12 @@ impl Watchers {
         Ok(Bumped { generation })
     }
 
+    /// Clean exit: tells barrier waiters on the page (see
+    /// [`Service::stopping`]).
+    pub(crate) fn stopping(&mut self) {
+        self.service.stopping();
+    }
+
     /// Records that another source reported the change just made.
     pub(crate) fn note_agreeing_source(&mut self, source: &str) {
         self.service.note_agreeing_source(source);

@@ -72,8 +72,8 @@ pub(crate) fn run(
     let (r, p, e) = (stats(&mut reads), stats(&mut polls), stats(&mut rtts));
     let why = |x: f64| {
         format!(
-            "{:.1} socket round trips: the FUSE reader thread hands every request to the loop \
-             thread and takes the answer back, one wake-up more than a socket request",
+            "{:.1} socket round trips: one FUSE request, read by the loop from its poll set \
+             (passthrough); in page-cache mode a reader thread hands it to the loop, one wake-up more",
             x / e.p50.max(1.0)
         )
     };

@@ -8,17 +8,24 @@
 //! character device and measured latencies are in `docs/device.md`.
 //!
 //! # Threads
-//! A reader thread reads requests from `/dev/fuse`. It answers on its own
-//! what needs no state (attributes, flush, page-cache fills of the mapping
-//! in fallback mode) and forwards the rest to the event loop as
-//! [`DeviceRequest`]s through the forwarding function the loop gave
-//! [`Device::start`]. The loop owns [`Device`] and answers by writing to
-//! the same descriptor (replies are whole messages, safe from any thread).
+//! With FUSE passthrough (the usual case, Linux 6.9+) the event loop reads
+//! `/dev/fuse` itself: the descriptor is non-blocking and registered in the
+//! loop's poll set ([`Device::poll_fd`], [`Device::on_readable`]), so a
+//! device request costs one wake-up, as a socket request does, and the
+//! watcher state keeps its one owner. In page-cache mode a reader thread
+//! reads the requests instead (the loop's cache invalidation after a bump
+//! waits for page fills, which it then must not be the one to answer) and
+//! forwards them to the loop as [`DeviceRequest`]s through the forwarding
+//! function the loop gave [`Device::start`]. Either way, what needs no
+//! state (attributes, flush, page-cache fills) is answered by whoever read
+//! it, and the loop answers the rest by writing to the same descriptor
+//! (replies are whole messages, safe from any thread).
 //! Requests that must wait (a blocking `read`, `SYSGENID_WAIT_WATCHERS`)
 //! are *parked*: remembered by their `unique` and answered later, on a
 //! bump, an ack, a close, a deadline, or `FUSE_INTERRUPT` (→ `EINTR`).
-//! Because one channel carries every request to the loop in order, an
-//! interrupt always arrives after the request it names.
+//! The kernel hands out a `FUSE_INTERRUPT` only after the request it
+//! names, and requests are handled in the order read, so an interrupt
+//! always arrives after its request.
 //!
 //! # The mapping
 //! With FUSE passthrough (Linux 6.9+), every open names the page file
@@ -35,7 +42,7 @@ pub mod fuse;
 
 use std::collections::HashMap;
 use std::fs::File;
-use std::os::fd::{AsFd, OwnedFd};
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -124,7 +131,35 @@ pub struct Device {
     waits: Pending<ParkedWait>,
     /// Who may open for writing.
     access: WriteAccess,
+    /// Set when the loop reads `/dev/fuse` itself (passthrough mode): what
+    /// the reader thread would otherwise hold.
+    served_here: Option<Box<Served>>,
 }
+
+/// What the loop needs to read and answer `/dev/fuse` itself.
+struct Served {
+    /// The request buffer, reused.
+    buf: Vec<u8>,
+    /// The device page, for page-cache fills (none come in passthrough
+    /// mode; answered anyway).
+    page: File,
+    attr: fuse::Attr,
+}
+
+/// What [`Device::on_readable`] left behind.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Readiness {
+    /// Every queued request was read: wait for the next readiness event.
+    Drained,
+    /// The per-turn budget ran out: read again next turn.
+    More,
+    /// The kernel ended the connection (unmounted or aborted).
+    Gone,
+}
+
+/// Requests read from `/dev/fuse` per loop turn, so socket clients are not
+/// starved by a flood of device calls.
+const REQUESTS_PER_TURN: usize = 64;
 
 /// A request forwarded by the reader thread.
 #[derive(Debug)]
@@ -299,18 +334,40 @@ impl Device {
             }
         };
         let fuse = Arc::new(fd);
-        let reader_fd = fuse.clone();
-        std::thread::Builder::new()
-            .name("device".into())
-            .spawn({
-                let (mode, gid) = (access.file_mode(), access.file_gid());
-                move || reader(reader_fd, page, forward, mode, gid)
-            })
-            .map_err(fail("starting its thread"))?;
-        // The root inode starts with size 0 until its first GETATTR, and a
-        // mapping touched before that would fault (SIGBUS) in page-cache
-        // mode: fetch the attributes now (answered by the reader thread).
-        std::fs::metadata(&path).map_err(fail("checking the mount"))?;
+        let served_here = match mmap {
+            MmapMode::Passthrough(_) => {
+                // Served from the loop's poll set: one wake-up per request,
+                // like a socket request. Nothing here may touch the mount
+                // (the loop is not serving it yet); in passthrough mode
+                // mappings go to the page file, so no early GETATTR is
+                // needed.
+                rustix::fs::fcntl_setfl(&*fuse, rustix::fs::OFlags::NONBLOCK)
+                    .map_err(|e| fail("making /dev/fuse non-blocking")(e.into()))?;
+                drop(forward);
+                Some(Box::new(Served {
+                    buf: vec![0u8; fuse::READ_BUFFER],
+                    page,
+                    attr: root_attr(access.file_mode(), access.file_gid()),
+                }))
+            }
+            MmapMode::PageCache => {
+                // Page-cache mode keeps a reader thread: the loop's
+                // invalidation after a bump waits for page fills, which
+                // must then be answered by someone else.
+                let reader_fd = fuse.clone();
+                let attr = root_attr(access.file_mode(), access.file_gid());
+                std::thread::Builder::new()
+                    .name("device".into())
+                    .spawn(move || reader(reader_fd, page, forward, attr))
+                    .map_err(fail("starting its thread"))?;
+                // The root inode starts with size 0 until its first
+                // GETATTR, and a mapping touched before that would fault
+                // (SIGBUS) in page-cache mode: fetch the attributes now
+                // (answered by the reader thread).
+                std::fs::metadata(&path).map_err(fail("checking the mount"))?;
+                None
+            }
+        };
         Ok(Started::Serving(Device {
             fuse,
             mirror,
@@ -321,7 +378,55 @@ impl Device {
             reads: Vec::new(),
             waits: Pending::default(),
             access,
+            served_here,
         }))
+    }
+
+    /// The `/dev/fuse` descriptor, when the loop is to read it from its
+    /// poll set (passthrough mode) and call [`Device::on_readable`];
+    /// `None` when a reader thread forwards requests instead.
+    pub fn poll_fd(&self) -> Option<BorrowedFd<'_>> {
+        self.served_here.as_ref().map(|_| self.fuse.as_fd())
+    }
+
+    /// Reads and answers the requests queued on `/dev/fuse` (at most
+    /// [`REQUESTS_PER_TURN`]): stateless ones as the reader thread would,
+    /// the rest through [`Device::handle`]. The kernel hands a request to
+    /// userspace before any `FUSE_INTERRUPT` naming it, and each request is
+    /// handled before the next is read, so an interrupt never overtakes its
+    /// request here either.
+    pub fn on_readable(&mut self, watchers: &mut Watchers, work: &mut WorkList) -> Readiness {
+        for _ in 0..REQUESTS_PER_TURN {
+            let Some(served) = self.served_here.as_mut() else {
+                return Readiness::Gone;
+            };
+            let n = match rustix::io::read(&*self.fuse, &mut served.buf) {
+                Ok(n) => n,
+                Err(rustix::io::Errno::AGAIN) => return Readiness::Drained,
+                // Interrupted before we read it, or a signal: read on.
+                Err(rustix::io::Errno::INTR | rustix::io::Errno::NOENT) => continue,
+                Err(e) => {
+                    if e != rustix::io::Errno::NODEV {
+                        tracing::error!("device: reading /dev/fuse failed: {e}");
+                    }
+                    self.served_here = None;
+                    return Readiness::Gone;
+                }
+            };
+            let Ok(request) = Request::decode(&served.buf[..n]) else {
+                continue;
+            };
+            let ch = Channel::new(self.fuse.as_fd());
+            match answer_stateless(ch, &served.attr, &served.page, request, &served.buf) {
+                Stateless::Answered => {}
+                Stateless::Destroyed => {
+                    self.served_here = None;
+                    return Readiness::Gone;
+                }
+                Stateless::Stateful(request) => self.handle(DeviceRequest(request), watchers, work),
+            }
+        }
+        Readiness::More
     }
 
     /// For status and the startup line.
@@ -773,16 +878,100 @@ fn now_secs() -> u64 {
         .unwrap_or(0)
 }
 
-/// The reader thread: answers what needs no state, forwards the rest.
-fn reader(fd: Arc<OwnedFd>, page: File, forward: Forward, mode: u32, gid: u32) {
-    let mut buf = vec![0u8; fuse::READ_BUFFER];
-    let ch = Channel::new(fd.as_fd());
-    let attr = fuse::Attr {
+/// The root file's attributes (they never change): `mode` the permission
+/// bits, `gid` the group.
+fn root_attr(mode: u32, gid: u32) -> fuse::Attr {
+    fuse::Attr {
         size: sysgenid_page::PAGE_SIZE as u64,
         mode: libc::S_IFREG | mode,
         time: now_secs(),
         gid,
-    };
+    }
+}
+
+/// What [`answer_stateless`] did with a request.
+enum Stateless {
+    /// Answered (or needs no answer).
+    Answered,
+    /// `FUSE_DESTROY`: answered; the connection ends.
+    Destroyed,
+    /// Needs the watchers: for [`Device::handle`].
+    Stateful(Request),
+}
+
+/// Answers what needs no state (attributes, flush, page-cache fills of the
+/// mapping, refused writebacks); hands back the rest. `buf` is the raw
+/// request (for `fuse_access_in`).
+fn answer_stateless(
+    ch: Channel<'_>,
+    attr: &fuse::Attr,
+    page: &File,
+    request: Request,
+    buf: &[u8],
+) -> Stateless {
+    let unique = request.header.unique;
+    match (&request.op, request.header.opcode) {
+        (_, opcode::GETATTR | opcode::SETATTR) => ch.attr(unique, attr),
+        (_, opcode::FORGET | opcode::BATCH_FORGET) => {}
+        (_, opcode::FLUSH | opcode::FSYNC) => ch.ok(unique, &[]),
+        (_, opcode::STATFS) => ch.statfs(unique),
+        (_, opcode::LOOKUP) => ch.error(unique, libc::ENOENT),
+        (_, opcode::ACCESS) => {
+            // fuse_access_in { u32 mask; u32 padding; }
+            let mask = buf
+                .get(40..44)
+                .map_or(0, |b| u32::from_ne_bytes(b.try_into().expect("4 bytes")));
+            if mask & libc::X_OK as u32 != 0 {
+                ch.error(unique, libc::EACCES)
+            } else {
+                ch.ok(unique, &[])
+            }
+        }
+        (_, opcode::DESTROY) => {
+            ch.ok(unique, &[]);
+            return Stateless::Destroyed;
+        }
+        (
+            Op::Read {
+                offset,
+                size,
+                read_flags,
+                ..
+            },
+            _,
+        ) if read_flags & fuse::READ_LOCKOWNER == 0 => {
+            // A page-cache fill of a mapping (fallback mode): the page as
+            // it is now. In that mode it is answered by the reader thread,
+            // never by the loop, so the loop's invalidation after a bump
+            // cannot wait on itself.
+            let mut data = vec![0u8; (*size as usize).min(sysgenid_page::PAGE_SIZE)];
+            let n = page.read_at(&mut data, *offset).unwrap_or(0);
+            ch.ok(unique, &data[..n]);
+        }
+        (Op::Write { write_flags, .. }, _) if write_flags & fuse::WRITE_CACHE != 0 => {
+            // Writeback of a writable shared mapping: never accepted.
+            ch.error(unique, libc::EPERM)
+        }
+        (
+            Op::Open { .. }
+            | Op::Release { .. }
+            | Op::Read { .. }
+            | Op::Write { .. }
+            | Op::Ioctl { .. }
+            | Op::Poll { .. }
+            | Op::Interrupt { .. },
+            _,
+        ) => return Stateless::Stateful(request),
+        _ => ch.error(unique, libc::ENOSYS),
+    }
+    Stateless::Answered
+}
+
+/// The reader thread of page-cache mode: answers what needs no state,
+/// forwards the rest to the loop.
+fn reader(fd: Arc<OwnedFd>, page: File, forward: Forward, attr: fuse::Attr) {
+    let mut buf = vec![0u8; fuse::READ_BUFFER];
+    let ch = Channel::new(fd.as_fd());
     loop {
         let n = match fuse::read_request(&*fd, &mut buf) {
             Ok(Some(n)) => n,
@@ -798,63 +987,14 @@ fn reader(fd: Arc<OwnedFd>, page: File, forward: Forward, mode: u32, gid: u32) {
             Ok(r) => r,
             Err(_) => continue,
         };
-        let unique = request.header.unique;
-        match (&request.op, request.header.opcode) {
-            (_, opcode::GETATTR | opcode::SETATTR) => ch.attr(unique, &attr),
-            (_, opcode::FORGET | opcode::BATCH_FORGET) => {}
-            (_, opcode::FLUSH | opcode::FSYNC) => ch.ok(unique, &[]),
-            (_, opcode::STATFS) => ch.statfs(unique),
-            (_, opcode::LOOKUP) => ch.error(unique, libc::ENOENT),
-            (_, opcode::ACCESS) => {
-                // fuse_access_in { u32 mask; u32 padding; }
-                let mask = buf
-                    .get(40..44)
-                    .map_or(0, |b| u32::from_ne_bytes(b.try_into().expect("4 bytes")));
-                if mask & libc::X_OK as u32 != 0 {
-                    ch.error(unique, libc::EACCES)
-                } else {
-                    ch.ok(unique, &[])
-                }
-            }
-            (_, opcode::DESTROY) => {
-                ch.ok(unique, &[]);
-                return;
-            }
-            (
-                Op::Read {
-                    offset,
-                    size,
-                    read_flags,
-                    ..
-                },
-                _,
-            ) if read_flags & fuse::READ_LOCKOWNER == 0 => {
-                // A page-cache fill of a mapping (fallback mode): the page
-                // as it is now. Answered here, never by the loop, so the
-                // loop's invalidation after a bump cannot wait on itself.
-                let mut data = vec![0u8; (*size as usize).min(sysgenid_page::PAGE_SIZE)];
-                let n = page.read_at(&mut data, *offset).unwrap_or(0);
-                ch.ok(unique, &data[..n]);
-            }
-            (Op::Write { write_flags, .. }, _) if write_flags & fuse::WRITE_CACHE != 0 => {
-                // Writeback of a writable shared mapping: never accepted.
-                ch.error(unique, libc::EPERM)
-            }
-            (
-                Op::Open { .. }
-                | Op::Release { .. }
-                | Op::Read { .. }
-                | Op::Write { .. }
-                | Op::Ioctl { .. }
-                | Op::Poll { .. }
-                | Op::Interrupt { .. },
-                _,
-            ) => {
+        match answer_stateless(ch, &attr, &page, request, &buf) {
+            Stateless::Answered => {}
+            Stateless::Destroyed => return,
+            Stateless::Stateful(request) => {
                 if !forward(DeviceRequest(request)) {
                     return;
                 }
             }
-            _ => ch.error(unique, libc::ENOSYS),
         }
     }
 }
