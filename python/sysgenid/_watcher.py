@@ -135,22 +135,7 @@ class Watcher:
                 event = self.read_event()
                 if event.kind == "change":
                     return event.generation
-        while True:
-            try:
-                generation = self._conn.try_changed()
-            except _errors.Disconnected:
-                if not self._reconnect:
-                    raise
-                if self._nonblocking:
-                    self._reconnect_once()
-                else:
-                    self._reconnect_with_backoff()
-                continue
-            if generation is not WOULD_BLOCK:
-                return generation
-            if self._nonblocking:
-                raise _errors.WouldBlock()
-            _conn.wait_fd(self._conn.fileno(), select.POLLIN)
+        return self._blocking(lambda: self._conn.try_changed())
 
     def try_read(self):
         """Like :meth:`read` but never blocks: ``None`` when there is nothing
@@ -195,11 +180,21 @@ class Watcher:
         Events that arrive while a request waits for its reply are kept and
         returned first; after a request, read until :meth:`try_read_event`
         gives ``None`` before polling the descriptor again."""
-        while True:
+        def next_event():
             if self._events:
-                return self._noted(self._events.popleft())
+                return self._events.popleft()
+            return self._conn.try_event(self._skipped)
+
+        return self._noted(self._blocking(next_event))
+
+    def _blocking(self, attempt):
+        """What ``attempt()`` gives once it is not ``WOULD_BLOCK``: between
+        attempts, waits for the socket (non-blocking:
+        :class:`sysgenid.WouldBlock`), and reconnects when the daemon went
+        away (if reconnecting is on; non-blocking: one try, no waiting)."""
+        while True:
             try:
-                event = self._conn.try_event(self._skipped)
+                value = attempt()
             except _errors.Disconnected:
                 if not self._reconnect:
                     raise
@@ -208,8 +203,8 @@ class Watcher:
                 else:
                     self._reconnect_with_backoff()
                 continue
-            if event is not WOULD_BLOCK:
-                return self._noted(event)
+            if value is not WOULD_BLOCK:
+                return value
             if self._nonblocking:
                 raise _errors.WouldBlock()
             _conn.wait_fd(self._conn.fileno(), select.POLLIN)

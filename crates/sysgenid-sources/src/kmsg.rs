@@ -425,9 +425,9 @@ pub fn open_log(path: &Path) -> Result<(File, LogKind), SourceError> {
     }
 }
 
-/// Opens `path` read-only (optionally `O_NONBLOCK`) and seeks to its end.
-/// Fails on a file that cannot seek (use [`open_log`] for those).
-pub fn open_at_end(path: &Path, nonblocking: bool) -> Result<File, SourceError> {
+/// Opens `path` read-only and `O_NONBLOCK` and seeks to its end. Fails on
+/// a file that cannot seek (use [`open_log`] for those).
+pub fn open_at_end(path: &Path) -> Result<File, SourceError> {
     let (file, kind) = open_log(path)?;
     if kind != LogKind::Seekable {
         return Err(SourceError::io(
@@ -435,17 +435,7 @@ pub fn open_at_end(path: &Path, nonblocking: bool) -> Result<File, SourceError> 
             io::Error::from_raw_os_error(libc::ESPIPE),
         ));
     }
-    if !nonblocking {
-        set_blocking(&file).map_err(|e| SourceError::io(format!("fcntl {}", path.display()), e))?;
-    }
     Ok(file)
-}
-
-fn set_blocking(file: &File) -> io::Result<()> {
-    use rustix::fs::{fcntl_getfl, fcntl_setfl, OFlags};
-    let flags = fcntl_getfl(file)?;
-    fcntl_setfl(file, flags - OFlags::NONBLOCK)?;
-    Ok(())
 }
 
 /// Blocks until `file` is readable (or has hung up / failed: the next
@@ -698,7 +688,7 @@ mod tests {
     #[test]
     fn real_kmsg_from_end_emits_nothing() {
         let path = Path::new(DEFAULT_PATH);
-        let Ok(file) = open_at_end(path, true) else {
+        let Ok(file) = open_at_end(path) else {
             eprintln!("skipping: /dev/kmsg not readable");
             return;
         };
@@ -735,7 +725,7 @@ mod tests {
     #[ignore = "writes a (harmless, user-facility) line into the real kernel log"]
     fn real_kmsg_userspace_forgery_is_not_matched() {
         use std::io::Write;
-        let reader = open_at_end(Path::new(DEFAULT_PATH), true).expect("open /dev/kmsg");
+        let reader = open_at_end(Path::new(DEFAULT_PATH)).expect("open /dev/kmsg");
         let marker = format!("sysgenid-sources-test-{}", std::process::id());
         {
             let mut w = std::fs::OpenOptions::new()

@@ -6,6 +6,7 @@
 //! that).
 
 use std::os::unix::fs::PermissionsExt;
+use std::os::unix::net::UnixDatagram;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
@@ -22,6 +23,76 @@ pub fn bin(name: &str) -> PathBuf {
         path.display()
     );
     path
+}
+
+/// Raises RLIMIT_NOFILE to `want` (soft and hard; raising the hard limit
+/// needs CAP_SYS_RESOURCE) or, failing that, the soft limit to the hard
+/// one; returns the new soft limit. A daemon started afterwards inherits
+/// it (sysgenidd does not raise its own), and needs two descriptors per
+/// connection (the socket and the peer's pidfd).
+pub fn raise_nofile_to(want: u64) -> u64 {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit/setrlimit read and write one live rlimit struct.
+    unsafe {
+        assert_eq!(libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim), 0);
+        if lim.rlim_max < want {
+            let more = libc::rlimit {
+                rlim_cur: want,
+                rlim_max: want,
+            };
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &more) == 0 {
+                return want;
+            }
+        }
+        lim.rlim_cur = lim.rlim_max;
+        assert_eq!(libc::setrlimit(libc::RLIMIT_NOFILE, &lim), 0);
+    }
+    lim.rlim_cur
+}
+
+/// Raises the soft RLIMIT_NOFILE to the hard limit; the new soft limit.
+pub fn raise_nofile() -> u64 {
+    raise_nofile_to(0)
+}
+
+/// The resident set (`VmRSS`) of process `pid`, KiB.
+pub fn rss_kib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap()
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .expect("VmRSS in /proc/<pid>/status")
+}
+
+/// A raw `SOCK_SEQPACKET` connection to `path` (std has none): a rustix
+/// socket wrapped as a `UnixDatagram` for send/recv, which work on any
+/// connected socket. Reads and writes give up after `timeout`.
+pub fn seqpacket_connect(path: &Path, timeout: Duration) -> std::io::Result<UnixDatagram> {
+    use rustix::net::{AddressFamily, SocketAddrUnix, SocketFlags, SocketType};
+    let fd = rustix::net::socket_with(
+        AddressFamily::UNIX,
+        SocketType::SEQPACKET,
+        SocketFlags::CLOEXEC,
+        None,
+    )?;
+    rustix::net::connect(&fd, &SocketAddrUnix::new(path)?)?;
+    let sock = UnixDatagram::from(fd);
+    sock.set_read_timeout(Some(timeout))?;
+    sock.set_write_timeout(Some(timeout))?;
+    Ok(sock)
+}
+
+/// The `Hello` frame of this protocol version for `role`.
+pub fn hello_frame(role: sysgenid_proto::Role) -> Vec<u8> {
+    sysgenid_proto::Request::Hello {
+        version: sysgenid_proto::PROTOCOL_VERSION,
+        role,
+    }
+    .encode()
 }
 
 /// A temporary runtime directory that other users can traverse (so tests

@@ -21,15 +21,6 @@ use sysgenid_tests::*;
 
 const NOBODY: u32 = 65534;
 
-/// Raises this process's soft RLIMIT_NOFILE to the hard limit (the daemon
-/// raises its own; the helper raises its own).
-fn raise_nofile() {
-    use rustix::process::{getrlimit, setrlimit, Resource};
-    let mut limit = getrlimit(Resource::Nofile);
-    limit.current = limit.maximum;
-    setrlimit(Resource::Nofile, limit).expect("raise RLIMIT_NOFILE");
-}
-
 /// The attack helper, as nobody, until it printed `ready`.
 struct Attacker {
     child: Child,
@@ -80,16 +71,6 @@ impl Attacker {
 
 fn alive(d: &mut Daemon) -> bool {
     d.child.try_wait().unwrap().is_none()
-}
-
-/// VmRSS of a process, in KiB.
-fn rss_kib(pid: u32) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .expect("VmRSS in /proc/<pid>/status")
 }
 
 /// One tracked watcher does not acknowledge a bump to G, so the barrier is

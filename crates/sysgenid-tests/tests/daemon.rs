@@ -2,7 +2,6 @@
 //! runtime directory's safety, protocol versioning, shutdown.
 
 use std::io::Write;
-use std::os::unix::net::UnixDatagram;
 use std::time::Duration;
 
 use sysgenid_proto::{ErrorCode, Reply, Request, Role};
@@ -93,7 +92,8 @@ fn sigterm_answers_barrier_waiters_with_an_error() {
 fn a_newer_client_gets_a_clear_version_error() {
     let dir = runtime_dir();
     let _d = Daemon::start(dir.path());
-    let sock = seqpacket_connect(&dir.path().join("sysgenid.sock"));
+    let sock =
+        seqpacket_connect(&dir.path().join("sysgenid.sock"), Duration::from_secs(5)).unwrap();
     let mut hello = Request::Hello {
         version: 99,
         role: Role::Control,
@@ -117,7 +117,8 @@ fn a_newer_client_gets_a_clear_version_error() {
 fn garbage_frames_get_an_error_and_a_hang_up() {
     let dir = runtime_dir();
     let d = Daemon::start(dir.path());
-    let sock = seqpacket_connect(&dir.path().join("sysgenid.sock"));
+    let sock =
+        seqpacket_connect(&dir.path().join("sysgenid.sock"), Duration::from_secs(5)).unwrap();
     sock.send(&[0x42, 1, 2, 3]).unwrap();
     let mut buf = [0u8; 4096];
     let n = sock.recv(&mut buf).unwrap();
@@ -144,23 +145,6 @@ fn planted_symlink_at_the_socket_path_is_refused() {
     assert!(!out.status.success());
     assert!(stderr(&out).contains("refusing"), "{}", stderr(&out));
     assert_eq!(std::fs::read(&target).unwrap(), b"precious");
-}
-
-/// A raw SOCK_SEQPACKET connection (std has none): rustix socket, wrapped
-/// as a UnixDatagram for send/recv, which work on any connected socket.
-fn seqpacket_connect(path: &std::path::Path) -> UnixDatagram {
-    use rustix::net::{AddressFamily, SocketAddrUnix, SocketFlags, SocketType};
-    let fd = rustix::net::socket_with(
-        AddressFamily::UNIX,
-        SocketType::SEQPACKET,
-        SocketFlags::CLOEXEC,
-        None,
-    )
-    .unwrap();
-    rustix::net::connect(&fd, &SocketAddrUnix::new(path).unwrap()).unwrap();
-    let sock = UnixDatagram::from(fd);
-    sock.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
-    sock
 }
 
 #[test]
@@ -217,7 +201,8 @@ fn one_user_cannot_take_every_connection() {
 fn a_connection_that_never_says_hello_is_dropped_with_a_reason() {
     let dir = runtime_dir();
     let d = Daemon::start_with(dir.path(), &["--hello-timeout-ms", "200"]);
-    let sock = seqpacket_connect(&dir.path().join("sysgenid.sock"));
+    let sock =
+        seqpacket_connect(&dir.path().join("sysgenid.sock"), Duration::from_secs(5)).unwrap();
     let mut buf = [0u8; 4096];
     let n = sock.recv(&mut buf).unwrap();
     match Reply::decode(&buf[..n]).unwrap() {

@@ -9,7 +9,6 @@
 //! `SYSGENID_FULL=1`: 300 measured bumps, a 1 800-bump storm, more hostile
 //! connections.
 
-use std::os::fd::OwnedFd;
 use std::os::unix::net::UnixDatagram;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -27,50 +26,12 @@ fn full() -> bool {
     std::env::var_os("SYSGENID_FULL").is_some_and(|v| v != "0")
 }
 
-/// Raises the soft RLIMIT_NOFILE to the hard limit (the daemon inherits
-/// it: sysgenidd does not raise its own, and each connection costs it two
-/// descriptors, the socket and the peer's pidfd).
-fn raise_nofile() -> u64 {
-    let mut lim = libc::rlimit {
-        rlim_cur: 0,
-        rlim_max: 0,
-    };
-    // SAFETY: getrlimit/setrlimit read/write one live rlimit struct.
-    unsafe {
-        assert_eq!(libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim), 0);
-        lim.rlim_cur = lim.rlim_max;
-        assert_eq!(libc::setrlimit(libc::RLIMIT_NOFILE, &lim), 0);
-    }
-    lim.rlim_cur
-}
-
 fn sock_path(dir: &Path) -> PathBuf {
     dir.join("sysgenid.sock")
 }
 
-/// A raw blocking SOCK_SEQPACKET connection (5 s timeouts).
-fn raw_connect(path: &Path) -> std::io::Result<UnixDatagram> {
-    use rustix::net::{AddressFamily, SocketAddrUnix, SocketFlags, SocketType};
-    let fd: OwnedFd = rustix::net::socket_with(
-        AddressFamily::UNIX,
-        SocketType::SEQPACKET,
-        SocketFlags::CLOEXEC,
-        None,
-    )?;
-    rustix::net::connect(&fd, &SocketAddrUnix::new(path)?)?;
-    let sock = UnixDatagram::from(fd);
-    sock.set_read_timeout(Some(Duration::from_secs(5)))?;
-    sock.set_write_timeout(Some(Duration::from_secs(5)))?;
-    Ok(sock)
-}
-
-fn hello(role: Role) -> Vec<u8> {
-    Request::Hello {
-        version: sysgenid::PROTOCOL_VERSION,
-        role,
-    }
-    .encode()
-}
+/// How long one read or write on a raw connection may block.
+const IO_TIMEOUT: Duration = Duration::from_secs(5);
 
 const WATCHER: Role = Role::Watcher {
     untracked: true,
@@ -118,9 +79,11 @@ fn note_unexpected(c: &Counters, what: String) {
 /// Hello as control, then Status requests without ever reading, until the
 /// daemon drops us; then drain: the replies it had sent, then EOF.
 fn flood_until_dropped(path: &Path, c: &Counters, stop: &AtomicBool) {
-    let Ok(sock) = raw_connect(path) else { return };
+    let Ok(sock) = seqpacket_connect(path, IO_TIMEOUT) else {
+        return;
+    };
     sock.set_nonblocking(true).unwrap();
-    sock.send(&hello(Role::Control)).unwrap();
+    sock.send(&hello_frame(Role::Control)).unwrap();
     let status = Request::Status.encode();
     let started = Instant::now();
     loop {
@@ -194,14 +157,16 @@ fn hostile_clients_do_not_delay_or_wedge_the_daemon() {
 
     // Thousands of connections that never send anything, and watchers
     // that never read (their socket buffers fill during the storm).
-    let silent: Vec<UnixDatagram> = (0..silent_n).map(|_| raw_connect(&path).unwrap()).collect();
+    let silent: Vec<UnixDatagram> = (0..silent_n)
+        .map(|_| seqpacket_connect(&path, IO_TIMEOUT).unwrap())
+        .collect();
     counters
         .silent
         .store(silent.len() as u64, Ordering::Relaxed);
     let never_reading: Vec<UnixDatagram> = (0..never_reading_n)
         .map(|_| {
-            let s = raw_connect(&path).unwrap();
-            s.send(&hello(WATCHER)).unwrap();
+            let s = seqpacket_connect(&path, IO_TIMEOUT).unwrap();
+            s.send(&hello_frame(WATCHER)).unwrap();
             s
         })
         .collect();
@@ -224,9 +189,11 @@ fn hostile_clients_do_not_delay_or_wedge_the_daemon() {
     }
     // Oversized frames, before and after Hello.
     threads.push(spawn(Box::new(|path, c, _| {
-        let Ok(s) = raw_connect(path) else { return };
+        let Ok(s) = seqpacket_connect(path, IO_TIMEOUT) else {
+            return;
+        };
         if c.oversized_refused.load(Ordering::Relaxed) % 2 == 1 {
-            let _ = s.send(&hello(Role::Control));
+            let _ = s.send(&hello_frame(Role::Control));
         }
         let _ = s.send(&vec![0x05u8; MAX_FRAME + 1 + (MAX_FRAME % 7)]);
         match expect_error_then_eof(&s) {
@@ -239,9 +206,11 @@ fn hostile_clients_do_not_delay_or_wedge_the_daemon() {
     // Garbage frames, before and after Hello.
     threads.push(spawn(Box::new(|path, c, _| {
         let mut seed = 0x1234_5678_9abc_def1u64 ^ c.garbage_refused.load(Ordering::Relaxed);
-        let Ok(s) = raw_connect(path) else { return };
+        let Ok(s) = seqpacket_connect(path, IO_TIMEOUT) else {
+            return;
+        };
         if seed.is_multiple_of(2) {
-            let _ = s.send(&hello(Role::Control));
+            let _ = s.send(&hello_frame(Role::Control));
         }
         let _ = s.send(&garbage_frame(&mut seed));
         match expect_error_then_eof(&s) {
@@ -256,9 +225,9 @@ fn hostile_clients_do_not_delay_or_wedge_the_daemon() {
     // descriptors: see "Open issues" in docs/reliability.md.)
     threads.push(spawn(Box::new(|path, c, _| {
         for i in 0..100 {
-            if let Ok(s) = raw_connect(path) {
+            if let Ok(s) = seqpacket_connect(path, IO_TIMEOUT) {
                 if i % 2 == 0 {
-                    let _ = s.send(&hello(WATCHER));
+                    let _ = s.send(&hello_frame(WATCHER));
                 }
             }
             c.churn.fetch_add(1, Ordering::Relaxed);
@@ -384,7 +353,7 @@ fn protocol_abuse_gets_a_clear_error_and_a_hang_up() {
     let d = Daemon::start(dir.path());
     let path = sock_path(dir.path());
     let case = |frames: &[&[u8]], want: &str| {
-        let s = raw_connect(&path).unwrap();
+        let s = seqpacket_connect(&path, IO_TIMEOUT).unwrap();
         for f in frames {
             s.send(f).unwrap();
         }
@@ -396,7 +365,7 @@ fn protocol_abuse_gets_a_clear_error_and_a_hang_up() {
             other => panic!("{frames:?}: {other:?}"),
         }
     };
-    let control = hello(Role::Control);
+    let control = hello_frame(Role::Control);
     case(&[&vec![1u8; MAX_FRAME + 1]], "exceeds the 2048-byte limit");
     case(&[&control, &vec![2u8; 65_000]], "exceeds");
     case(&[&[0x42, 1, 2, 3]], "malformed");
@@ -405,7 +374,7 @@ fn protocol_abuse_gets_a_clear_error_and_a_hang_up() {
     case(&[&control, &control], "Hello sent twice");
     case(&[&control, &[0x02, 1]], "malformed");
     // An empty datagram reads as end of stream: closed without a reply.
-    let s = raw_connect(&path).unwrap();
+    let s = seqpacket_connect(&path, IO_TIMEOUT).unwrap();
     s.send(&[]).unwrap();
     assert_eq!(expect_error_then_eof(&s), None);
     assert_eq!(d.generation(), 0);
@@ -494,7 +463,9 @@ fn running_out_of_file_descriptors_is_survived() {
     // More connections than the daemon has descriptors: the rest wait in
     // the listen backlog.
     let path = sock_path(dir.path());
-    let hogs: Vec<_> = (0..80).map(|_| raw_connect(&path).unwrap()).collect();
+    let hogs: Vec<_> = (0..80)
+        .map(|_| seqpacket_connect(&path, IO_TIMEOUT).unwrap())
+        .collect();
     assert!(
         wait_until(Duration::from_secs(10), || d
             .log()

@@ -22,33 +22,6 @@ fn full() -> bool {
     std::env::var_os("SYSGENID_FULL").is_some_and(|v| v != "0")
 }
 
-/// Raises RLIMIT_NOFILE to `want` (soft and hard; raising the hard limit
-/// needs CAP_SYS_RESOURCE) or, failing that, the soft limit to the hard
-/// one; returns the new soft limit. The daemon inherits it, and needs two
-/// descriptors per connection (the socket and the peer's pidfd).
-fn raise_nofile(want: u64) -> u64 {
-    let mut lim = libc::rlimit {
-        rlim_cur: 0,
-        rlim_max: 0,
-    };
-    // SAFETY: getrlimit/setrlimit write/read one live rlimit struct.
-    unsafe {
-        assert_eq!(libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim), 0);
-        if lim.rlim_max < want {
-            let more = libc::rlimit {
-                rlim_cur: want,
-                rlim_max: want,
-            };
-            if libc::setrlimit(libc::RLIMIT_NOFILE, &more) == 0 {
-                return want;
-            }
-        }
-        lim.rlim_cur = lim.rlim_max;
-        assert_eq!(libc::setrlimit(libc::RLIMIT_NOFILE, &lim), 0);
-    }
-    lim.rlim_cur
-}
-
 fn proc_field(pid: u32, file: &str, key: &str) -> String {
     std::fs::read_to_string(format!("/proc/{pid}/{file}"))
         .unwrap()
@@ -56,16 +29,6 @@ fn proc_field(pid: u32, file: &str, key: &str) -> String {
         .find(|l| l.starts_with(key))
         .unwrap_or_else(|| panic!("no {key} in /proc/{pid}/{file}"))
         .to_string()
-}
-
-/// The daemon's resident set, KiB.
-fn rss_kib(d: &Daemon) -> u64 {
-    proc_field(d.child.id(), "status", "VmRSS:")
-        .split_whitespace()
-        .nth(1)
-        .unwrap()
-        .parse()
-        .unwrap()
 }
 
 struct Rng(u64);
@@ -98,7 +61,7 @@ fn thousands_of_watchers_see_every_bump_with_exact_counts() {
     } else {
         (1_000, 30, 25)
     };
-    let nofile = raise_nofile(n as u64 + 1024);
+    let nofile = raise_nofile_to(n as u64 + 1024);
     // The daemon needs one descriptor per connection (plus a reserve of
     // 64), and so does this process; where the hard limit cannot be raised
     // (no CAP_SYS_RESOURCE) use as many watchers as it allows, and say so.
@@ -114,7 +77,7 @@ fn thousands_of_watchers_see_every_bump_with_exact_counts() {
     eprintln!("daemon: {daemon_nofile}");
     // Let start-up allocations settle, then take the idle level.
     std::thread::sleep(Duration::from_millis(200));
-    let idle = rss_kib(&d);
+    let idle = rss_kib(d.child.id());
 
     let t = Instant::now();
     let mut ws = open_watchers(dir.path(), n);
@@ -161,20 +124,20 @@ fn thousands_of_watchers_see_every_bump_with_exact_counts() {
     for w in ws.iter_mut() {
         assert_eq!(w.try_read().unwrap(), None, "up to date: nothing to read");
     }
-    let peak = rss_kib(&d);
+    let peak = rss_kib(d.child.id());
 
     drop(ws);
     d.wait_watchers_registered(0);
     std::thread::sleep(Duration::from_millis(200));
-    let after = rss_kib(&d);
+    let after = rss_kib(d.child.id());
     // A second wave: same number of connections, then gone again.
     let ws = open_watchers(dir.path(), n);
     d.wait_watchers_registered(n as u32);
-    let peak2 = rss_kib(&d);
+    let peak2 = rss_kib(d.child.id());
     drop(ws);
     d.wait_watchers_registered(0);
     std::thread::sleep(Duration::from_millis(200));
-    let after2 = rss_kib(&d);
+    let after2 = rss_kib(d.child.id());
     eprintln!(
         "load: {n} watchers opened in {open_time:.1?}; {bumps} bumps with {acks} acks in {bump_time:.1?} \
          ({:.1?}/bump incl. {n} reads); daemon VmRSS idle {idle} KiB, peak {peak} KiB, \

@@ -467,22 +467,8 @@ fn version_1_clients_keep_working_and_see_no_lifecycle() {
     use sysgenid_proto::{ErrorCode, Reply, Request, Role, MAX_FRAME};
     let dir = runtime_dir();
     let d = Daemon::start(dir.path());
-    let connect = || {
-        let fd = rustix::net::socket(
-            rustix::net::AddressFamily::UNIX,
-            rustix::net::SocketType::SEQPACKET,
-            None,
-        )
-        .unwrap();
-        rustix::net::connect(
-            &fd,
-            &rustix::net::SocketAddrUnix::new(dir.path().join("sysgenid.sock")).unwrap(),
-        )
-        .unwrap();
-        let sock = UnixDatagram::from(fd);
-        sock.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
-        sock
-    };
+    let connect =
+        || seqpacket_connect(&dir.path().join("sysgenid.sock"), Duration::from_secs(5)).unwrap();
     let recv = |sock: &UnixDatagram| {
         let mut buf = [0u8; MAX_FRAME];
         let n = sock.recv(&mut buf).unwrap();

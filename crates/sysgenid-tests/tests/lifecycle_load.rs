@@ -26,41 +26,6 @@ use sysgenid_tests::*;
 const PARTICIPANTS: usize = 10_000;
 const ROUNDS: u32 = 3;
 
-/// Raises RLIMIT_NOFILE to `want` (needs CAP_SYS_RESOURCE past the hard
-/// limit) or the soft limit to the hard one; the new soft limit.
-fn raise_nofile(want: u64) -> u64 {
-    let mut lim = libc::rlimit {
-        rlim_cur: 0,
-        rlim_max: 0,
-    };
-    // SAFETY: getrlimit/setrlimit read and write one live rlimit struct.
-    unsafe {
-        assert_eq!(libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim), 0);
-        if lim.rlim_max < want {
-            let more = libc::rlimit {
-                rlim_cur: want,
-                rlim_max: want,
-            };
-            if libc::setrlimit(libc::RLIMIT_NOFILE, &more) == 0 {
-                return want;
-            }
-        }
-        lim.rlim_cur = lim.rlim_max;
-        assert_eq!(libc::setrlimit(libc::RLIMIT_NOFILE, &lim), 0);
-    }
-    lim.rlim_cur
-}
-
-/// The daemon's resident set, KiB.
-fn rss_kib(d: &Daemon) -> u64 {
-    std::fs::read_to_string(format!("/proc/{}/status", d.child.id()))
-        .unwrap()
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.split_whitespace().next()?.parse().ok())
-        .expect("VmRSS")
-}
-
 /// The daemon's open descriptors.
 fn open_fds(d: &Daemon) -> usize {
     std::fs::read_dir(format!("/proc/{}/fd", d.child.id()))
@@ -109,11 +74,11 @@ fn wait_state(d: &Daemon, state: LifecycleState) -> sysgenid::StatusReport {
 
 #[test]
 fn ten_thousand_participants_freeze_and_thaw_with_exact_counts() {
-    let nofile = raise_nofile(2 * PARTICIPANTS as u64 + 1024);
+    let nofile = raise_nofile_to(2 * PARTICIPANTS as u64 + 1024);
     let dir = runtime_dir();
     let mut d = Daemon::start(dir.path());
     std::thread::sleep(Duration::from_millis(200));
-    let idle = rss_kib(&d);
+    let idle = rss_kib(d.child.id());
     // The daemon inherits our limit and holds one or more descriptors per
     // connection: measure how many on a first batch, then open as many
     // participants as both processes' limits allow (and say so if that is
@@ -145,7 +110,7 @@ fn ten_thousand_participants_freeze_and_thaw_with_exact_counts() {
         (s.participants, s.state),
         (n as u32, LifecycleState::Running)
     );
-    let registered = rss_kib(&d);
+    let registered = rss_kib(d.child.id());
 
     let mut frozen_peak = 0;
     let mut freeze_times = Vec::new();
@@ -206,7 +171,7 @@ fn ten_thousand_participants_freeze_and_thaw_with_exact_counts() {
             (LifecycleState::Frozen, 0, n as u32),
             "round {round}: frozen"
         );
-        frozen_peak = frozen_peak.max(rss_kib(&d));
+        frozen_peak = frozen_peak.max(rss_kib(d.child.id()));
 
         d.control().thaw().unwrap();
         for (i, w) in ws.iter_mut().enumerate() {
@@ -263,7 +228,7 @@ fn ten_thousand_participants_freeze_and_thaw_with_exact_counts() {
     drop(ws);
     d.wait_watchers_registered(0);
     std::thread::sleep(Duration::from_millis(200));
-    let after = rss_kib(&d);
+    let after = rss_kib(d.child.id());
     assert_eq!(d.status().participants, 0);
     eprintln!(
         "lifecycle load: {n} participants ({per_conn} daemon fd each) opened in {open_time:.1?}; {ROUNDS} freeze+thaw rounds, \

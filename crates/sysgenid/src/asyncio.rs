@@ -10,6 +10,7 @@ use tokio::io::Interest;
 use sysgenid_proto::{Reply, Request, SOCKET_NAME};
 
 use crate::conn::{Conn, Try};
+use crate::lifecycle::Freezes;
 use crate::{expect_done, Error, Event, WatcherBuilder};
 
 /// An async [`Watcher`](crate::Watcher). `read().await` completes when the
@@ -32,13 +33,8 @@ pub struct AsyncWatcher {
     events: VecDeque<Event>,
     /// A generation not to report again ([`AsyncWatcher::skip`]).
     skipped: Option<u32>,
-    /// Counts reconnections: freeze numbers belong to one daemon run.
-    conn_no: u64,
-    /// The freeze last told of and not yet thawed from, with the connection
-    /// it came on.
-    frozen: Option<(u32, u64)>,
-    /// The latest freeze told of, with its connection (kept after the thaw).
-    last_freeze: Option<(u32, u64)>,
+    /// The freezes told of, across reconnections.
+    freezes: Freezes,
 }
 
 impl WatcherBuilder {
@@ -52,9 +48,7 @@ impl WatcherBuilder {
             in_flight: false,
             events: VecDeque::new(),
             skipped: None,
-            conn_no: 0,
-            frozen: None,
-            last_freeze: None,
+            freezes: Freezes::default(),
         })
     }
 }
@@ -143,13 +137,13 @@ impl AsyncWatcher {
     pub async fn read_event(&mut self) -> Result<Event, Error> {
         loop {
             if let Some(event) = self.events.pop_front() {
-                return Ok(self.noted(event));
+                return Ok(self.freezes.note(event));
             }
             let mut guard = self.fd.readable().await?;
             match guard.get_inner().try_event(self.skipped) {
                 Ok(Try::Ready(event)) => {
                     drop(guard);
-                    return Ok(self.noted(event));
+                    return Ok(self.freezes.note(event));
                 }
                 Ok(Try::WouldBlock) => guard.clear_ready(),
                 Err(Error::Disconnected) if self.opts.reconnect => {
@@ -163,22 +157,10 @@ impl AsyncWatcher {
 
     /// Confirms freeze `freeze`; see [`Watcher::confirm`](crate::Watcher::confirm).
     pub async fn confirm(&mut self, freeze: u32) -> Result<(), Error> {
-        if matches!(self.last_freeze, Some((id, on)) if id == freeze && on != self.conn_no) {
+        if self.freezes.told_before_reconnecting(freeze) {
             return Ok(());
         }
         expect_done(self.request(&Request::Confirm { freeze }).await?).map(drop)
-    }
-
-    fn noted(&mut self, event: Event) -> Event {
-        match event {
-            Event::Freeze { freeze, .. } => {
-                self.frozen = Some((freeze, self.conn_no));
-                self.last_freeze = self.frozen;
-            }
-            Event::Thaw { .. } => self.frozen = None,
-            Event::Change { .. } => {}
-        }
-        event
     }
 
     /// See [`Watcher::skip`](crate::Watcher::skip).
@@ -201,18 +183,11 @@ impl AsyncWatcher {
                 Ok((fd, generation)) => {
                     self.fd = fd;
                     self.in_flight = false;
-                    self.conn_no += 1;
-                    // A restarted daemon comes up running: thaw a frozen
-                    // participant unless it was frozen again at once.
-                    if let Some((freeze, _)) = self.frozen {
-                        let refrozen = matches!(
-                            self.fd.get_ref().try_peek(),
-                            Ok(Try::Ready(Reply::Freeze { .. }))
-                        );
-                        if !refrozen {
-                            self.events.push_back(Event::Thaw { freeze, generation });
-                        }
-                    }
+                    let conn = self.fd.get_ref();
+                    let thaw = self.freezes.reconnected(generation, || {
+                        matches!(conn.try_peek(), Ok(Try::Ready(Reply::Freeze { .. })))
+                    });
+                    self.events.extend(thaw);
                     return Ok(());
                 }
                 Err(Error::NotRunning { .. } | Error::Disconnected) => {

@@ -50,6 +50,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 pub use lifecycle::Event;
+use lifecycle::Freezes;
 use rustix::event::PollFlags;
 pub use sysgenid_proto::{
     ErrorCode, HooksStatus, LifecycleState, SourceStatus, StatusReport, PROTOCOL_VERSION,
@@ -351,9 +352,7 @@ impl WatcherBuilder {
             acked,
             events: VecDeque::new(),
             skipped: None,
-            conn_no: 0,
-            frozen: None,
-            last_freeze: None,
+            freezes: Freezes::default(),
         })
     }
 }
@@ -375,13 +374,8 @@ pub struct Watcher {
     /// A generation the caller chose not to acknowledge yet
     /// ([`Watcher::skip`]).
     skipped: Option<u32>,
-    /// Counts reconnections: freeze numbers belong to one daemon run.
-    conn_no: u64,
-    /// The freeze this participant was last told of and not yet thawed
-    /// from, with the connection it came on.
-    frozen: Option<(u32, u64)>,
-    /// The latest freeze told of, with its connection (kept after the thaw).
-    last_freeze: Option<(u32, u64)>,
+    /// The freezes told of, across reconnections.
+    freezes: Freezes,
 }
 
 impl Watcher {
@@ -416,20 +410,7 @@ impl Watcher {
                 }
             };
         }
-        loop {
-            match self.conn.try_changed() {
-                Ok(Try::Ready(generation)) => return Ok(generation),
-                Ok(Try::WouldBlock) if self.opts.nonblocking => return Err(Error::WouldBlock),
-                Ok(Try::WouldBlock) => {
-                    wait_fd(self.conn.fd(), PollFlags::IN, None)?;
-                }
-                Err(Error::Disconnected) if self.opts.reconnect && !self.opts.nonblocking => {
-                    self.reconnect()?;
-                }
-                Err(Error::Disconnected) if self.opts.reconnect => self.reconnect_once()?,
-                Err(e) => return Err(e),
-            }
-        }
+        self.blocking(|w| w.conn.try_changed())
     }
 
     /// Like [`read`](Self::read) but never blocks: `Ok(None)` when there is
@@ -592,21 +573,42 @@ impl Watcher {
         }
     }
 
+    /// What `attempt` gives once it is ready: between attempts, waits for
+    /// the socket (non-blocking: [`Error::WouldBlock`]), and reconnects when
+    /// the daemon went away (if reconnecting is on; non-blocking: one try,
+    /// no waiting). The loop of [`read`](Self::read) and
+    /// [`read_event`](Self::read_event).
+    fn blocking<T>(
+        &mut self,
+        mut attempt: impl FnMut(&mut Watcher) -> Result<Try<T>, Error>,
+    ) -> Result<T, Error> {
+        loop {
+            match attempt(self) {
+                Ok(Try::Ready(value)) => return Ok(value),
+                Ok(Try::WouldBlock) if self.opts.nonblocking => return Err(Error::WouldBlock),
+                Ok(Try::WouldBlock) => {
+                    wait_fd(self.conn.fd(), PollFlags::IN, None)?;
+                }
+                Err(Error::Disconnected) if self.opts.reconnect && !self.opts.nonblocking => {
+                    self.reconnect()?;
+                }
+                Err(Error::Disconnected) if self.opts.reconnect => self.reconnect_once()?,
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
     /// One reconnection attempt, without waiting.
     fn reconnect_once(&mut self) -> Result<(), Error> {
         let (role, version) = self.opts.hello(Some(self.acked));
         let conn = Conn::connect(&self.socket, role, version)?;
         let generation = expect_welcome(&conn, version)?;
         self.conn = conn;
-        self.conn_no += 1;
-        // A daemon that restarted comes up running: a participant that was
-        // frozen is told to thaw, unless the new daemon froze it again (it
-        // sends that Freeze right behind the Welcome).
-        if let Some((freeze, _)) = self.frozen {
-            if !matches!(self.conn.try_peek(), Ok(Try::Ready(Reply::Freeze { .. }))) {
-                self.events.push_back(Event::Thaw { freeze, generation });
-            }
-        }
+        let conn = &self.conn;
+        let thaw = self.freezes.reconnected(generation, || {
+            matches!(conn.try_peek(), Ok(Try::Ready(Reply::Freeze { .. })))
+        });
+        self.events.extend(thaw);
         Ok(())
     }
 }

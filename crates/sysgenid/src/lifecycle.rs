@@ -5,10 +5,9 @@
 
 use std::time::Duration;
 
-use rustix::event::PollFlags;
 use sysgenid_proto::{Reply, Request, LIFECYCLE_VERSION};
 
-use crate::conn::{wait_fd, Try};
+use crate::conn::Try;
 use crate::{expect_done, Control, Error, ErrorCode, Watcher};
 
 /// What a lifecycle participant is told, in the order it happened.
@@ -87,13 +86,28 @@ impl Event {
     }
 }
 
-impl Watcher {
-    /// Remembers what a participant was told, for reconnections.
-    fn noted(&mut self, event: Event) -> Event {
+/// What a participant remembers of the freezes it was told of, for
+/// reconnections: freeze numbers belong to one daemon run, so each is kept
+/// with the connection it came on. One piece for the sync [`Watcher`] and
+/// the async watcher.
+#[derive(Debug, Default)]
+pub(crate) struct Freezes {
+    /// Counts reconnections.
+    conn_no: u64,
+    /// The freeze last told of and not yet thawed from, with the connection
+    /// it came on.
+    frozen: Option<(u32, u64)>,
+    /// The latest freeze told of, with its connection (kept after the thaw).
+    last: Option<(u32, u64)>,
+}
+
+impl Freezes {
+    /// Remembers an event the participant is about to be given.
+    pub(crate) fn note(&mut self, event: Event) -> Event {
         match event {
             Event::Freeze { freeze, .. } => {
                 self.frozen = Some((freeze, self.conn_no));
-                self.last_freeze = self.frozen;
+                self.last = self.frozen;
             }
             Event::Thaw { .. } => self.frozen = None,
             Event::Change { .. } => {}
@@ -101,6 +115,34 @@ impl Watcher {
         event
     }
 
+    /// Whether `freeze` was told of on an earlier connection (so by a daemon
+    /// that is gone): confirming it succeeds and sends nothing.
+    pub(crate) fn told_before_reconnecting(&self, freeze: u32) -> bool {
+        matches!(self.last, Some((id, on)) if id == freeze && on != self.conn_no)
+    }
+
+    /// The number of the current connection.
+    pub(crate) fn conn_no(&self) -> u64 {
+        self.conn_no
+    }
+
+    /// Counts a reconnection to a daemon that welcomed at `generation`. A
+    /// daemon that restarted comes up running: a participant that was
+    /// frozen is to be told to thaw (the returned event), unless the new
+    /// daemon froze it again (`refrozen`, asked only then: it sends that
+    /// Freeze right behind the Welcome).
+    pub(crate) fn reconnected(
+        &mut self,
+        generation: u32,
+        refrozen: impl FnOnce() -> bool,
+    ) -> Option<Event> {
+        self.conn_no += 1;
+        let (freeze, _) = self.frozen?;
+        (!refrozen()).then_some(Event::Thaw { freeze, generation })
+    }
+}
+
+impl Watcher {
     /// Blocks for the next lifecycle event (in non-blocking mode:
     /// [`Error::WouldBlock`] when there is none). Freeze and thaw events are
     /// returned once each, in order; a change is returned on every call
@@ -113,30 +155,18 @@ impl Watcher {
     /// [`try_read_event`](Self::try_read_event) gives `None` before polling
     /// the descriptor again.
     pub fn read_event(&mut self) -> Result<Event, Error> {
-        loop {
-            if let Some(event) = self.events.pop_front() {
-                return Ok(self.noted(event));
-            }
-            match self.conn.try_event(self.skipped) {
-                Ok(Try::Ready(event)) => return Ok(self.noted(event)),
-                Ok(Try::WouldBlock) if self.opts.nonblocking => return Err(Error::WouldBlock),
-                Ok(Try::WouldBlock) => {
-                    wait_fd(self.conn.fd(), PollFlags::IN, None)?;
-                }
-                Err(Error::Disconnected) if self.opts.reconnect && !self.opts.nonblocking => {
-                    self.reconnect()?;
-                }
-                Err(Error::Disconnected) if self.opts.reconnect => self.reconnect_once()?,
-                Err(e) => return Err(e),
-            }
-        }
+        let event = self.blocking(|w| match w.events.pop_front() {
+            Some(event) => Ok(Try::Ready(event)),
+            None => w.conn.try_event(w.skipped),
+        })?;
+        Ok(self.freezes.note(event))
     }
 
     /// Like [`read_event`](Self::read_event) but never blocks: `Ok(None)`
     /// when there is nothing.
     pub fn try_read_event(&mut self) -> Result<Option<Event>, Error> {
         if let Some(event) = self.events.pop_front() {
-            return Ok(Some(self.noted(event)));
+            return Ok(Some(self.freezes.note(event)));
         }
         let event = match self.conn.try_event(self.skipped) {
             Ok(Try::Ready(event)) => Some(event),
@@ -153,7 +183,7 @@ impl Watcher {
             }
             Err(e) => return Err(e),
         };
-        Ok(event.map(|e| self.noted(e)))
+        Ok(event.map(|e| self.freezes.note(e)))
     }
 
     /// Confirms that this participant has quiesced for freeze `freeze`.
@@ -173,15 +203,15 @@ impl Watcher {
                 message: "this watcher is not a lifecycle participant; open it with lifecycle(true) to confirm freezes".into(),
             });
         }
-        if matches!(self.last_freeze, Some((id, on)) if id == freeze && on != self.conn_no) {
+        if self.freezes.told_before_reconnecting(freeze) {
             return Ok(());
         }
-        let before = self.conn_no;
+        let before = self.freezes.conn_no();
         match self.request(&Request::Confirm { freeze }) {
             Err(Error::Refused {
                 code: ErrorCode::WrongFreeze,
                 ..
-            }) if self.conn_no != before => Ok(()),
+            }) if self.freezes.conn_no() != before => Ok(()),
             other => other.map(drop),
         }
     }
@@ -228,5 +258,37 @@ impl Control {
                 self.version
             ),
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn freezes_thaw_on_reconnect_only_when_frozen_and_not_frozen_again() {
+        let mut f = Freezes::default();
+        f.note(Event::Freeze {
+            freeze: 3,
+            generation: 1,
+        });
+        assert!(!f.told_before_reconnecting(3));
+        assert_eq!(
+            f.reconnected(2, || false),
+            Some(Event::Thaw {
+                freeze: 3,
+                generation: 2
+            })
+        );
+        assert!(f.told_before_reconnecting(3));
+        assert!(!f.told_before_reconnecting(4));
+        assert_eq!(f.reconnected(2, || true), None);
+        f.note(Event::Thaw {
+            freeze: 3,
+            generation: 2,
+        });
+        assert_eq!(f.reconnected(2, || panic!("not frozen: not asked")), None);
+        assert_eq!(f.conn_no(), 3);
+        assert!(f.told_before_reconnecting(3));
     }
 }

@@ -59,26 +59,19 @@ fn run(args: &Args) -> Result<(), Error> {
         Cmd::Watch {
             count,
             untracked,
-            lifecycle: true,
+            lifecycle,
             exec,
         } => {
-            let mut builder = Watcher::builder().untracked(*untracked).lifecycle(true);
-            if let Some(dir) = dir {
-                builder = builder.runtime_dir(dir);
-            }
-            watch_lifecycle(builder.open()?, *count, exec)?;
-        }
-        Cmd::Watch {
-            count,
-            untracked,
-            lifecycle: false,
-            exec,
-        } => {
-            let mut builder = Watcher::builder().untracked(*untracked);
+            let mut builder = Watcher::builder()
+                .untracked(*untracked)
+                .lifecycle(*lifecycle);
             if let Some(dir) = dir {
                 builder = builder.runtime_dir(dir);
             }
             let mut watcher = builder.open()?;
+            if *lifecycle {
+                return watch_lifecycle(watcher, *count, exec);
+            }
             let mut seen = 0u64;
             while count.is_none_or(|n| seen < n) {
                 let generation = watcher.read()?;

@@ -1,5 +1,5 @@
-//! Who sent a request, and may they do a privileged thing (force a bump;
-//! later freeze and thaw)? [`privileged`] is the one place that decides.
+//! Who sent a request, and may they do a privileged thing (force a bump,
+//! freeze, thaw)? [`privileged`] is the one place that decides.
 //!
 //! # The rule
 //! The seed allows `SYSGENID_FORCE_GEN_UPDATE` to a caller with

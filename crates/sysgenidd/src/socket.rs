@@ -587,14 +587,14 @@ impl SocketFrontend {
             // Registered during a freeze: told at once, right after Welcome.
             Some(freeze) => {
                 self.send_frame(key, &welcome.encode());
-                self.send_event(key, Reply::Freeze { freeze, generation }, watchers);
+                self.send_reply(key, Reply::Freeze { freeze, generation }, watchers);
             }
         }
     }
 
-    /// Whether the sender of a freeze or thaw frame may do it: the rule of
-    /// a forced update (`peer::privileged`), judged on the process that
-    /// sent the frame. Answers the refusal itself.
+    /// Whether the sender of a bump, freeze or thaw frame may do it
+    /// (`peer::privileged`), judged on the process that sent the frame.
+    /// Answers the refusal itself; `what` names the request in it.
     fn check_privilege(
         &mut self,
         key: usize,
@@ -749,7 +749,9 @@ impl SocketFrontend {
         self.schedule(key, cx.work);
     }
 
-    /// Fan-out of a lifecycle event (`Freeze` or `Thaw`) to every participant.
+    /// Fan-out of a lifecycle event (`Freeze` or `Thaw`) to every
+    /// participant, each followed (by `send_reply`) by the `Changed` that
+    /// keeps an outdated watcher's socket readable.
     pub fn on_lifecycle_event(&mut self, event: Reply, watchers: &Watchers) {
         let keys: Vec<usize> = self
             .conns
@@ -758,14 +760,8 @@ impl SocketFrontend {
             .map(|(k, _)| k)
             .collect();
         for key in keys {
-            self.send_event(key, event.clone(), watchers);
+            self.send_reply(key, event.clone(), watchers);
         }
-    }
-
-    /// Sends an unsolicited lifecycle event, then the `Changed` that keeps
-    /// an outdated watcher's socket readable.
-    fn send_event(&mut self, key: usize, event: Reply, watchers: &Watchers) {
-        self.send_reply(key, event, watchers);
     }
 
     fn on_ack(&mut self, key: usize, generation: u32, cx: &mut Context<'_>) {
@@ -839,17 +835,12 @@ impl SocketFrontend {
         sender: Option<Sender>,
         cx: &mut Context<'_>,
     ) {
-        if let Err(why) = crate::peer::privileged(sender.as_ref()) {
-            let (pid, uid) = sender.as_ref().map_or((0, 0), |s| (s.pid(), s.uid()));
-            let message = format!(
-                "permission denied: forcing a generation update needs CAP_SYS_ADMIN or CAP_CHECKPOINT_RESTORE in sysgenidd's user namespace; the sender (pid {pid}, uid {uid}) was refused: {why}"
-            );
-            tracing::warn!("{message}");
-            self.send_reply(
-                key,
-                error(ErrorCode::PermissionDenied, 0, message),
-                cx.watchers,
-            );
+        if !self.check_privilege(
+            key,
+            "forcing a generation update",
+            sender.as_ref(),
+            cx.watchers,
+        ) {
             return;
         }
         // The loop bumps and fans out, then calls `answer_bump`.

@@ -14,15 +14,17 @@
 //! `pipeline` prints `replies <count>` when it ends.
 
 use std::io::{BufRead, Write};
-use std::os::fd::OwnedFd;
-use std::os::unix::net::UnixDatagram;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 
 use std::time::Duration;
 
-use sysgenid_proto::{Reply, Request, Role, MAX_FRAME, PROTOCOL_VERSION};
+use sysgenid_proto::{Reply, Request, Role, MAX_FRAME};
+use sysgenid_tests::{hello_frame, seqpacket_connect};
+
+/// How long one read or write on a connection may block.
+const TIMEOUT: Duration = Duration::from_secs(10);
 
 fn usage() -> ! {
     eprintln!("usage: sysgenid-attack-loop waiters|flood|pipeline SOCKET [N [K]]");
@@ -37,33 +39,10 @@ fn raise_nofile() {
     let _ = setrlimit(Resource::Nofile, limit);
 }
 
-fn connect(path: &Path) -> std::io::Result<UnixDatagram> {
-    use rustix::net::{AddressFamily, SocketAddrUnix, SocketFlags, SocketType};
-    let fd: OwnedFd = rustix::net::socket_with(
-        AddressFamily::UNIX,
-        SocketType::SEQPACKET,
-        SocketFlags::CLOEXEC,
-        None,
-    )?;
-    rustix::net::connect(&fd, &SocketAddrUnix::new(path)?)?;
-    let sock = UnixDatagram::from(fd);
-    sock.set_write_timeout(Some(Duration::from_secs(10)))?;
-    sock.set_read_timeout(Some(Duration::from_secs(10)))?;
-    Ok(sock)
-}
-
-fn hello(role: Role) -> Vec<u8> {
-    Request::Hello {
-        version: PROTOCOL_VERSION,
-        role,
-    }
-    .encode()
-}
-
 /// Connects as a control client and returns the current generation.
 fn current_generation(path: &Path) -> u32 {
-    let sock = connect(path).expect("connect");
-    sock.send(&hello(Role::Control)).expect("send Hello");
+    let sock = seqpacket_connect(path, TIMEOUT).expect("connect");
+    sock.send(&hello_frame(Role::Control)).expect("send Hello");
     let mut buf = [0u8; MAX_FRAME];
     let n = sock.recv(&mut buf).expect("read Welcome");
     match Reply::decode(&buf[..n]) {
@@ -90,9 +69,9 @@ fn hold() {
 fn waiters(path: &Path, n: usize) {
     // A tracked watcher that never acknowledges: after the next bump it
     // holds the barrier, as any slow participant may.
-    let holder = connect(path).expect("connect");
+    let holder = seqpacket_connect(path, TIMEOUT).expect("connect");
     holder
-        .send(&hello(Role::Watcher {
+        .send(&hello_frame(Role::Watcher {
             untracked: false,
             acked: None,
             lifecycle: false,
@@ -118,14 +97,14 @@ fn waiters(path: &Path, n: usize) {
     let next = g.checked_add(1).expect("generation below u32::MAX");
     let mut socks = vec![holder];
     for i in 0..n {
-        let sock = match connect(path) {
+        let sock = match seqpacket_connect(path, TIMEOUT) {
             Ok(s) => s,
             Err(e) => panic!("connection {i}: {e}"),
         };
         // Up to date at G: the wait is pending on the holder; the ack of
         // G+1 waits behind it in the socket.
         for frame in [
-            hello(Role::Watcher {
+            hello_frame(Role::Watcher {
                 untracked: false,
                 acked: None,
                 lifecycle: false,
@@ -146,8 +125,8 @@ fn waiters(path: &Path, n: usize) {
 /// read: send far more requests than the daemon would queue for us, let it
 /// drop us, then count what is still readable before the end of file.
 fn kernel_capacity(path: &Path) -> usize {
-    let sock = connect(path).expect("connect");
-    sock.send(&hello(Role::Control)).expect("send Hello");
+    let sock = seqpacket_connect(path, TIMEOUT).expect("connect");
+    sock.send(&hello_frame(Role::Control)).expect("send Hello");
     for _ in 0..1000 {
         if sock.send(&Request::Status.encode()).is_err() {
             break;
@@ -174,11 +153,11 @@ fn flood(path: &Path, n: usize, extra: usize) {
     let status = Request::Status.encode();
     let mut socks = Vec::with_capacity(n);
     for i in 0..n {
-        let sock = match connect(path) {
+        let sock = match seqpacket_connect(path, TIMEOUT) {
             Ok(s) => s,
             Err(e) => panic!("connection {i}: {e}"),
         };
-        let _ = sock.send(&hello(Role::Control));
+        let _ = sock.send(&hello_frame(Role::Control));
         for _ in 0..k {
             // The daemon drops a connection that passes its budget: the
             // sends that follow fail, and that is the point.
@@ -203,11 +182,11 @@ fn pipeline_one(path: &Path, generation: u32, stop: &AtomicBool, replies: &Atomi
     let ack = Request::Ack { generation }.encode();
     let iovs: Vec<[IoSlice<'_>; 1]> = (0..BATCH).map(|_| [IoSlice::new(&ack)]).collect();
     while !stop.load(Ordering::Relaxed) {
-        let Ok(sock) = connect(path) else {
+        let Ok(sock) = seqpacket_connect(path, TIMEOUT) else {
             std::thread::sleep(Duration::from_millis(1));
             continue;
         };
-        let watcher = hello(Role::Watcher {
+        let watcher = hello_frame(Role::Watcher {
             untracked: true,
             acked: None,
             lifecycle: false,
