@@ -99,6 +99,15 @@ class Daemon:
     def control(self):
         return sysgenid.Control(self.dir)
 
+    def remove(self):
+        """Stops the daemon and removes its directory and log."""
+        self.stop()
+        shutil.rmtree(self.dir, ignore_errors=True)
+        try:
+            os.remove(self.log)
+        except OSError:
+            pass
+
     def status(self):
         return sysgenid.status(runtime_dir=self.dir)
 
@@ -130,12 +139,7 @@ def daemon():
     try:
         yield d
     finally:
-        d.stop()
-        shutil.rmtree(d.dir, ignore_errors=True)
-        try:
-            os.remove(d.log)
-        except OSError:
-            pass
+        d.remove()
 
 
 @pytest.fixture

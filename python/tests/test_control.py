@@ -105,8 +105,7 @@ def nobodys_daemon():
     try:
         yield d
     finally:
-        d.stop()
-        shutil.rmtree(d.dir, ignore_errors=True)
+        d.remove()
 
 
 @needs_root()

@@ -3,6 +3,7 @@ daemon that does not follow them (served by a fake daemon in a thread)."""
 
 import errno
 import os
+import shutil
 import socket
 import struct
 import threading
@@ -117,21 +118,37 @@ class FakeDaemon:
 
     def close(self):
         self.sock.close()
+        shutil.rmtree(self.dir, ignore_errors=True)
 
 
-def test_a_welcome_of_another_version_is_refused_clearly():
-    fake = FakeDaemon([b"\x81\x03\x00\x00\x00\x00\x00"])
+@pytest.fixture
+def fake_daemon():
+    """Starts FakeDaemons; each is closed and its directory removed when
+    the test ends, passed or not."""
+    fakes = []
+
+    def start(frames):
+        fake = FakeDaemon(frames)
+        fakes.append(fake)
+        return fake
+
+    yield start
+    for fake in fakes:
+        fake.close()
+
+
+def test_a_welcome_of_another_version_is_refused_clearly(fake_daemon):
+    fake = fake_daemon([b"\x81\x03\x00\x00\x00\x00\x00"])
     with pytest.raises(sysgenid.VersionMismatch) as e:
         sysgenid.Watcher(runtime_dir=fake.dir)
     assert e.value.daemon == 3 and "version 3" in str(e.value)
     assert fake.hellos == [_protocol.hello_watcher(False)]
-    fake.close()
 
 
-def test_control_falls_back_to_a_version_1_daemon():
+def test_control_falls_back_to_a_version_1_daemon(fake_daemon):
     mismatch = b"\xff\x06\x00" + struct.pack("<I", 1) + b"this daemon speaks 1"
     welcome_v1 = b"\x81\x01\x00\x05\x00\x00\x00"
-    fake = FakeDaemon([[mismatch], [welcome_v1]])
+    fake = fake_daemon([[mismatch], [welcome_v1]])
     c = sysgenid.Control(fake.dir)
     assert (c.version, c.generation_at_connect) == (1, 5)
     assert fake.hellos == [_protocol.hello_control(2), _protocol.hello_control(1)]
@@ -140,24 +157,21 @@ def test_control_falls_back_to_a_version_1_daemon():
     with pytest.raises(sysgenid.VersionMismatch, match="upgrade the daemon"):
         c.thaw()
     c.close()
-    fake.close()
 
 
-def test_a_version_mismatch_error_from_the_daemon_is_raised():
+def test_a_version_mismatch_error_from_the_daemon_is_raised(fake_daemon):
     frame = b"\xff\x06\x00" + struct.pack("<I", 3) + b"daemon speaks 3, client 1"
-    fake = FakeDaemon([frame])
+    fake = fake_daemon([frame])
     with pytest.raises(sysgenid.VersionMismatch) as e:
         sysgenid.Control(fake.dir)
     assert e.value.daemon == 3 and e.value.errno == errno.EPROTONOSUPPORT
     assert len(fake.hellos) == 1, "no fallback to a version above ours"
-    fake.close()
 
 
-def test_an_oversized_frame_is_reported_not_misread():
-    fake = FakeDaemon([b"\x81\x01\x00\x00\x00\x00\x00", b"\x82" + b"\0" * 3000])
+def test_an_oversized_frame_is_reported_not_misread(fake_daemon):
+    fake = fake_daemon([b"\x81\x01\x00\x00\x00\x00\x00", b"\x82" + b"\0" * 3000])
     w = sysgenid.Watcher(runtime_dir=fake.dir, nonblocking=True, reconnect=False)
     assert w.wait_readable(5)
     with pytest.raises(sysgenid.ProtocolError, match="exceeds the 2048-byte limit"):
         w.read()
     w.close()
-    fake.close()
