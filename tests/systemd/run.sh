@@ -124,6 +124,10 @@ expect_eq "Type" "$(show Type)" notify
 status=$(show StatusText)
 case $status in "generation 0, serving /run/sysgenid"*) ;; *) fail "no STATUS= from READY: '$status'" ;; esac
 ok "READY=1 with STATUS: $status"
+# SCHED_FIFO from the unit (the kernel log reader keeps ahead of floods);
+# policy 1 in /proc/PID/stat's 41st field.
+policy=$(inside awk '{print $41}' "/proc/$(show MainPID)/stat")
+expect_eq "the daemon's scheduling policy (1 = SCHED_FIFO)" "$policy" 1
 expect_eq "WatchdogUSec" "$(show WatchdogUSec)" 30s
 expect_eq "Restart" "$(show Restart)" on-failure
 before=$(show Before)
