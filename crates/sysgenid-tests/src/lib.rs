@@ -220,6 +220,17 @@ impl Daemon {
         sysgenid::Control::connect(Some(&self.dir)).expect("control connection")
     }
 
+    /// `wait_watchers(None)` on a control connection of its own, in a
+    /// thread: an orchestrator blocked in the barrier.
+    pub fn spawn_barrier_waiter(&self) -> std::thread::JoinHandle<Result<(), sysgenid::Error>> {
+        let dir = self.dir.clone();
+        std::thread::spawn(move || {
+            sysgenid::Control::connect(Some(&dir))
+                .unwrap()
+                .wait_watchers(None)
+        })
+    }
+
     /// A tracked, blocking watcher.
     pub fn watcher(&self) -> sysgenid::Watcher {
         sysgenid::Watcher::builder()

@@ -65,14 +65,7 @@ fn sigterm_answers_barrier_waiters_with_an_error() {
     let mut d = Daemon::start(dir.path());
     let _w = d.watcher();
     d.control().bump(0).unwrap();
-    let waiter = {
-        let dir = dir.path().to_path_buf();
-        std::thread::spawn(move || {
-            sysgenid::Control::connect(Some(&dir))
-                .unwrap()
-                .wait_watchers(None)
-        })
-    };
+    let waiter = d.spawn_barrier_waiter();
     std::thread::sleep(Duration::from_millis(200));
     d.signal_and_wait(libc::SIGTERM);
     let e = waiter.join().unwrap().unwrap_err();

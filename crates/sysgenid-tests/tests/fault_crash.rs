@@ -278,19 +278,9 @@ fn sigterm_with_blocked_readers_and_barrier_waiters_is_clean() {
     d.wait_watchers_registered(4);
     let g = d.control().bump(0).unwrap();
     assert_eq!(outdated.try_read().unwrap(), Some(g));
-    let waiter = |dir: std::path::PathBuf| {
-        std::thread::spawn(move || {
-            sysgenid::Control::connect(Some(&dir))
-                .unwrap()
-                .wait_watchers(None)
-        })
-    };
     // The readers read g and ack it; `outdated` holds the barrier.
     assert!(wait_until(Duration::from_secs(10), || d.status().outdated == 1));
-    let waiters = [
-        waiter(dir.path().to_path_buf()),
-        waiter(dir.path().to_path_buf()),
-    ];
+    let waiters = [d.spawn_barrier_waiter(), d.spawn_barrier_waiter()];
     // Blocked readers again (fresh ones, up to date at g).
     let keepers_again: Vec<_> = keepers
         .into_iter()

@@ -204,14 +204,7 @@ fn a_barrier_waiter_on_the_page_notices_a_daemon_killed_under_it() {
     let mut d = Daemon::start(dir.path());
     let _w = d.watcher();
     d.control().bump(0).unwrap();
-    let waiter = {
-        let dir = dir.path().to_path_buf();
-        std::thread::spawn(move || {
-            sysgenid::Control::connect(Some(&dir))
-                .unwrap()
-                .wait_watchers(None)
-        })
-    };
+    let waiter = d.spawn_barrier_waiter();
     std::thread::sleep(Duration::from_millis(200));
     // kill -9 wakes nobody on the page: the waiter's liveness check sees
     // the connection hang up.
