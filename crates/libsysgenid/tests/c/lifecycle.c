@@ -25,18 +25,7 @@
 
 #include <sysgenid.h>
 
-static int checks;
-
-#define CHECK(what, got, want)                                                          \
-	do {                                                                            \
-		long long g_ = (long long)(got), w_ = (long long)(want);                \
-		if (g_ != w_) {                                                         \
-			printf("FAIL: %s: got %lld, want %lld\n", what, g_, w_);       \
-			exit(1);                                                        \
-		}                                                                       \
-		__atomic_add_fetch(&checks, 1, __ATOMIC_RELAXED);                       \
-		printf("ok: %s\n", what);                                               \
-	} while (0)
+#include "check.h"
 
 static int readable(int fd)
 {
