@@ -431,6 +431,11 @@ pub struct HooksStatus {
     pub refused: u64,
     /// The latest failure, timeout or refusal, for humans.
     pub last_problem: Option<String>,
+    /// The hooks whose latest `change` run failed or timed out, each with
+    /// why: each holds the change unacknowledged (a tracked watcher still
+    /// outdated) until the next change's run. Absent from older daemons.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub holding: Vec<String>,
 }
 
 /// A frame that could not be decoded.
@@ -685,15 +690,23 @@ impl Reply {
                         clip(&mut src.detail, limit);
                     }
                     let hooks = short.hooks.as_mut();
-                    let (hooks_dir, hooks_problem) = match hooks {
-                        Some(h) => (Some(&mut h.dir), h.last_problem.as_mut()),
-                        None => (None, None),
+                    let (hooks_dir, hooks_problem, hooks_holding) = match hooks {
+                        Some(h) => {
+                            h.holding.truncate(16);
+                            (
+                                Some(&mut h.dir),
+                                h.last_problem.as_mut(),
+                                Some(&mut h.holding),
+                            )
+                        }
+                        None => (None, None, None),
                     };
                     for text in [&mut short.runtime_dir, &mut short.epoch]
                         .into_iter()
                         .chain(short.device.as_mut())
                         .chain(hooks_dir)
                         .chain(hooks_problem)
+                        .chain(hooks_holding.into_iter().flatten())
                     {
                         clip(text, limit.max(64));
                     }

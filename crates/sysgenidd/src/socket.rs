@@ -933,15 +933,21 @@ impl SocketFrontend {
     pub fn expire(&mut self, now: Instant, cx: &mut Context<'_>) {
         for key in self.waits.expire(now) {
             let outdated = cx.watchers.counts().outdated;
-            self.end_wait(
-                key,
-                error(
-                    ErrorCode::TimedOut,
-                    outdated,
-                    format!("timed out with {outdated} tracked watcher(s) still outdated"),
-                ),
-                cx,
-            );
+            let mut message =
+                format!("timed out with {outdated} tracked watcher(s) still outdated");
+            // Name the hooks holding the change: the orchestrator's one
+            // clue to what did not renew.
+            let holding = (cx.status)(cx.watchers)
+                .hooks
+                .map(|h| h.holding)
+                .unwrap_or_default();
+            if !holding.is_empty() {
+                message.push_str(&format!(
+                    ", among them the hooks whose change run failed: {}",
+                    holding.join(", ")
+                ));
+            }
+            self.end_wait(key, error(ErrorCode::TimedOut, outdated, message), cx);
         }
         self.expire_silent_connections(now, cx.watchers.limits().hello_timeout);
     }
