@@ -52,7 +52,7 @@ systemctl)
 hostnamectl)
 	case "$*" in
 	"--transient hostname") cat "$STUB_STATE/hostname" 2>/dev/null || echo original ;;
-	*set-hostname*) for a; do last=$a; done; echo "$last" > "$STUB_STATE/hostname" ;;
+	"--static --transient hostname "*) for a; do last=$a; done; echo "$last" > "$STUB_STATE/hostname" ;;
 	esac ;;
 chronyc) [ -n "${STUB_CHRONY:-}" ] || exit 1 ;;
 esac
@@ -349,7 +349,7 @@ fn a_clone_renews_machine_id_host_keys_hostname_and_lease_once_per_change() {
     );
     assert_eq!(
         changes(&w.calls()),
-        ["hostnamectl --static --transient set-hostname clone-1"]
+        ["hostnamectl --static --transient hostname clone-1"]
     );
 
     // network: networkd restarted (a new DUID from the new machine-id).
