@@ -579,6 +579,10 @@ class VM:
         except FileNotFoundError:
             return []
         out = []
+        # A line still being written is not a line yet (QEMU writes the
+        # console as it comes; a long REPLY may be read half-written).
+        if not text.endswith("\n"):
+            text = text[:text.rfind("\n") + 1]
         for raw in text.splitlines():
             m = LINE_RE.search(raw)
             if m:
