@@ -509,6 +509,22 @@ impl Watcher {
         })
     }
 
+    /// [`Watcher::trigger_update`] with the allow-exhaustion flag and the
+    /// change's [`BumpDetails`] (kind, host entropy, hostname), as
+    /// [`Control::bump_with`].
+    pub fn trigger_update_with(
+        &mut self,
+        min_generation: u32,
+        allow_exhaustion: bool,
+        details: BumpDetails,
+    ) -> Result<u32, Error> {
+        self.request(&Request::Bump {
+            min_generation,
+            allow_exhaustion,
+            details,
+        })
+    }
+
     /// The daemon's status.
     pub fn status(&mut self) -> Result<StatusReport, Error> {
         self.conn.send(&Request::Status)?;
