@@ -7,7 +7,8 @@
 //! what did not, idempotency, exit codes. Then `sysgenidctl hooks` (list,
 //! enable, disable, root only), and the daemon running enabled shipped
 //! hooks, where a failing one keeps the change unacknowledged and
-//! `wait-watchers` times out naming it.
+//! `wait-watchers` times out naming it, `bump --kind clone --hostname`
+//! renews the identity in order and `bump --kind restore` keeps it.
 
 use std::collections::BTreeMap;
 use std::os::unix::fs::PermissionsExt;
@@ -686,7 +687,7 @@ fn sysgenidctl_hooks_lists_enables_in_order_and_disables_as_root_only() {
 }
 
 #[test]
-fn the_daemon_runs_enabled_shipped_hooks_and_a_failing_one_holds_the_change_by_name() {
+fn the_daemon_runs_enabled_shipped_hooks_for_the_kind_and_a_failing_one_holds_the_change_by_name() {
     if skip_unless_root("(the daemon's hooks run as root from a root-only directory)") {
         return;
     }
@@ -773,4 +774,50 @@ fn the_daemon_runs_enabled_shipped_hooks_and_a_failing_one_holds_the_change_by_n
     assert_eq!(code(&out), Some(0), "{}", stderr(&out));
     assert!(d.status().hooks.unwrap().holding.is_empty());
     assert!(wait_until(Duration::from_secs(1), || d.status().outdated == 0));
+
+    // A clone announced as one, with a hostname: renewed through the
+    // daemon, in order, and acknowledged.
+    let _ = std::fs::remove_file(&w.calls);
+    let keys = w.read("etc/ssh/ssh_host_ed25519_key.pub");
+    let out = d.ctl(&["bump", "--kind", "clone", "--hostname", "clone-1"]);
+    assert_eq!(code(&out), Some(0), "{}", stderr(&out));
+    let out = d.ctl(&["wait-watchers", "--timeout-ms", "60000"]);
+    assert_eq!(code(&out), Some(0), "{}", stderr(&out));
+    let id = w.read("etc/machine-id").trim().to_string();
+    assert_ne!(id, OLD_ID, "{}", d.log());
+    assert_eq!(w.read("var/lib/dbus/machine-id").trim(), id);
+    assert_ne!(w.read("etc/ssh/ssh_host_ed25519_key.pub"), keys);
+    assert_eq!(w.read("etc/hostname"), "clone-1\n");
+    assert_eq!(
+        changes(&w.calls()),
+        [
+            "systemctl restart systemd-journald.service",
+            "hostnamectl --static --transient hostname clone-1",
+            "chronyc -n burst 4/4",
+            "chronyc -n makestep",
+        ],
+        "in run order, machine-id first"
+    );
+    let log = d.log();
+    assert!(
+        log.contains(&format!("sysgenid hook machine-id: new machine-id {id}")),
+        "{log}"
+    );
+
+    // A restore in place keeps all of it; only the clock steps.
+    let _ = std::fs::remove_file(&w.calls);
+    let after_clone = w.snapshot();
+    let out = d.ctl(&["bump", "--kind", "restore"]);
+    assert_eq!(code(&out), Some(0), "{}", stderr(&out));
+    let out = d.ctl(&["wait-watchers", "--timeout-ms", "60000"]);
+    assert_eq!(code(&out), Some(0), "{}", stderr(&out));
+    assert_eq!(
+        w.snapshot(),
+        after_clone,
+        "a restore in place keeps the identity"
+    );
+    assert_eq!(
+        changes(&w.calls()),
+        ["chronyc -n burst 4/4", "chronyc -n makestep"]
+    );
 }
