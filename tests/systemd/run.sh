@@ -322,7 +322,8 @@ t=$(since)
 ctl bump --kind clone --hostname clone-1 >/dev/null
 ctl wait-watchers --timeout-ms 60000 || fail "the clone's hooks did not all succeed: $(ctl status)"
 new_id=$(inside cat /etc/machine-id)
-[ "$new_id" != "$old_id" ] || fail "the machine-id was not renewed"
+[ "$new_id" != "$old_id" ] || fail "the machine-id was not renewed; the daemon said:
+$(inside journalctl -u sysgenidd.service --since "@$t" -o cat --no-pager)"
 ok "clone: a new machine-id $new_id (was $old_id)"
 inside journalctl --list-boots --no-pager >/dev/null || fail "journalctl --list-boots fails after the clone"
 boots=$(boot_ids)

@@ -707,10 +707,6 @@ fn the_daemon_runs_enabled_shipped_hooks_for_the_kind_and_a_failing_one_holds_th
         &shipped.join("fails"),
         "#!/bin/sh\n# sysgenid-hook-order: 60\n[ \"$1\" = change ] || exit 0\necho 'sysgenid hook fails: FAILED: on purpose'\nexit 1\n",
     );
-    for hook in HOOKS.iter().chain(&["fails"]) {
-        let out = hooks_ctl(&shipped, &hooks, &["enable", hook]);
-        assert_eq!(code(&out), Some(0), "{}", stderr(&out));
-    }
     let mut w = World::new();
     w.set("STUB_CHRONY", "1");
     let path = format!(
@@ -730,6 +726,11 @@ fn the_daemon_runs_enabled_shipped_hooks_for_the_kind_and_a_failing_one_holds_th
     let dir = runtime_dir();
     let d = Daemon::start_with_env(dir.path(), &["--hooks-dir", hooks.to_str().unwrap()], &env);
     let before = w.snapshot();
+    // Enabled while the daemon runs: the very next change waits for them.
+    for hook in HOOKS.iter().chain(&["fails"]) {
+        let out = hooks_ctl(&shipped, &hooks, &["enable", hook]);
+        assert_eq!(code(&out), Some(0), "{}", stderr(&out));
+    }
 
     let out = d.ctl(&["bump"]);
     assert_eq!(code(&out), Some(0), "{}", stderr(&out));

@@ -727,7 +727,7 @@ impl EventLoop {
         let ticket = hooks.next_ticket;
         hooks.next_ticket += 1;
         if let Some(before) = acked_before {
-            let held: Vec<WatcherId> = (0..hooks.runner.known())
+            let held: Vec<WatcherId> = (0..hooks.runner.rescan())
                 .filter_map(|_| {
                     self.watchers
                         .admit(0, Tracking::Tracked, Some(before), true)

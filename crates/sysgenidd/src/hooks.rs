@@ -253,10 +253,20 @@ impl Hooks {
         }
     }
 
-    /// Hooks found at the latest scan: what a change counts as tracked
-    /// watchers until its run finishes.
+    /// Hooks found at the latest scan.
     pub fn known(&self) -> u32 {
         self.known.load(Ordering::Relaxed)
+    }
+
+    /// Reads the directory now and returns how many hooks it holds: what a
+    /// change counts as tracked watchers until its run finishes. Counted
+    /// at the change, not taken from the previous event's scan, so that a
+    /// hook enabled since (`sysgenidctl hooks enable`) is waited for by
+    /// the very next change. A directory read and a few `stat`s.
+    pub fn rescan(&self) -> u32 {
+        let n = scan(&self.dir).0.len() as u32;
+        self.known.store(n, Ordering::Relaxed);
+        n
     }
 
     /// Takes a finished job into the status counters. After a `change`
