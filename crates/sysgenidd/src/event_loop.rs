@@ -18,8 +18,8 @@
 //!    frames each), drain the command channel.
 //! 3. Read the connections the work list names again, once each.
 //! 4. Process the work list until it is empty: each privileged bump is made
-//!    durable and then fanned out (`EventLoop::bump`: device mirror and
-//!    readers first, then one `Changed` per socket watcher), then pending
+//!    durable and then fanned out (`EventLoop::bump`: one `Changed` per
+//!    socket watcher first, then the device mirror and readers), then pending
 //!    barrier waits on both frontends are settled. Nothing here calls back
 //!    into frame reading: a connection whose wait ends is queued for step 3
 //!    of the next turn.
@@ -514,6 +514,9 @@ impl EventLoop {
     }
 
     fn on_source_event(&mut self, ev: sysgenid_sources::SourceEvent) {
+        self.offer_signal(&ev);
+        // The source's statistics after the bump: nothing but the bump
+        // comes between the signal and the page.
         if let Some(s) = self.sources.iter_mut().find(|s| s.name == ev.source) {
             s.events += 1;
             s.last_event_unix_ms = Some(
@@ -523,12 +526,16 @@ impl EventLoop {
                     .unwrap_or(0),
             );
         }
+    }
+
+    /// Bumps for a restore signal, or merges it into the change just made.
+    fn offer_signal(&mut self, ev: &sysgenid_sources::SourceEvent) {
         match self.coalescer.offer(ev.source, Instant::now()) {
             sysgenid_sources::Offer::Bump => {
                 // No log line before the bump: until the page shows it,
                 // every program on this machine still believes it is
                 // unique. The bump's one line names the signal.
-                if let Err(e) = self.bump(0, BumpCause::Source(ev.source), Some(&ev)) {
+                if let Err(e) = self.bump(0, BumpCause::Source(ev.source), Some(ev)) {
                     tracing::error!(source = ev.source, "restore signal: {}", ev.detail);
                     tracing::error!(source = ev.source, "could not bump: {e}");
                 }
@@ -570,8 +577,9 @@ impl EventLoop {
     }
 
     /// Bumps and tells everyone: the page is published (and the state
-    /// saved) before the first watcher is told; barrier waits are settled
-    /// next, from the work list. `signal` is the source's event, if a
+    /// saved) before the first watcher is told (socket watchers right after
+    /// publication, before the log line); barrier waits are settled next,
+    /// from the work list. `signal` is the source's event, if a
     /// source caused it: when it carries the kernel's timestamp, the lag
     /// from it to publication is logged and kept for status. One log line,
     /// written after publication.
@@ -597,6 +605,10 @@ impl EventLoop {
             // ~3x a pipe wake without, ~2x with). Manual bumps do not yield.
             rustix::thread::sched_yield();
         }
+        // The socket watchers first: nothing they can do with the frame is
+        // read before this turn ends, and the log line below costs a few
+        // microseconds that were on every watcher's path.
+        self.socket.on_bump_committed(&bumped);
 
         match (signal, lag_us) {
             (Some(signal), Some(lag_us)) => {
@@ -634,7 +646,6 @@ impl EventLoop {
         if let Some(device) = &mut self.device {
             device.on_bump(&self.watchers);
         }
-        self.socket.on_bump_committed(&bumped);
         self.work.settle();
         Ok(bumped.generation)
     }

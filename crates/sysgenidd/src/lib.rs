@@ -19,6 +19,7 @@
 //! * [`peer`]: who is on the other end, and whether they may bump;
 //! * [`hooks`]: the hooks directory's runner, on a thread of its own;
 //! * [`supervisor`]: readiness and the watchdog for systemd;
+//! * [`sched`]: the loop thread's short scheduler slice (restore window);
 //! * restore-signal sources come from the `sysgenid-sources` crate and run
 //!   in their own threads, feeding the loop through a channel.
 //!
@@ -34,6 +35,7 @@ pub mod event_loop;
 pub mod hooks;
 pub mod peer;
 pub mod runtime_dir;
+pub mod sched;
 pub mod service;
 pub mod socket;
 pub mod state;

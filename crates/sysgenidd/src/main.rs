@@ -209,6 +209,14 @@ fn run(args: Args) -> Result<(), String> {
         record.generation,
         dir_path.display()
     ));
+    // On this thread only: the threads started above keep the default.
+    match sysgenidd::sched::short_slice() {
+        sysgenidd::sched::Outcome::Applied => tracing::debug!(
+            "event loop thread: {} µs scheduler slice",
+            sysgenidd::sched::SLICE_NS / 1000
+        ),
+        other => tracing::debug!("event loop thread: default scheduler slice ({other:?})"),
+    }
     let result = server.run().map_err(|e| format!("event loop failed: {e}"));
     supervisor::stopping();
     result

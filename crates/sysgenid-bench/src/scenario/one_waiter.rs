@@ -71,9 +71,9 @@ pub(crate) fn run(
         Some(3.0),
     )
     .why(format!(
-        "request → the daemon's bump starts {} (one hop plus the request's checks), bump start → \
-         the watcher returns {} (state save, page, Changed frame: the second hop); the bump round trip \
-         alone, no watcher, is {}",
+        "request → the daemon's bump starts {} (one hop, the daemon's wake-up, the request's checks \
+         and epoch draw: the daemon's own calls are the `split` rows), bump start → the watcher returns {} \
+         (state save, page, Changed frame: the second hop); the bump round trip alone, no watcher, is {}",
         fmt((ours.p50 - internal.p50).max(0.0), Unit::Ns),
         fmt(internal.p50, Unit::Ns),
         fmt(bump_rtt.p50, Unit::Ns)
