@@ -20,6 +20,8 @@
 //! * [`hooks`]: the hooks directory's runner, on a thread of its own;
 //! * [`supervisor`]: readiness and the watchdog for systemd;
 //! * [`sched`]: the loop thread's short scheduler slice (restore window);
+//! * [`ratelimit`]: rate-limited log lines for everything a peer can cause;
+//! * [`trust`]: who holds the lifecycle (`--lifecycle-group`);
 //! * restore-signal sources come from the `sysgenid-sources` crate and run
 //!   in their own threads, feeding the loop through a channel.
 //!
@@ -34,11 +36,13 @@ pub mod device;
 pub mod event_loop;
 pub mod hooks;
 pub mod peer;
+pub mod ratelimit;
 pub mod runtime_dir;
 pub mod sched;
 pub mod service;
 pub mod socket;
 pub mod state;
 pub mod supervisor;
+pub mod trust;
 pub mod watchers;
 pub mod work;
