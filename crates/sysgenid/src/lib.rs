@@ -54,8 +54,8 @@ use lifecycle::Freezes;
 use rustix::event::PollFlags;
 pub use sysgenid_proto::{
     BumpDetails, ChangeKind, DetailError, Entropy, ErrorCode, HooksStatus, Hostname,
-    LifecycleState, RngStatus, SourceStatus, StatusReport, MAX_ENTROPY, MAX_HOSTNAME, MIN_ENTROPY,
-    PROTOCOL_VERSION,
+    LifecycleState, RngStatus, SourceStatus, StatusReport, TrustStatus, MAX_ENTROPY, MAX_HOSTNAME,
+    MIN_ENTROPY, PROTOCOL_VERSION,
 };
 use sysgenid_proto::{Reply, Request, Role, MIN_PROTOCOL_VERSION, PAGE_NAME, SOCKET_NAME};
 
