@@ -225,8 +225,15 @@ fn measure(rig: &mut Rig<'_>, checker: Checker, rounds: usize) -> Result<Series,
     Ok(s)
 }
 
-pub(crate) fn run(ctx: &mut Ctx) -> Result<(), String> {
-    let rounds = if ctx.quick() { 50 } else { 1000 };
+/// One daemon with `--reseed reseed` and its baseline reader: the rounds
+/// of each checker in turn.
+fn with_daemon(
+    ctx: &Ctx,
+    rounds: usize,
+    reseed: &str,
+    checkers: &[Checker],
+    cpus: &[usize],
+) -> Result<Vec<(Checker, Series)>, String> {
     let work = tempfile::Builder::new()
         .prefix("sysgenid-bench-window-")
         .tempdir_in(&ctx.tmp)
@@ -234,6 +241,7 @@ pub(crate) fn run(ctx: &mut Ctx) -> Result<(), String> {
     let fifo = work.path().join("kmsg.fifo");
     mkfifo(&fifo)?;
     let mut extra = ctx.args.daemon_args.clone();
+    extra.extend(["--reseed".into(), reseed.into()]);
     extra.extend(["--source".into(), "vmfork".into(), "--kmsg".into()]);
     extra.push(fifo.display().to_string());
     let (daemon, _) = Daemon::start(&ctx.bin, &ctx.tmp, &extra, false)?;
@@ -279,6 +287,46 @@ pub(crate) fn run(ctx: &mut Ctx) -> Result<(), String> {
         0
     })];
     drop(pipe_r);
+    let base_pid = pids[0];
+    let result = (|| -> Result<Vec<(Checker, Series)>, String> {
+        wait_at_least(shm.word(0), 1, ROUND_LIMIT, "the baseline reader")?;
+        let mut control = daemon.control();
+        let mut rig = Rig {
+            kmsg: &mut kmsg,
+            ours: &ours,
+            base: &base,
+            pipe_w: pipe_w.as_raw_fd(),
+            control: &mut control,
+            seq: 1000,
+        };
+        let mut out = Vec::new();
+        for &checker in checkers {
+            eprintln!("(7) … {} (--reseed {reseed})", checker.name());
+            let placement = checker.placement(cpus);
+            if let Some((mine, theirs)) = placement {
+                set_process_affinity(daemon.pid(), &[theirs])
+                    .and_then(|()| set_affinity(base_pid, &[theirs]))
+                    .and_then(|()| set_affinity(0, &[mine]))
+                    .map_err(|e| format!("sched_setaffinity: {e}"))?;
+            }
+            let series = measure(&mut rig, checker, rounds);
+            if placement.is_some() {
+                let _ = set_process_affinity(daemon.pid(), cpus);
+                let _ = set_affinity(base_pid, cpus);
+                let _ = set_affinity(0, cpus);
+            }
+            out.push((checker, series?));
+        }
+        Ok(out)
+    })();
+    drop(pipe_w);
+    kill_all(&mut pids);
+    drop(kmsg);
+    result
+}
+
+pub(crate) fn run(ctx: &mut Ctx) -> Result<(), String> {
+    let rounds = if ctx.quick() { 50 } else { 1000 };
     let cpus = allowed_cpus();
     let checkers: Vec<Checker> = ctx
         .args
@@ -297,43 +345,37 @@ pub(crate) fn run(ctx: &mut Ctx) -> Result<(), String> {
         std::hint::black_box(acc);
         t.elapsed().as_nanos() as f64 / 1000.0
     };
-    let base_pid = pids[0];
-    let result = (|| -> Result<Vec<(Checker, Series)>, String> {
-        wait_at_least(shm.word(0), 1, ROUND_LIMIT, "the baseline reader")?;
-        let mut control = daemon.control();
-        let mut rig = Rig {
-            kmsg: &mut kmsg,
-            ours: &ours,
-            base: &base,
-            pipe_w: pipe_w.as_raw_fd(),
-            control: &mut control,
-            seq: 1000,
-        };
-        let mut out = Vec::new();
-        for checker in checkers {
-            eprintln!("(7) … {}", checker.name());
-            let placement = checker.placement(&cpus);
-            if let Some((mine, theirs)) = placement {
-                set_process_affinity(daemon.pid(), &[theirs])
-                    .and_then(|()| set_affinity(base_pid, &[theirs]))
-                    .and_then(|()| set_affinity(0, &[mine]))
-                    .map_err(|e| format!("sched_setaffinity: {e}"))?;
-            }
-            let series = measure(&mut rig, checker, rounds);
-            if placement.is_some() {
-                let _ = set_process_affinity(daemon.pid(), &cpus);
-                let _ = set_affinity(base_pid, &cpus);
-                let _ = set_affinity(0, &cpus);
-            }
-            out.push((checker, series?));
-        }
-        Ok(out)
-    })();
-    drop(pipe_w);
-    kill_all(&mut pids);
-    drop(kmsg);
-    let results = result?;
+    // `auto`: a vmfork signal means the kernel reseeded already, so the
+    // daemon does not; `always` adds RNDRESEEDCRNG to the window, which is
+    // what every other source (and a manual bump) pays: measured with the
+    // yielding checker, next to the same checker without it.
+    let results = with_daemon(ctx, rounds, "auto", &checkers, &cpus)?;
+    let mut forced = with_daemon(ctx, rounds, "always", &[Checker::Yielding], &cpus)?;
     let t = &mut ctx.table;
+    if let (Some((_, f)), Some((_, plain))) = (
+        forced.first_mut(),
+        results.iter().find(|(c, _)| *c == Checker::Yielding),
+    ) {
+        let (fw, fin) = (stats(&mut f.window), stats(&mut f.in_bump));
+        let (pw, pin) = (
+            stats(&mut plain.window.clone()),
+            stats(&mut plain.in_bump.clone()),
+        );
+        t.ratio(
+            "7",
+            "restore window with a forced kernel reseed (`--reseed always`; what a non-vmfork signal pays), yielding checker, p50",
+            fw.p50,
+            "the same window without it (vmfork, `--reseed auto`), p50",
+            pw.p50,
+            Unit::Ns,
+            None,
+        )
+        .why(format!(
+            "bump start → page published {} with the reseed, {} without (same run)",
+            fmt(fin.p50, Unit::Ns),
+            fmt(pin.p50, Unit::Ns)
+        ));
+    }
     for (checker, mut s) in results {
         let name = checker.name();
         let (window, to_bump, in_bump, after, baseline) = (
