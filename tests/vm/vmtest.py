@@ -49,7 +49,11 @@ import uuid
 # source is opened (or reported inactive, with the reason) next to vmfork.
 VMCLOCK = os.environ.get("SYSGENID_VM_VMCLOCK") == "1"
 DAEMON_SOURCES = os.environ.get("SYSGENID_VM_SOURCES", "auto" if VMCLOCK else "vmfork")
-DAEMON_CMD = f"sysgenidd --runtime-dir /run/sysgenid --source {DAEMON_SOURCES}"
+# Otherwise the daemon's defaults: runtime dir /run/sysgenid, the device
+# at /dev/sysgenid if FUSE can be mounted (else off), no hooks, no groups;
+# the initramfs has no /etc/group or /etc/passwd (issue 21: the daemon must
+# start in such a minimal system).
+DAEMON_CMD = f"sysgenidd --source {DAEMON_SOURCES}"
 SOCKET = "/run/sysgenid/sysgenid.sock"
 # * The client finds the daemon's socket by default (no flag needed).
 CTL = "sysgenidctl"
@@ -384,8 +388,7 @@ def build_initramfs(path, busybox, binaries):
     c.file("sgtest-clone", guest_clone().encode(), 0o644)
     c.file("sgtest-report", guest_report().encode())
     c.file("sgtest-epoch", guest_epoch().encode())
-    c.file("etc/passwd", b"root:x:0:0:root:/root:/bin/sh\n", 0o644)
-    c.file("etc/group", b"root:x:0:\n", 0o644)
+    # No /etc/passwd or /etc/group: a minimal system, as issue 21 asks.
     data = gzip.compress(c.finish(), compresslevel=6, mtime=0)
     with open(path, "wb") as f:
         f.write(data)
