@@ -13,7 +13,7 @@ use std::io::Write;
 use std::path::Path;
 use std::process::Command;
 
-use sysgenid_tests::bin;
+use sysgenid_tests::{bin, without_sysgenid_env};
 
 /// Writes to the real stderr, past the test harness's capture, so the
 /// harness's timings show in CI logs even when the test passes.
@@ -32,7 +32,7 @@ fn restoring_a_qemu_guest_bumps_the_generation_inside_it() {
         return;
     }
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/vm/run.sh");
-    let out = Command::new("bash")
+    let out = without_sysgenid_env(&mut Command::new("bash"))
         .arg(&script)
         .env("SYSGENIDD", bin("sysgenidd"))
         .env("SYSGENIDCTL", bin("sysgenidctl"))
