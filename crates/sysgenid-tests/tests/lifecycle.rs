@@ -413,8 +413,7 @@ fn hooks_run_in_order_with_timeouts_and_unsafe_ones_are_refused() {
 #[test]
 fn a_missing_hooks_directory_named_explicitly_stops_the_daemon() {
     let dir = runtime_dir();
-    let out = daemon_command(dir.path())
-        .args(["--device", "off", "--hooks-dir", "/nonexistent/hooks.d"])
+    let out = sysgenidd_command(dir.path(), &["--hooks-dir", "/nonexistent/hooks.d"])
         .output()
         .unwrap();
     assert!(!out.status.success());
