@@ -170,6 +170,24 @@ pub fn clean_env(cmd: &mut Command) -> &mut Command {
     cmd
 }
 
+/// Makes the process `cmd` starts get SIGTERM when the thread that
+/// started it ends: a test process killed outright (a nextest timeout, ^C)
+/// cannot stop its daemons and clients, and a daemon so signalled stops
+/// (and unmounts its device) by itself. Start such processes from the
+/// test's own thread, not from a helper thread that ends first.
+pub fn stop_with_test(cmd: &mut Command) -> &mut Command {
+    // SAFETY: the closure runs between fork and exec and only calls
+    // prctl(2), which is async-signal-safe. It runs after any uid change,
+    // which would clear the setting.
+    unsafe {
+        std::os::unix::process::CommandExt::pre_exec(cmd, || {
+            libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM);
+            Ok(())
+        });
+    }
+    cmd
+}
+
 /// For scripts that need the toolchain's environment (cargo, rustup,
 /// proxies): drops only what changes sysgenid's behaviour, every variable
 /// whose name starts with `SYSGENID` and systemd's service protocol.
@@ -218,7 +236,8 @@ fn gives(args: &[String], flag: &str) -> bool {
 
 /// A `sysgenidd --runtime-dir DIR` command (not started) with every flag of
 /// [`PINNED_FLAGS`] the caller did not give in `extra`, in a clean
-/// environment. The one place a daemon's command line is made.
+/// environment, stopped with the test ([`stop_with_test`]). The one place
+/// a daemon's command line is made.
 pub fn sysgenidd_command(dir: &Path, extra: &[&str]) -> Command {
     let extra: Vec<String> = extra.iter().map(|s| s.to_string()).collect();
     sysgenidd_command_keeping(Some(dir), &extra, &[])
@@ -245,6 +264,7 @@ pub fn sysgenidd_command_keeping(
     );
     let mut cmd = Command::new(bin("sysgenidd"));
     clean_env(&mut cmd);
+    stop_with_test(&mut cmd);
     if let Some(dir) = dir {
         cmd.arg("--runtime-dir").arg(dir);
     }
@@ -436,10 +456,12 @@ impl Daemon {
 }
 
 /// A `sysgenidctl --runtime-dir dir` command to add arguments to, in a
-/// clean environment: never the system daemon's `/run/sysgenid`.
+/// clean environment (never the system daemon's `/run/sysgenid`), stopped
+/// with the test ([`stop_with_test`]).
 pub fn ctl_command(dir: &Path) -> Command {
     let mut c = Command::new(bin("sysgenidctl"));
     clean_env(&mut c);
+    stop_with_test(&mut c);
     c.arg("--runtime-dir").arg(dir);
     c
 }

@@ -16,13 +16,14 @@
 use std::ffi::CString;
 use std::io::Write;
 use std::os::unix::ffi::OsStrExt;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 /// Proof that the calling thread is in a private mount namespace; made by
 /// [`enter`].
 pub struct PrivateMounts {
-    /// Copies bind-mounted over files of the machine (kept alive here).
-    _files: Vec<tempfile::NamedTempFile>,
+    /// Copies bind-mounted over files of the machine, by the file they
+    /// hide (kept alive here).
+    files: Vec<(PathBuf, tempfile::NamedTempFile)>,
 }
 
 fn cstr(path: &Path) -> CString {
@@ -53,7 +54,7 @@ pub fn enter() -> PrivateMounts {
             "mount --make-rprivate /",
         );
     }
-    PrivateMounts { _files: Vec::new() }
+    PrivateMounts { files: Vec::new() }
 }
 
 impl PrivateMounts {
@@ -97,8 +98,19 @@ impl PrivateMounts {
     }
 
     /// Replaces `target` (a file) with a copy holding `contents`, seen only
-    /// in this namespace.
+    /// in this namespace. A copy bound there before is unmounted first: a
+    /// bind stacked on it would make that copy a mount point, which could
+    /// then not be removed.
     pub fn replace_file(&mut self, target: &Path, contents: &str) {
+        if let Some(i) = self.files.iter().position(|(t, _)| t == target) {
+            let dst = cstr(target);
+            // SAFETY: umount(2) of a NUL-terminated path that outlives the call.
+            check(
+                unsafe { libc::umount(dst.as_ptr()) },
+                "unmount the previous copy",
+            );
+            self.files.remove(i);
+        }
         let mut copy = tempfile::Builder::new()
             .prefix("sysgenid-test-bind-")
             .tempfile()
@@ -109,7 +121,7 @@ impl PrivateMounts {
             .expect("the file to replace");
         std::fs::set_permissions(copy.path(), mode).unwrap();
         self.bind(copy.path(), target);
-        self._files.push(copy);
+        self.files.push((target.to_path_buf(), copy));
     }
 
     /// `/etc/group` as the machine has it, with group `name` given a gid
