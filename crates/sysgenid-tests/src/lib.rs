@@ -353,14 +353,13 @@ impl Daemon {
     }
 
     /// `wait_watchers(None)` on a control connection of its own, in a
-    /// thread: an orchestrator blocked in the barrier.
+    /// thread: an orchestrator blocked in the barrier. The connection is
+    /// made here, before the thread starts, so a test that stops the
+    /// daemon next cannot stop it before the waiter connected (the waiter
+    /// then gets `ShuttingDown` whenever its wait begins).
     pub fn spawn_barrier_waiter(&self) -> std::thread::JoinHandle<Result<(), sysgenid::Error>> {
-        let dir = self.dir.clone();
-        std::thread::spawn(move || {
-            sysgenid::Control::connect(Some(&dir))
-                .unwrap()
-                .wait_watchers(None)
-        })
+        let mut control = self.control();
+        std::thread::spawn(move || control.wait_watchers(None))
     }
 
     /// A tracked, blocking watcher.
