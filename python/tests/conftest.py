@@ -38,9 +38,10 @@ def wait_until(cond, limit=10.0):
 
 # Every flag whose default follows the machine, pinned: restore sources
 # (auto), the device (/dev/sysgenid as root), its group (``sysgenid`` when
-# that group exists), the hooks directory (/etc/sysgenid/hooks.d).
+# that group exists), the hooks directory (/etc/sysgenid/hooks.d), who holds
+# the lifecycle (also ``sysgenid`` when that group exists).
 PINNED_FLAGS = ["--source", "none", "--device", "off", "--device-group", "none",
-                "--hooks-dir", "off"]
+                "--hooks-dir", "off", "--lifecycle-group", "none"]
 
 # What a daemon under test keeps of the caller's environment; anything else
 # (SYSGENID_RUNTIME_DIR, SYSGENID_DEVICE, RUST_LOG, NOTIFY_SOCKET, ...)

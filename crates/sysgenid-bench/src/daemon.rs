@@ -34,9 +34,9 @@ impl Daemon {
             });
         }
         // The flags whose defaults follow the machine (restore sources, the
-        // device's group, the hooks directory), unless given in `extra`,
-        // and none of the caller's environment but PATH: a benchmark
-        // measures this daemon, not the machine's settings.
+        // device's and the lifecycle's group, the hooks directory), unless
+        // given in `extra`, and none of the caller's environment but PATH:
+        // a benchmark measures this daemon, not the machine's settings.
         let given = |flag: &str| {
             extra
                 .iter()
@@ -46,6 +46,7 @@ impl Daemon {
             ("--source", "none"),
             ("--device-group", "none"),
             ("--hooks-dir", "off"),
+            ("--lifecycle-group", "none"),
         ] {
             if !given(flag) {
                 cmd.args([flag, value]);

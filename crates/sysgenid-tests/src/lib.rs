@@ -18,6 +18,7 @@
 
 pub mod private_mounts;
 
+use std::ffi::{OsStr, OsString};
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::UnixDatagram;
 use std::path::{Path, PathBuf};
@@ -217,7 +218,8 @@ pub fn without_sysgenid_env(cmd: &mut Command) -> &mut Command {
 /// - `--device` is `/dev/sysgenid` as root (the system daemon's);
 /// - `--device-group` is `sysgenid` when that group exists (a machine with
 ///   the package installed);
-/// - `--hooks-dir` is `/etc/sysgenid/hooks.d` when it exists.
+/// - `--hooks-dir` is `/etc/sysgenid/hooks.d` when it exists;
+/// - `--lifecycle-group` is `sysgenid` when that group exists.
 ///
 /// `--runtime-dir` is always given ([`sysgenidd_command`]): its default is
 /// the system daemon's `/run/sysgenid`.
@@ -226,6 +228,7 @@ pub const PINNED_FLAGS: &[(&str, &str)] = &[
     ("--device", "off"),
     ("--device-group", "none"),
     ("--hooks-dir", "off"),
+    ("--lifecycle-group", "none"),
 ];
 
 /// Whether `args` give `flag` (as `--flag VALUE` or `--flag=VALUE`).
@@ -282,9 +285,16 @@ pub struct Daemon {
     pub child: Child,
     pub dir: PathBuf,
     pub log: PathBuf,
+    spec: Spec,
+}
+
+/// How a [`Daemon`] was started, for its restarts.
+struct Spec {
     extra: Vec<String>,
     /// Pinned flags left to the daemon's defaults.
     defaults: Vec<&'static str>,
+    /// Variables set in its otherwise clean environment.
+    env: Vec<(String, OsString)>,
 }
 
 impl Daemon {
@@ -304,29 +314,55 @@ impl Daemon {
     /// default directory). For the tests about those defaults; they set
     /// up the state the default follows in [`private_mounts`].
     pub fn start_keeping_defaults(dir: &Path, extra: &[&str], defaults: &[&'static str]) -> Daemon {
-        let extra: Vec<String> = extra.iter().map(|s| s.to_string()).collect();
-        let defaults = defaults.to_vec();
-        let child = Daemon::spawn(dir, &extra, &defaults);
+        Daemon::launch(
+            dir,
+            Spec {
+                extra: extra.iter().map(|s| s.to_string()).collect(),
+                defaults: defaults.to_vec(),
+                env: Vec::new(),
+            },
+        )
+    }
+
+    /// Starts with extra flags and `env` set in its clean environment
+    /// (systemd's `NOTIFY_SOCKET`, `WATCHDOG_USEC` for a test of the
+    /// watchdog).
+    pub fn start_with_env(dir: &Path, extra: &[&str], env: &[(&str, &OsStr)]) -> Daemon {
+        Daemon::launch(
+            dir,
+            Spec {
+                extra: extra.iter().map(|s| s.to_string()).collect(),
+                defaults: Vec::new(),
+                env: env
+                    .iter()
+                    .map(|(k, v)| (k.to_string(), v.to_os_string()))
+                    .collect(),
+            },
+        )
+    }
+
+    fn launch(dir: &Path, spec: Spec) -> Daemon {
+        let child = Daemon::spawn(dir, &spec);
         let mut d = Daemon {
             child,
             dir: dir.to_path_buf(),
             log: dir.with_extension("log"),
-            extra,
-            defaults,
+            spec,
         };
         d.wait_ready();
         d
     }
 
-    fn spawn(dir: &Path, extra: &[String], defaults: &[&str]) -> Child {
+    fn spawn(dir: &Path, spec: &Spec) -> Child {
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
             .open(dir.with_extension("log"))
             .unwrap();
-        let dir = (!defaults.contains(&"--runtime-dir")).then_some(dir);
-        sysgenidd_command_keeping(dir, extra, defaults)
+        let dir = (!spec.defaults.contains(&"--runtime-dir")).then_some(dir);
+        sysgenidd_command_keeping(dir, &spec.extra, &spec.defaults)
             .env("RUST_LOG", "debug")
+            .envs(spec.env.iter().map(|(k, v)| (k, v)))
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()
@@ -404,13 +440,13 @@ impl Daemon {
 
     /// Starts the daemon again on the same directory (after a stop/kill).
     pub fn restart(&mut self) {
-        self.child = Daemon::spawn(&self.dir, &self.extra, &self.defaults);
+        self.child = Daemon::spawn(&self.dir, &self.spec);
         self.wait_ready();
     }
 
     /// Starts again with different extra flags.
     pub fn extra_restart(&mut self, extra: &[&str]) {
-        self.extra = extra.iter().map(|s| s.to_string()).collect();
+        self.spec.extra = extra.iter().map(|s| s.to_string()).collect();
         self.restart();
     }
 

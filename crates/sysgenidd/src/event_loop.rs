@@ -14,9 +14,11 @@
 //! # A turn
 //! 1. Wait for readiness, a command or the earliest deadline (without
 //!    blocking when connections are queued to be read again).
-//! 2. Dispatch: accept, read each ready connection (a bounded number of
-//!    frames each), drain the command channel.
-//! 3. Read the connections the work list names again, once each.
+//! 2. Dispatch: read each ready connection (a bounded number of frames
+//!    each), drain the command channel.
+//! 3. Read the connections the work list names again, once each, then
+//!    accept a bounded number of new connections if the listener was
+//!    ready or is queued on the work list (its budget ran out last turn).
 //! 4. Process the work list until it is empty: each privileged bump is made
 //!    durable and then fanned out (`EventLoop::bump`: device mirror and
 //!    readers first, then one `Changed` per socket watcher), then pending
@@ -52,7 +54,7 @@ use std::time::{Duration, Instant};
 use mio::{Events, Interest, Poll, Token, Waker};
 use sysgenid_core::lifecycle::{self, AbortReason, ParticipantId, ThawReason, Transition};
 use sysgenid_core::{Generation, Tracking, WatcherId};
-use sysgenid_proto::{LifecycleState, Reply, SourceStatus, StatusReport};
+use sysgenid_proto::{LifecycleState, Reply, SourceStatus, StatusReport, TrustStatus};
 use sysgenid_sources::{PollSource, Readiness};
 
 use crate::device::{Device, DeviceRequest, Forward, Readiness as DeviceReadiness};
@@ -61,7 +63,7 @@ use crate::service::{BumpError, Service};
 use crate::socket::{self, Context, FreezeOutcome, SocketFrontend};
 use crate::state::epoch_hex;
 use crate::watchers::{BumpCause, Limits, Watchers};
-use crate::work::{BumpRequest, Requester, WorkList};
+use crate::work::{BumpRequest, PrivilegedBump, Requester, WorkList};
 
 const WAKER: Token = Token(usize::MAX - 2);
 const SIGNALS: Token = Token(usize::MAX - 3);
@@ -186,6 +188,8 @@ fn status_report(
             .then_some(record.changed_unix_ns / 1_000_000),
         last_change_sources: service.last_change_sources().to_vec(),
         last_kernel_lag_us,
+        last_change_kind: service.last_change().map(|c| c.kind).unwrap_or_default(),
+        last_change_rng: service.last_change().map(|c| c.rng.clone()),
         sources: std::iter::once(watchers.manual_status().clone())
             .chain(sources.iter().cloned())
             .collect(),
@@ -203,6 +207,15 @@ fn status_report(
         freeze: lifecycle.freeze,
         thaw_after_acks: lifecycle.thaw_after_acks,
         hooks: hooks.map(|h| Box::new(h.status())),
+        trust: Some({
+            let t = watchers.trust_counts();
+            TrustStatus {
+                participants_trusted: t.participants_trusted,
+                participants_untrusted: t.participants_untrusted,
+                tracked_trusted: t.tracked_trusted,
+                tracked_untrusted: t.tracked_untrusted,
+            }
+        }),
     }
 }
 
@@ -255,10 +268,15 @@ impl EventLoop {
         self.watchers.configure_lifecycle(config);
     }
 
+    /// Sets who is trusted with the lifecycle (before `run`).
+    pub fn configure_trust(&mut self, rule: crate::trust::TrustRule) {
+        self.watchers.configure_trust(rule);
+    }
+
     /// Runs the hooks directory from now on (see `hooks`); its runner
     /// reports through [`Command::Hooks`].
     pub fn attach_hooks(&mut self, runner: Hooks) {
-        let participant = self.watchers.join(Tracking::Tracked).id;
+        let participant = self.watchers.join(Tracking::Tracked, true).id;
         self.hooks = Some(HooksState {
             runner,
             participant,
@@ -390,6 +408,7 @@ impl EventLoop {
                 Err(e) => return Err(e),
             }
             let resumed = self.work.take_resumed();
+            let mut accept = self.work.take_accept();
             for i in std::mem::take(&mut self.poll_sources_more) {
                 self.on_poll_source(i);
             }
@@ -398,7 +417,7 @@ impl EventLoop {
             }
             for event in events.iter() {
                 match event.token() {
-                    socket::LISTENER => self.socket.accept_all(&self.watchers),
+                    socket::LISTENER => accept = true,
                     WAKER => self.drain_commands(),
                     SIGNALS => self.shutting_down = true,
                     DEVICE => self.on_device_readable(),
@@ -418,6 +437,10 @@ impl EventLoop {
             for key in resumed {
                 self.with_socket(|socket, cx| socket.resume(key, cx));
             }
+            if accept {
+                // Once per turn, a bounded number (`socket::ACCEPTS_PER_TURN`).
+                self.socket.accept_all(&self.watchers, &mut self.work);
+            }
             self.process_work();
             let now = Instant::now();
             if let Some(device) = &mut self.device {
@@ -427,6 +450,7 @@ impl EventLoop {
             let transition = self.watchers.lifecycle_tick(now);
             self.work.transition(transition);
             self.watchdog.tick(now);
+            crate::ratelimit::flush();
             self.process_work();
             self.socket.reap(&mut self.watchers, &mut self.work);
             self.process_work();
@@ -514,6 +538,17 @@ impl EventLoop {
     }
 
     fn on_source_event(&mut self, ev: sysgenid_sources::SourceEvent) {
+        self.restore_signal(ev, BumpRequest::default());
+    }
+
+    /// A restore signal, with what its sender said of the change (kernel
+    /// sources say nothing: [`BumpRequest::default`]). The first signal of
+    /// a restore bumps; another source's signal within the coalescing
+    /// window is the same restore: its entropy is still mixed in (and the
+    /// RNG reseeded again), and a kind the change did not have yet is
+    /// taken (the hooks then run again, with it), so a vmgenid-caused
+    /// change that the host then calls a clone is a clone.
+    pub fn restore_signal(&mut self, ev: sysgenid_sources::SourceEvent, request: BumpRequest) {
         if let Some(s) = self.sources.iter_mut().find(|s| s.name == ev.source) {
             s.events += 1;
             s.last_event_unix_ms = Some(
@@ -528,7 +563,7 @@ impl EventLoop {
                 // No log line before the bump: until the page shows it,
                 // every program on this machine still believes it is
                 // unique. The bump's one line names the signal.
-                if let Err(e) = self.bump(0, BumpCause::Source(ev.source), Some(&ev)) {
+                if let Err(e) = self.change(&request, BumpCause::Source(ev.source), Some(&ev)) {
                     tracing::error!(source = ev.source, "restore signal: {}", ev.detail);
                     tracing::error!(source = ev.source, "could not bump: {e}");
                 }
@@ -536,25 +571,37 @@ impl EventLoop {
             sysgenid_sources::Offer::Merged => {
                 tracing::info!(
                     source = ev.source,
+                    kind = request.details.kind.name(),
                     "restore signal coalesced with the change just made: {}",
                     ev.detail
                 );
                 self.watchers.note_agreeing_source(ev.source);
+                if self.watchers.refine_last_change(&request) {
+                    tracing::info!(
+                        generation = self.watchers.generation(),
+                        kind = request.details.kind.name(),
+                        "the change is a {}: running the change hooks again with it",
+                        request.details.kind.name()
+                    );
+                    let before = self.watchers.generation().wrapping_sub(1);
+                    self.run_hooks(HookEvent::Change, Some(before));
+                }
             }
         }
     }
 
     /// A privileged request checked by its frontend: bump (never coalesced:
     /// a manual bump is deliberate), then answer the requester.
-    fn privileged_bump(&mut self, request: BumpRequest) {
+    fn privileged_bump(&mut self, bump: PrivilegedBump) {
+        let PrivilegedBump { request, requester } = bump;
         let result = match self
             .watchers
             .check_minimum(request.min, request.allow_exhaustion)
         {
-            Ok(()) => self.bump(request.min, BumpCause::Manual, None),
+            Ok(()) => self.change(&request, BumpCause::Manual, None),
             Err(e) => Err(e.into()),
         };
-        match request.requester {
+        match requester {
             Requester::Socket(key) => {
                 self.with_socket(|socket, cx| socket.answer_bump(key, &result, cx))
             }
@@ -569,20 +616,22 @@ impl EventLoop {
         }
     }
 
-    /// Bumps and tells everyone: the page is published (and the state
-    /// saved) before the first watcher is told; barrier waits are settled
-    /// next, from the work list. `signal` is the source's event, if a
-    /// source caused it: when it carries the kernel's timestamp, the lag
-    /// from it to publication is logged and kept for status. One log line,
-    /// written after publication.
-    fn bump(
+    /// Makes a change and tells everyone: the kernel RNG is renewed, the
+    /// epoch drawn, the state saved and the page published (all in
+    /// `Service::bump`) before the first watcher is told; barrier waits are
+    /// settled next, from the work list. `signal` is the source's event, if
+    /// a source caused it: when it carries the kernel's timestamp, the lag
+    /// from it to publication is logged and kept for status. One log line
+    /// (two if the kernel RNG could not be reseeded), written after
+    /// publication. Every frontend's bump comes through here.
+    pub fn change(
         &mut self,
-        min: Generation,
+        request: &BumpRequest,
         cause: BumpCause,
         signal: Option<&sysgenid_sources::SourceEvent>,
     ) -> Result<Generation, BumpError> {
         let before = self.watchers.generation();
-        let bumped = self.watchers.bump(min, cause)?;
+        let bumped = self.watchers.bump(request, cause)?;
         // Clamped at 0: the printk clock and CLOCK_MONOTONIC may disagree
         // by a few microseconds.
         let lag_us = signal
@@ -598,28 +647,52 @@ impl EventLoop {
             rustix::thread::sched_yield();
         }
 
+        let last = self.watchers.service().last_change().cloned();
+        let kind = last.as_ref().map_or("unknown", |c| c.kind.name());
+        let rng = last.as_ref().map(|c| c.rng.clone()).unwrap_or_default();
+        let reseed = match (&rng.by, rng.entropy_mixed) {
+            (Some(by), 0) => format!("kernel RNG reseeded by {by}"),
+            (Some(by), n) => format!("kernel RNG reseeded by {by} with {n} bytes of host entropy"),
+            (None, _) => "kernel RNG NOT reseeded".to_string(),
+        };
         match (signal, lag_us) {
             (Some(signal), Some(lag_us)) => {
                 self.last_kernel_lag_us = Some(lag_us);
                 tracing::info!(
                     generation = bumped.generation,
                     source = cause.name(),
+                    kind,
                     kernel_record_to_page_us = lag_us,
-                    "generation changed: restore signal: {}",
+                    "generation changed ({reseed}): restore signal: {}",
                     signal.detail
                 );
             }
             (Some(signal), None) => tracing::info!(
                 generation = bumped.generation,
                 source = cause.name(),
-                "generation changed: restore signal: {}",
+                kind,
+                "generation changed ({reseed}): restore signal: {}",
                 signal.detail
             ),
             (None, _) => tracing::info!(
                 generation = bumped.generation,
                 source = cause.name(),
-                "generation changed"
+                kind,
+                "generation changed ({reseed})"
             ),
+        }
+        if let Some(why) = &rng.not_reseeded_because {
+            tracing::warn!(
+                generation = bumped.generation,
+                "the kernel RNG was not reseeded by sysgenidd before this change: {why}; \
+                 clones of one snapshot may share a random stream until the kernel reseeds by itself"
+            );
+        }
+        if let Some(why) = &rng.entropy_error {
+            tracing::warn!(
+                generation = bumped.generation,
+                "the entropy that came with this change was not mixed in: {why}"
+            );
         }
         crate::supervisor::status(&format!(
             "generation {}, last changed by {}",
@@ -650,15 +723,22 @@ impl EventLoop {
         hooks.next_ticket += 1;
         if let Some(before) = acked_before {
             let held: Vec<WatcherId> = (0..hooks.runner.known())
-                .filter_map(|_| self.watchers.admit(0, Tracking::Tracked, Some(before)).ok())
+                .filter_map(|_| {
+                    self.watchers
+                        .admit(0, Tracking::Tracked, Some(before), true)
+                        .ok()
+                })
                 .collect();
             hooks.watchers.insert(ticket, held);
         }
+        let last = self.watchers.service().last_change();
         hooks.runner.submit(Job {
             ticket,
             event,
             generation: self.watchers.generation(),
             epoch: epoch_hex(&self.watchers.record().epoch),
+            kind: last.map(|c| c.kind).unwrap_or_default(),
+            hostname: last.and_then(|c| c.hostname.as_ref().map(|h| h.to_string())),
         });
     }
 

@@ -17,8 +17,12 @@
 //! * [`runtime_dir`]: where the socket, page, state and lock live, created
 //!   without following anyone's symlinks;
 //! * [`peer`]: who is on the other end, and whether they may bump;
+//! * [`reseed`]: the kernel RNG renewed (host entropy, forced reseed)
+//!   before a change is published;
 //! * [`hooks`]: the hooks directory's runner, on a thread of its own;
 //! * [`supervisor`]: readiness and the watchdog for systemd;
+//! * [`ratelimit`]: rate-limited log lines for everything a peer can cause;
+//! * [`trust`]: who holds the lifecycle (`--lifecycle-group`);
 //! * restore-signal sources come from the `sysgenid-sources` crate and run
 //!   in their own threads, feeding the loop through a channel.
 //!
@@ -33,10 +37,13 @@ pub mod device;
 pub mod event_loop;
 pub mod hooks;
 pub mod peer;
+pub mod ratelimit;
+pub mod reseed;
 pub mod runtime_dir;
 pub mod service;
 pub mod socket;
 pub mod state;
 pub mod supervisor;
+pub mod trust;
 pub mod watchers;
 pub mod work;

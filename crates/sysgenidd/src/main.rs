@@ -83,7 +83,10 @@ fn run(args: Args) -> Result<(), String> {
     let dir_path = runtime_dir(&args)?;
     let dir = RuntimeDir::prepare(&dir_path).map_err(|e| e.to_string())?;
     let listener = dir.bind_socket().map_err(|e| e.to_string())?;
-    let service = Service::start(dir, args.recover).map_err(|e| e.to_string())?;
+    let mut service = Service::start(dir, args.recover).map_err(|e| e.to_string())?;
+    let reseed = sysgenidd::reseed::Policy::parse(&args.reseed)
+        .ok_or_else(|| format!("--reseed {}: expected auto, always or never", args.reseed))?;
+    service.set_reseed(reseed);
     let limits = Limits {
         max_watchers: args.max_watchers,
         max_watchers_per_uid: args.max_watchers_per_uid,
@@ -99,6 +102,9 @@ fn run(args: Args) -> Result<(), String> {
         thaw_on_restore: args.restore_thaw == "auto",
         max_frozen_ms: Some(args.max_frozen_ms),
     });
+    let trust = sysgenidd::trust::TrustRule::resolve(args.lifecycle_group.as_deref())?;
+    let trust_description = trust.describe();
+    server.configure_trust(trust);
     let handle = server.handle();
     let hooks = Hooks::start(
         &HooksSetting::parse(args.hooks_dir.as_deref()),
@@ -194,6 +200,7 @@ fn run(args: Args) -> Result<(), String> {
     } else {
         active_names.join(", ")
     };
+    tracing::info!("lifecycle held by: {trust_description}");
     tracing::info!(
         "sysgenidd {} ready: runtime dir {}, generation {}, epoch {}, device: {}, hooks: {}, sources: {}",
         env!("CARGO_PKG_VERSION"),

@@ -54,6 +54,8 @@ pub struct Peer {
     pub uid: u32,
     /// Pid at connect time (0 if in a pid namespace we cannot see).
     pub pid: i32,
+    /// Effective gid at connect time.
+    pub gid: u32,
 }
 
 impl Peer {
@@ -84,6 +86,7 @@ impl Peer {
         Ok(Peer {
             uid: cred.uid,
             pid: cred.pid,
+            gid: cred.gid,
         })
     }
 }
@@ -329,6 +332,7 @@ mod tests {
         let bump = sysgenid_proto::Request::Bump {
             min_generation: 3,
             allow_exhaustion: false,
+            details: sysgenid_proto::BumpDetails::default(),
         }
         .encode();
         let status = sysgenid_proto::Request::Status.encode();
