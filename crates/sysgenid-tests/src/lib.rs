@@ -189,6 +189,20 @@ pub fn stop_with_test(cmd: &mut Command) -> &mut Command {
     cmd
 }
 
+/// `inner` run through a wrapper program (`setpriv ... --`, `unshare ...
+/// --`): `wrapper ARGS... PROGRAM INNER_ARGS...` in a clean environment
+/// with the variables `inner` sets, stopped with the test.
+pub fn wrap_command(wrapper: &str, args: &[&str], inner: &Command) -> Command {
+    let mut cmd = Command::new(wrapper);
+    clean_env(&mut cmd);
+    stop_with_test(&mut cmd);
+    cmd.args(args)
+        .arg(inner.get_program())
+        .args(inner.get_args())
+        .envs(inner.get_envs().filter_map(|(k, v)| Some((k, v?))));
+    cmd
+}
+
 /// For scripts that need the toolchain's environment (cargo, rustup,
 /// proxies): drops only what changes sysgenid's behaviour, every variable
 /// whose name starts with `SYSGENID` and systemd's service protocol.
