@@ -36,9 +36,28 @@ def wait_until(cond, limit=10.0):
     return cond()
 
 
+# Every flag whose default follows the machine, pinned: restore sources
+# (auto), the device (/dev/sysgenid as root), its group (``sysgenid`` when
+# that group exists), the hooks directory (/etc/sysgenid/hooks.d), who holds
+# the lifecycle (also ``sysgenid`` when that group exists).
+PINNED_FLAGS = ["--source", "none", "--device", "off", "--device-group", "none",
+                "--hooks-dir", "off", "--lifecycle-group", "none"]
+
+# What a daemon under test keeps of the caller's environment; anything else
+# (SYSGENID_RUNTIME_DIR, SYSGENID_DEVICE, RUST_LOG, NOTIFY_SOCKET, ...)
+# would change what it does.
+KEPT_ENV = ("PATH", "HOME", "TMPDIR", "LANG", "LC_ALL", "TZ", "RUST_BACKTRACE")
+
+
+def clean_env(**extra):
+    env = {k: os.environ[k] for k in KEPT_ENV if k in os.environ}
+    env.update(extra)
+    return env
+
+
 class Daemon:
-    """A running ``sysgenidd --source none --device off --hooks-dir off``
-    on ``dir`` (plus ``extra`` flags)."""
+    """A running ``sysgenidd`` on ``dir`` with ``PINNED_FLAGS`` (plus
+    ``extra`` flags) in a clean environment."""
 
     def __init__(self, dir, user=None, extra=()):
         self.dir = dir
@@ -54,11 +73,10 @@ class Daemon:
             pytest.fail("SYSGENIDD must name the sysgenidd binary (python/run-tests.sh sets it)")
         with open(self.log, "ab") as log:
             self.proc = subprocess.Popen(
-                [binary, "--runtime-dir", self.dir, "--source", "none", "--device", "off",
-                 "--hooks-dir", "off"] + self.extra,
+                [binary, "--runtime-dir", self.dir] + PINNED_FLAGS + self.extra,
                 stdout=subprocess.DEVNULL,
                 stderr=log,
-                env=dict(os.environ, RUST_LOG="debug"),
+                env=clean_env(RUST_LOG="debug"),
                 user=self.user,
             )
         if not wait_until(self._answers):
@@ -156,11 +174,12 @@ def needs_root():
 
 def run_python(code, user=None, env=None, timeout=30):
     """Runs ``code`` in a new interpreter of this environment, optionally
-    as another uid; returns the CompletedProcess."""
+    as another uid, in a clean environment unless ``env`` is given;
+    returns the CompletedProcess."""
     return subprocess.run(
         [sys.executable, "-c", code],
         user=user,
-        env=env,
+        env=clean_env() if env is None else env,
         capture_output=True,
         text=True,
         timeout=timeout,

@@ -13,7 +13,7 @@ import pytest
 
 import sysgenid
 
-from conftest import run_python, wait_until
+from conftest import clean_env, run_python, wait_until
 
 
 def readable(w, timeout=0.0):
@@ -24,7 +24,7 @@ def test_a_blocking_read_in_another_process_is_woken_by_a_bump(daemon):
     child = subprocess.Popen(
         [sys.executable, "-c",
          "import sysgenid; w = sysgenid.Watcher(runtime_dir=%r); print(w.read())" % daemon.dir],
-        stdout=subprocess.PIPE, text=True, cwd="/",
+        stdout=subprocess.PIPE, text=True, cwd="/", env=clean_env(),
     )  # fmt: skip
     daemon.wait_watchers_registered(1)
     assert daemon.bump() == 1

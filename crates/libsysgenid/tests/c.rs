@@ -14,7 +14,7 @@ use std::process::{Child, ChildStdin, Command, ExitStatus, Output, Stdio};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
-use sysgenid_tests::{runtime_dir, stdout, Daemon};
+use sysgenid_tests::{clean_env, runtime_dir, stdout, Daemon};
 
 const LONG: Duration = Duration::from_secs(20);
 
@@ -193,7 +193,7 @@ struct Prog {
 
 impl Prog {
     fn start(exe: &Path, args: &[&str], dir: &Path) -> Prog {
-        let mut child = Command::new(exe)
+        let mut child = clean_env(&mut Command::new(exe))
             .args(args)
             .env("SYSGENID_RUNTIME_DIR", dir)
             .stdin(Stdio::piped())

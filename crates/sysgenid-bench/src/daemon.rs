@@ -33,14 +33,32 @@ impl Daemon {
                 Ok(())
             });
         }
+        // The flags whose defaults follow the machine (restore sources, the
+        // device's and the lifecycle's group, the hooks directory), unless
+        // given in `extra`, and none of the caller's environment but PATH:
+        // a benchmark measures this daemon, not the machine's settings.
+        let given = |flag: &str| {
+            extra
+                .iter()
+                .any(|a| a == flag || a.starts_with(&format!("{flag}=")))
+        };
+        for (flag, value) in [
+            ("--source", "none"),
+            ("--device-group", "none"),
+            ("--hooks-dir", "off"),
+            ("--lifecycle-group", "none"),
+        ] {
+            if !given(flag) {
+                cmd.args([flag, value]);
+            }
+        }
+        cmd.env_clear();
+        if let Some(path) = std::env::var_os("PATH") {
+            cmd.env("PATH", path);
+        }
         let child = cmd
             .arg("--runtime-dir")
             .arg(dir.path())
-            .args(if extra.iter().any(|a| a == "--source") {
-                &[][..]
-            } else {
-                &["--source", "none"][..]
-            })
             .arg("--device")
             .arg(if device {
                 dir.path().with_extension("dev").into_os_string()
@@ -48,7 +66,6 @@ impl Daemon {
                 "off".into()
             })
             .args(extra)
-            .env_remove("RUST_LOG")
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(log)

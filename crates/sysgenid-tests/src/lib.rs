@@ -4,7 +4,21 @@
 //! The binaries come from the same target directory as the test executable
 //! (`cargo build --workspace --bins` first; the README's test command does
 //! that).
+//!
+//! Nothing the tests start may depend on the machine they run on, nor touch
+//! a system daemon running there. So every daemon and client is built here,
+//! in one place: [`sysgenidd_command`] pins each flag whose default follows
+//! the machine ([`PINNED_FLAGS`]) and names its runtime directory;
+//! [`ctl_command`] names the runtime directory; and both run in a clean
+//! environment ([`clean_env`]), so a `SYSGENID_RUNTIME_DIR` or
+//! `SYSGENID_DEVICE` of the caller's changes nothing. A test about a
+//! default says so in its name, leaves that one flag unpinned
+//! ([`Daemon::start_keeping_defaults`]) and sets up the state the default
+//! follows in a mount namespace of its own ([`private_mounts`]).
 
+pub mod private_mounts;
+
+use std::ffi::{OsStr, OsString};
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::UnixDatagram;
 use std::path::{Path, PathBuf};
@@ -128,99 +142,249 @@ pub fn wait_until(limit: Duration, mut cond: impl FnMut() -> bool) -> bool {
     cond()
 }
 
+/// The environment variables a daemon, client or helper under test keeps
+/// from the caller's; every other is dropped: `SYSGENID_RUNTIME_DIR`,
+/// `SYSGENID_DEVICE`, `SYSGENIDD_DEVICE_NO_PASSTHROUGH`, `RUST_LOG`, and
+/// systemd's `NOTIFY_SOCKET`, `WATCHDOG_*`, `LISTEN_*`, `JOURNAL_STREAM`
+/// (a suite started from a unit) all change what they do.
+pub const KEPT_ENV: &[&str] = &[
+    "PATH",
+    "HOME",
+    "TMPDIR",
+    "LANG",
+    "LC_ALL",
+    "TZ",
+    "RUST_BACKTRACE",
+    "RUST_LIB_BACKTRACE",
+    "LLVM_PROFILE_FILE",
+];
+
+/// Clears `cmd`'s environment down to [`KEPT_ENV`]; add what the test
+/// means to set afterwards.
+pub fn clean_env(cmd: &mut Command) -> &mut Command {
+    cmd.env_clear();
+    for name in KEPT_ENV {
+        if let Some(value) = std::env::var_os(name) {
+            cmd.env(name, value);
+        }
+    }
+    cmd
+}
+
+/// Makes the process `cmd` starts get SIGTERM when the thread that
+/// started it ends: a test process killed outright (a nextest timeout, ^C)
+/// cannot stop its daemons and clients, and a daemon so signalled stops
+/// (and unmounts its device) by itself. Start such processes from the
+/// test's own thread, not from a helper thread that ends first.
+pub fn stop_with_test(cmd: &mut Command) -> &mut Command {
+    // SAFETY: the closure runs between fork and exec and only calls
+    // prctl(2), which is async-signal-safe. It runs after any uid change,
+    // which would clear the setting.
+    unsafe {
+        std::os::unix::process::CommandExt::pre_exec(cmd, || {
+            libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM);
+            Ok(())
+        });
+    }
+    cmd
+}
+
+/// `inner` run through a wrapper program (`setpriv ... --`, `unshare ...
+/// --`): `wrapper ARGS... PROGRAM INNER_ARGS...` in a clean environment
+/// with the variables `inner` sets, stopped with the test.
+pub fn wrap_command(wrapper: &str, args: &[&str], inner: &Command) -> Command {
+    let mut cmd = Command::new(wrapper);
+    clean_env(&mut cmd);
+    stop_with_test(&mut cmd);
+    cmd.args(args)
+        .arg(inner.get_program())
+        .args(inner.get_args())
+        .envs(inner.get_envs().filter_map(|(k, v)| Some((k, v?))));
+    cmd
+}
+
+/// For scripts that need the toolchain's environment (cargo, rustup,
+/// proxies): drops only what changes sysgenid's behaviour, every variable
+/// whose name starts with `SYSGENID` and systemd's service protocol.
+pub fn without_sysgenid_env(cmd: &mut Command) -> &mut Command {
+    const SYSTEMD: &[&str] = &[
+        "NOTIFY_SOCKET",
+        "WATCHDOG_USEC",
+        "WATCHDOG_PID",
+        "LISTEN_FDS",
+        "LISTEN_PID",
+        "LISTEN_FDNAMES",
+        "JOURNAL_STREAM",
+    ];
+    for (name, _) in std::env::vars_os() {
+        let text = name.to_string_lossy();
+        if text.starts_with("SYSGENID") || SYSTEMD.contains(&text.as_ref()) {
+            cmd.env_remove(&name);
+        }
+    }
+    cmd
+}
+
+/// The flags every daemon under test gets unless the test gives the flag
+/// itself, each because its default follows the machine:
+/// - `--source auto` follows every restore source the machine has
+///   (`/dev/kmsg`, `/dev/vmclock0`, uevents);
+/// - `--device` is `/dev/sysgenid` as root (the system daemon's);
+/// - `--device-group` is `sysgenid` when that group exists (a machine with
+///   the package installed);
+/// - `--hooks-dir` is `/etc/sysgenid/hooks.d` when it exists;
+/// - `--lifecycle-group` is `sysgenid` when that group exists.
+///
+/// `--runtime-dir` is always given ([`sysgenidd_command`]): its default is
+/// the system daemon's `/run/sysgenid`.
+pub const PINNED_FLAGS: &[(&str, &str)] = &[
+    ("--source", "none"),
+    ("--device", "off"),
+    ("--device-group", "none"),
+    ("--hooks-dir", "off"),
+    ("--lifecycle-group", "none"),
+];
+
+/// Whether `args` give `flag` (as `--flag VALUE` or `--flag=VALUE`).
+fn gives(args: &[String], flag: &str) -> bool {
+    args.iter()
+        .any(|a| a == flag || a.strip_prefix(flag).is_some_and(|v| v.starts_with('=')))
+}
+
+/// A `sysgenidd --runtime-dir DIR` command (not started) with every flag of
+/// [`PINNED_FLAGS`] the caller did not give in `extra`, in a clean
+/// environment, stopped with the test ([`stop_with_test`]). The one place
+/// a daemon's command line is made.
+pub fn sysgenidd_command(dir: &Path, extra: &[&str]) -> Command {
+    let extra: Vec<String> = extra.iter().map(|s| s.to_string()).collect();
+    sysgenidd_command_keeping(Some(dir), &extra, &[])
+}
+
+/// Like [`sysgenidd_command`], but leaving the flags named in `defaults`
+/// to the daemon's default (`--runtime-dir` included: `dir` is then
+/// `None`), for the tests about those defaults.
+pub fn sysgenidd_command_keeping(
+    dir: Option<&Path>,
+    extra: &[String],
+    defaults: &[&str],
+) -> Command {
+    for d in defaults {
+        assert!(
+            *d == "--runtime-dir" || PINNED_FLAGS.iter().any(|(f, _)| f == d),
+            "{d} is not a pinned flag"
+        );
+    }
+    assert_eq!(
+        dir.is_none(),
+        defaults.contains(&"--runtime-dir"),
+        "a runtime directory, or --runtime-dir among the defaults"
+    );
+    let mut cmd = Command::new(bin("sysgenidd"));
+    clean_env(&mut cmd);
+    stop_with_test(&mut cmd);
+    if let Some(dir) = dir {
+        cmd.arg("--runtime-dir").arg(dir);
+    }
+    for (flag, value) in PINNED_FLAGS {
+        if !gives(extra, flag) && !defaults.contains(flag) {
+            cmd.args([flag, value]);
+        }
+    }
+    cmd.args(extra);
+    cmd
+}
+
 /// A running `sysgenidd` on a private runtime directory.
 pub struct Daemon {
     pub child: Child,
     pub dir: PathBuf,
     pub log: PathBuf,
+    spec: Spec,
+}
+
+/// How a [`Daemon`] was started, for its restarts.
+struct Spec {
     extra: Vec<String>,
+    /// Pinned flags left to the daemon's defaults.
+    defaults: Vec<&'static str>,
+    /// Variables set in its otherwise clean environment.
+    env: Vec<(String, OsString)>,
 }
 
 impl Daemon {
-    /// Starts `sysgenidd --source none` on `dir` and waits until it answers.
+    /// Starts `sysgenidd` ([`sysgenidd_command`]) on `dir` and waits until it answers.
     pub fn start(dir: &Path) -> Daemon {
         Daemon::start_with(dir, &[])
     }
 
-    /// Starts with extra flags (`--source LIST` replaces the default
-    /// `--source none`).
+    /// Starts with extra flags; a flag of [`PINNED_FLAGS`] given here
+    /// replaces the pinned value (`--source uevent` for `--source none`).
     pub fn start_with(dir: &Path, extra: &[&str]) -> Daemon {
-        Daemon::start_with_env(dir, extra, &[])
+        Daemon::start_keeping_defaults(dir, extra, &[])
     }
 
-    /// Starts with extra flags and extra environment variables (which the
-    /// daemon's hooks inherit).
-    pub fn start_with_env(dir: &Path, extra: &[&str], env: &[(&str, &str)]) -> Daemon {
-        let extra: Vec<String> = extra.iter().map(|s| s.to_string()).collect();
-        let mut child = Daemon::spawn_command(dir, &extra);
-        child.envs(env.iter().copied());
-        let child = child.spawn().expect("spawn sysgenidd");
+    /// Starts with extra flags, leaving the flags named in `defaults` to
+    /// the daemon (`--runtime-dir` among them: `dir` must then be the
+    /// default directory). For the tests about those defaults; they set
+    /// up the state the default follows in [`private_mounts`].
+    pub fn start_keeping_defaults(dir: &Path, extra: &[&str], defaults: &[&'static str]) -> Daemon {
+        Daemon::launch(
+            dir,
+            Spec {
+                extra: extra.iter().map(|s| s.to_string()).collect(),
+                defaults: defaults.to_vec(),
+                env: Vec::new(),
+            },
+        )
+    }
+
+    /// Starts with extra flags and `env` set in its clean environment
+    /// (systemd's `NOTIFY_SOCKET`, `WATCHDOG_USEC` for a test of the
+    /// watchdog).
+    pub fn start_with_env<V: AsRef<OsStr>>(
+        dir: &Path,
+        extra: &[&str],
+        env: &[(&str, V)],
+    ) -> Daemon {
+        Daemon::launch(
+            dir,
+            Spec {
+                extra: extra.iter().map(|s| s.to_string()).collect(),
+                defaults: Vec::new(),
+                env: env
+                    .iter()
+                    .map(|(k, v)| (k.to_string(), v.as_ref().to_os_string()))
+                    .collect(),
+            },
+        )
+    }
+
+    fn launch(dir: &Path, spec: Spec) -> Daemon {
+        let child = Daemon::spawn(dir, &spec);
         let mut d = Daemon {
             child,
             dir: dir.to_path_buf(),
             log: dir.with_extension("log"),
-            extra,
+            spec,
         };
         d.wait_ready();
         d
     }
 
-    fn spawn(dir: &Path, extra: &[String]) -> Child {
-        Daemon::spawn_command(dir, extra)
-            .spawn()
-            .expect("spawn sysgenidd")
-    }
-
-    fn spawn_command(dir: &Path, extra: &[String]) -> Command {
+    fn spawn(dir: &Path, spec: &Spec) -> Child {
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
             .open(dir.with_extension("log"))
             .unwrap();
-        // `--source none` unless the caller chose sources (`start_with(dir,
-        // &["--source", "uevent"])`): clap refuses the flag twice.
-        let chose_sources = extra
-            .iter()
-            .any(|a| a == "--source" || a.starts_with("--source="));
-        let default_sources: &[&str] = if chose_sources {
-            &[]
-        } else {
-            &["--source", "none"]
-        };
-        // `--device off` unless the caller asked for a device: tests run
-        // as root, where the default would mount /dev/sysgenid.
-        let device_default: &[&str] = if extra.iter().any(|a| a.starts_with("--device")) {
-            &[]
-        } else {
-            &["--device", "off"]
-        };
-        // `--hooks-dir off` unless the caller gave one: the machine's own
-        // /etc/sysgenid/hooks.d is no business of the tests.
-        let hooks_default: &[&str] = if extra.iter().any(|a| a.starts_with("--hooks-dir")) {
-            &[]
-        } else {
-            &["--hooks-dir", "off"]
-        };
-        // `--lifecycle-group none` unless the caller gave one: a machine's
-        // own `sysgenid` group is no business of the tests.
-        let lifecycle_group_default: &[&str] =
-            if extra.iter().any(|a| a.starts_with("--lifecycle-group")) {
-                &[]
-            } else {
-                &["--lifecycle-group", "none"]
-            };
-        let mut c = Command::new(bin("sysgenidd"));
-        c.arg("--runtime-dir")
-            .arg(dir)
-            .args(default_sources)
-            .args(device_default)
-            .args(hooks_default)
-            .args(lifecycle_group_default)
-            .args(extra)
+        let dir = (!spec.defaults.contains(&"--runtime-dir")).then_some(dir);
+        sysgenidd_command_keeping(dir, &spec.extra, &spec.defaults)
             .env("RUST_LOG", "debug")
+            .envs(spec.env.iter().map(|(k, v)| (k, v)))
             .stdout(Stdio::null())
-            .stderr(log);
-        c
+            .stderr(log)
+            .spawn()
+            .expect("spawn sysgenidd")
     }
 
     fn wait_ready(&mut self) {
@@ -243,14 +407,13 @@ impl Daemon {
     }
 
     /// `wait_watchers(None)` on a control connection of its own, in a
-    /// thread: an orchestrator blocked in the barrier.
+    /// thread: an orchestrator blocked in the barrier. The connection is
+    /// made here, before the thread starts, so a test that stops the
+    /// daemon next cannot stop it before the waiter connected (the waiter
+    /// then gets `ShuttingDown` whenever its wait begins).
     pub fn spawn_barrier_waiter(&self) -> std::thread::JoinHandle<Result<(), sysgenid::Error>> {
-        let dir = self.dir.clone();
-        std::thread::spawn(move || {
-            sysgenid::Control::connect(Some(&dir))
-                .unwrap()
-                .wait_watchers(None)
-        })
+        let mut control = self.control();
+        std::thread::spawn(move || control.wait_watchers(None))
     }
 
     /// A tracked, blocking watcher.
@@ -295,13 +458,13 @@ impl Daemon {
 
     /// Starts the daemon again on the same directory (after a stop/kill).
     pub fn restart(&mut self) {
-        self.child = Daemon::spawn(&self.dir, &self.extra);
+        self.child = Daemon::spawn(&self.dir, &self.spec);
         self.wait_ready();
     }
 
     /// Starts again with different extra flags.
     pub fn extra_restart(&mut self, extra: &[&str]) {
-        self.extra = extra.iter().map(|s| s.to_string()).collect();
+        self.spec.extra = extra.iter().map(|s| s.to_string()).collect();
         self.restart();
     }
 
@@ -345,19 +508,21 @@ impl Daemon {
     }
 }
 
-/// A `sysgenidctl --runtime-dir dir` command to add arguments to.
+/// A `sysgenidctl --runtime-dir dir` command to add arguments to, in a
+/// clean environment (never the system daemon's `/run/sysgenid`), stopped
+/// with the test ([`stop_with_test`]).
 pub fn ctl_command(dir: &Path) -> Command {
     let mut c = Command::new(bin("sysgenidctl"));
+    clean_env(&mut c);
+    stop_with_test(&mut c);
     c.arg("--runtime-dir").arg(dir);
     c
 }
 
-/// A `sysgenidd --runtime-dir dir --source none` command (not started), for
-/// tests about start-up refusals.
+/// A `sysgenidd` command on `dir` (not started), for tests about start-up
+/// refusals: [`sysgenidd_command`] with no extra flags.
 pub fn daemon_command(dir: &Path) -> Command {
-    let mut c = Command::new(bin("sysgenidd"));
-    c.arg("--runtime-dir").arg(dir).args(["--source", "none"]);
-    c
+    sysgenidd_command(dir, &[])
 }
 
 /// Runs `sysgenidctl --runtime-dir dir ARGS`.
@@ -388,7 +553,7 @@ pub struct Squatter {
 }
 
 impl Squatter {
-    /// Starts `sysgenidd --source none --device off` as `uid` and waits
+    /// Starts `sysgenidd` ([`sysgenidd_command`]) as `uid` and waits
     /// until its socket and page exist (a client cannot be used to wait:
     /// it would rightly refuse the daemon).
     pub fn start(uid: u32) -> Squatter {
@@ -397,10 +562,7 @@ impl Squatter {
         let rundir = dir.path().join("run");
         std::fs::create_dir(&rundir).unwrap();
         std::os::unix::fs::chown(&rundir, Some(uid), Some(uid)).unwrap();
-        let child = Command::new(bin("sysgenidd"))
-            .arg("--runtime-dir")
-            .arg(&rundir)
-            .args(["--source", "none", "--device", "off"])
+        let child = sysgenidd_command(&rundir, &[])
             .uid(uid)
             .gid(uid)
             .stdout(Stdio::null())

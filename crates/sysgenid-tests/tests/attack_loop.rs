@@ -36,7 +36,7 @@ impl Attacker {
     }
 
     fn spawn(dir: &Path, args: &[&str]) -> Attacker {
-        let mut child = Command::new(bin("sysgenid-attack-loop"))
+        let mut child = clean_env(&mut Command::new(bin("sysgenid-attack-loop")))
             .arg(args[0])
             .arg(dir.join("sysgenid.sock"))
             .args(&args[1..])

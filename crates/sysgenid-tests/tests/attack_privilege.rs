@@ -43,7 +43,7 @@ fn attacker() -> &'static Path {
 
 fn attack(args: &[&str]) -> Command {
     let mut cmd = Command::new(attacker());
-    cmd.args(args);
+    clean_env(&mut cmd).args(args);
     cmd
 }
 

@@ -38,7 +38,7 @@ struct Attacker {
 
 impl Attacker {
     fn start(target: &Path, args: &[&str]) -> Attacker {
-        let mut child = Command::new(bin("sysgenid-attack-loop"))
+        let mut child = clean_env(&mut Command::new(bin("sysgenid-attack-loop")))
             .arg(args[0])
             .arg(target)
             .args(&args[1..])
@@ -136,19 +136,14 @@ impl Watched {
         notify
             .set_read_timeout(Some(Duration::from_millis(100)))
             .unwrap();
-        // Inherited by the daemon (each test is a process of its own
-        // under nextest); taken away again at once.
-        // SAFETY: no other thread of this test reads the environment now.
-        unsafe {
-            std::env::set_var("NOTIFY_SOCKET", &notify_path);
-            std::env::set_var("WATCHDOG_USEC", "200000");
-        }
-        let daemon = Daemon::start_with(dir.path(), extra);
-        // SAFETY: as above.
-        unsafe {
-            std::env::remove_var("NOTIFY_SOCKET");
-            std::env::remove_var("WATCHDOG_USEC");
-        }
+        let daemon = Daemon::start_with_env(
+            dir.path(),
+            extra,
+            &[
+                ("NOTIFY_SOCKET", notify_path.as_os_str()),
+                ("WATCHDOG_USEC", "200000".as_ref()),
+            ],
+        );
         let pings = Arc::new(Mutex::new(Vec::new()));
         let stop = Arc::new(AtomicBool::new(false));
         {

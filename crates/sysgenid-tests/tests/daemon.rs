@@ -149,12 +149,8 @@ fn one_user_cannot_take_every_connection() {
     let dir = runtime_dir();
     let d = Daemon::start_with(dir.path(), &["--max-connections-per-uid", "3"]);
     let nobody = |args: &[&str]| {
-        let mut c = std::process::Command::new(bin("sysgenidctl"));
-        c.arg("--runtime-dir")
-            .arg(dir.path())
-            .args(args)
-            .uid(65534)
-            .gid(65534);
+        let mut c = ctl_command(dir.path());
+        c.args(args).uid(65534).gid(65534);
         c
     };
     /// Kills the held clients even if an assertion fails first.

@@ -531,6 +531,53 @@ fn measure_round_trips() {
     c.wait_success();
 }
 
+/// The default `--device-group` (the flag left out), on a machine with the
+/// package's group `sysgenid` and on one without; each state is made in a
+/// mount namespace of the test's own (a copy of `/etc/group` bound over
+/// it), so no other process sees the group, nor a mount.
+#[test]
+fn the_device_group_defaults_to_sysgenid_when_that_group_exists_and_to_none_otherwise() {
+    require_fuse!();
+    use std::os::unix::fs::MetadataExt;
+    let mut ns = private_mounts::enter();
+    let tmp = runtime_dir();
+    let dev = tmp.path().join("sysgenid");
+    let start = |rt: &str| {
+        Daemon::start_keeping_defaults(
+            &tmp.path().join(rt),
+            &["--device", dev.to_str().unwrap()],
+            &["--device-group"],
+        )
+    };
+
+    ns.without_group("sysgenid");
+    let mut daemon = start("without");
+    assert!(
+        daemon
+            .log()
+            .contains("write opens need CAP_SYS_ADMIN or CAP_CHECKPOINT_RESTORE"),
+        "{}",
+        daemon.log()
+    );
+    let meta = std::fs::metadata(&dev).unwrap();
+    assert_eq!((meta.mode() & 0o7777, meta.gid()), (0o666, 0));
+    assert!(daemon.signal_and_wait(libc::SIGTERM).success());
+
+    let gid = ns.with_group("sysgenid");
+    let mut daemon = start("with");
+    assert!(
+        daemon
+            .log()
+            .contains(&format!("write opens for group sysgenid (gid {gid})")),
+        "{}",
+        daemon.log()
+    );
+    let meta = std::fs::metadata(&dev).unwrap();
+    assert_eq!((meta.mode() & 0o7777, meta.gid()), (0o664, gid));
+    assert!(daemon.signal_and_wait(libc::SIGTERM).success());
+    assert!(!dev.exists(), "mount point left behind");
+}
+
 /// `--device-group`: the kernel lets a member of the group (here through a
 /// supplementary group) open the device `O_RDWR` and run the seed's
 /// example 1 (read, acknowledge with write); a non-member of the same uid

@@ -155,16 +155,16 @@ fn sigkill_at_random_instants_loses_no_acknowledged_bump() {
     };
 
     // A reconnecting, tracked watcher: reads never go down; it acks what
-    // it reads (WrongGeneration when a bump overtook it is expected).
+    // it reads (WrongGeneration when a bump overtook it is expected). It
+    // is opened here, before the first kill: its first open() has no
+    // reconnect to fall back on, and a kill chosen by the loop below must
+    // not cut it (seed 1796411057639973567 did, while the thread was still
+    // starting).
+    let mut w = Watcher::builder().runtime_dir(dir.path()).open().unwrap();
+    d.wait_watchers_registered(1);
     let watcher = {
-        let (dir, failures, stop, seen) = (
-            dir.path().to_path_buf(),
-            failures.clone(),
-            stop.clone(),
-            watcher_seen.clone(),
-        );
+        let (failures, stop, seen) = (failures.clone(), stop.clone(), watcher_seen.clone());
         std::thread::spawn(move || {
-            let mut w = Watcher::builder().runtime_dir(&dir).open().unwrap();
             let mut last = w.acked();
             while !stop.load(Ordering::Relaxed) {
                 // Bounded wait so the thread notices `stop`.

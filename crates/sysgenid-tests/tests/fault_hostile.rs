@@ -410,9 +410,7 @@ fn watcher_caps_refuse_with_a_clear_error() {
     }
     use std::os::unix::process::CommandExt;
     let watch_as_nobody = || {
-        std::process::Command::new(bin("sysgenidctl"))
-            .arg("--runtime-dir")
-            .arg(dir.path())
+        ctl_command(dir.path())
             .args(["watch", "--count", "1"])
             .uid(65534)
             .gid(65534)

@@ -563,7 +563,7 @@ fn dhclient_dhcpcd_and_network_manager_get_new_leases_without_a_release() {
 
 /// `sysgenidctl hooks --shipped-dir S --hooks-dir H ARGS`.
 fn hooks_ctl(shipped: &Path, hooks: &Path, args: &[&str]) -> Output {
-    Command::new(bin("sysgenidctl"))
+    clean_env(&mut Command::new(bin("sysgenidctl")))
         .arg("hooks")
         .args(args)
         .arg("--shipped-dir")

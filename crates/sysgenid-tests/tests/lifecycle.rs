@@ -425,8 +425,7 @@ fn hooks_run_in_order_with_timeouts_and_unsafe_ones_are_refused() {
 #[test]
 fn a_missing_hooks_directory_named_explicitly_stops_the_daemon() {
     let dir = runtime_dir();
-    let out = daemon_command(dir.path())
-        .args(["--device", "off", "--hooks-dir", "/nonexistent/hooks.d"])
+    let out = sysgenidd_command(dir.path(), &["--hooks-dir", "/nonexistent/hooks.d"])
         .output()
         .unwrap();
     assert!(!out.status.success());
@@ -679,4 +678,69 @@ fn confirming_on_a_plain_watcher_is_refused_locally_and_keeps_the_connection() {
     assert_eq!(plain.read().unwrap(), generation);
     plain.ack(generation).unwrap();
     assert_eq!(d.status().outdated, 0);
+}
+
+/// The default `--lifecycle-group` (the flag left out), on a machine with
+/// the package's group `sysgenid` and on one without, each made in a mount
+/// namespace of the test's own (a copy of `/etc/group` bound over it, seen
+/// by no other process): a participant run by nobody with that group's
+/// gid among its groups is trusted, so a freeze waits for it, only while
+/// the group is named `sysgenid`.
+#[test]
+fn the_lifecycle_group_defaults_to_sysgenid_when_that_group_exists_and_to_none_otherwise() {
+    if skip_unless_root("to bind /etc/group privately and run a participant as nobody") {
+        return;
+    }
+    let mut ns = private_mounts::enter();
+    let gid = ns.with_group("sysgenid");
+    let tmp = runtime_dir();
+    /// Kills the participant even if an assertion fails first.
+    struct Held(Child);
+    impl Drop for Held {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    // (trusted, untrusted) participants of a daemon with the default
+    // lifecycle group, as the one participant is in group `gid`.
+    let counts = |rt: &str| {
+        let d = Daemon::start_keeping_defaults(&tmp.path().join(rt), &[], &["--lifecycle-group"]);
+        let mut c = std::process::Command::new("setpriv");
+        clean_env(&mut c);
+        stop_with_test(&mut c);
+        c.args(["--reuid", "65534", "--regid", "65534", "--groups"])
+            .arg(gid.to_string())
+            .arg(bin("sysgenidctl"))
+            .arg("--runtime-dir")
+            .arg(&d.dir)
+            .args(["watch", "--lifecycle"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null());
+        let _p = Held(c.spawn().expect("setpriv from util-linux"));
+        let mut last = None;
+        let registered = wait_until(LONG, || {
+            let t = d.status().trust.expect("status reports trust");
+            last = Some((t.participants_trusted, t.participants_untrusted));
+            t.participants_trusted + t.participants_untrusted == 1
+        });
+        assert!(registered, "the participant never registered: {last:?}");
+        (d.log(), last.unwrap())
+    };
+
+    let (log, with) = counts("with");
+    assert!(
+        log.contains(&format!("group sysgenid (gid {gid})")),
+        "{log}"
+    );
+    assert_eq!(with, (1, 0), "a member of group sysgenid is trusted");
+
+    ns.without_group("sysgenid");
+    let (log, without) = counts("without");
+    assert!(!log.contains("group sysgenid"), "{log}");
+    assert_eq!(
+        without,
+        (0, 1),
+        "with no group sysgenid, gid {gid} is nobody's"
+    );
 }

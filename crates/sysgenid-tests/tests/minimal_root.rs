@@ -50,7 +50,7 @@ wait_socket() {{
 "#,
         scratch = scratch.path().display(),
     );
-    let out = Command::new("unshare")
+    let out = clean_env(&mut Command::new("unshare"))
         .args(["-m", "--propagation", "private", "sh", "-c", &script])
         .env("D", bin("sysgenidd"))
         .env("C", bin("sysgenidctl"))

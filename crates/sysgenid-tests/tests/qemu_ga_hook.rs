@@ -18,6 +18,13 @@ fn packaging(name: &str) -> PathBuf {
         .join(name)
 }
 
+/// `packaging/qemu-ga/NAME`, to run in a clean environment.
+fn script(name: &str) -> Command {
+    let mut cmd = Command::new(packaging(name));
+    clean_env(&mut cmd);
+    cmd
+}
+
 /// The environment the hook gets: our client, our daemon, no settings file
 /// of the machine's, and a freeze timeout.
 fn hook_env(cmd: &mut Command, dir: &Path, timeout_ms: &str) {
@@ -28,7 +35,7 @@ fn hook_env(cmd: &mut Command, dir: &Path, timeout_ms: &str) {
 }
 
 fn hook(dir: &Path, event: &str, timeout_ms: &str) -> Output {
-    let mut cmd = Command::new(packaging("sysgenid"));
+    let mut cmd = script("sysgenid");
     cmd.arg(event);
     hook_env(&mut cmd, dir, timeout_ms);
     cmd.output().expect("run packaging/qemu-ga/sysgenid")
@@ -156,7 +163,7 @@ fn hook_dir(root: &Path) -> PathBuf {
 }
 
 fn dispatch(root: &Path, d: &Daemon, event: &str, timeout_ms: &str) -> (i32, String) {
-    let mut cmd = Command::new(packaging("fsfreeze-hook"));
+    let mut cmd = script("fsfreeze-hook");
     cmd.arg(event)
         .env("FSFREEZE_HOOK_DIR", root.join("fsfreeze-hook.d"))
         .env("FSFREEZE_HOOK_LOG", root.join("log"));
@@ -202,7 +209,7 @@ fn strict_dispatcher_fails_the_freeze_and_thaws_the_scripts_it_froze() {
     // A thaw that fails somewhere still runs every script, and says so.
     let (rc, _) = dispatch(root.path(), &d, "freeze", "10000");
     assert_eq!(rc, 0);
-    let mut cmd = Command::new(packaging("fsfreeze-hook"));
+    let mut cmd = script("fsfreeze-hook");
     cmd.arg("thaw")
         .env("FSFREEZE_HOOK_DIR", root.path().join("fsfreeze-hook.d"))
         .env("FSFREEZE_HOOK_LOG", root.path().join("log"));
@@ -232,7 +239,7 @@ fn hook_reads_its_settings_file_only_when_only_root_can_write_it() {
     // A value the hook refuses (exit 2) shows the file was read.
     std::fs::write(&conf, "SYSGENID_QGA_FREEZE_TIMEOUT_MS=soon\n").unwrap();
     let run = |conf: &Path| {
-        let mut cmd = Command::new(packaging("sysgenid"));
+        let mut cmd = script("sysgenid");
         cmd.arg("freeze");
         hook_env(&mut cmd, &dir.path().join("no-daemon-here"), "1000");
         cmd.env("SYSGENID_QGA_CONF", conf);

@@ -7,7 +7,7 @@
 use std::io::Write;
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
-use std::process::{Command, Stdio};
+use std::process::Stdio;
 use std::time::Duration;
 
 use sysgenid_proto::{BumpDetails, ChangeKind, Entropy, Hostname, Reply, Request, Role};
@@ -188,16 +188,15 @@ fn without_cap_sys_admin_the_bump_still_happens_and_status_says_why_not() {
     }
     let dir = runtime_dir();
     let log = dir.path().with_extension("log");
-    let mut child = Command::new("setpriv")
-        .args(["--inh-caps=-sys_admin", "--bounding-set=-sys_admin", "--"])
-        .arg(bin("sysgenidd"))
-        .arg("--runtime-dir")
-        .arg(dir.path())
-        .args(["--source", "none", "--device", "off", "--hooks-dir", "off"])
-        .stdout(Stdio::null())
-        .stderr(std::fs::File::create(&log).unwrap())
-        .spawn()
-        .expect("setpriv (util-linux)");
+    let mut child = wrap_command(
+        "setpriv",
+        &["--inh-caps=-sys_admin", "--bounding-set=-sys_admin", "--"],
+        &sysgenidd_command(dir.path(), &[]),
+    )
+    .stdout(Stdio::null())
+    .stderr(std::fs::File::create(&log).unwrap())
+    .spawn()
+    .expect("setpriv (util-linux)");
     let up = wait_until(LONG, || {
         sysgenid::Control::connect(Some(dir.path())).is_ok()
     });

@@ -424,7 +424,7 @@ if os.fork() == 0:
     os._exit(0)
 os.execv(setuid_prog, ["setuid-sleep", "2"])
 "#;
-    let out = std::process::Command::new("python3")
+    let out = clean_env(&mut std::process::Command::new("python3"))
         .arg("-c")
         .arg(script)
         .arg(dir.path().join("sysgenid.sock"))

@@ -6,10 +6,14 @@
 
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::process::CommandExt;
+use std::path::Path;
 use std::process::Command;
 
 use sysgenid::{Control, Error, Probe, Watcher};
-use sysgenid_tests::{bin, runtime_dir, skip_unless_root, stderr, stdout, Daemon, Squatter};
+use sysgenid_tests::{
+    bin, clean_env, private_mounts, runtime_dir, skip_unless_root, stderr, stdout,
+    sysgenidd_command_keeping, Daemon, Squatter,
+};
 
 const NOBODY: u32 = 65534;
 /// Another unprivileged uid, neither root nor the squatter.
@@ -58,7 +62,8 @@ fn the_cli_of_another_uid_refuses_the_squatter_and_its_own_uid_may_use_it() {
     let squat = Squatter::start(NOBODY);
     let ctl = |uid: u32| {
         let mut c = Command::new(bin("sysgenidctl"));
-        c.arg("get")
+        clean_env(&mut c)
+            .arg("get")
             .env("SYSGENID_RUNTIME_DIR", squat.path())
             .uid(uid)
             .gid(uid);
@@ -91,27 +96,49 @@ fn a_page_writable_by_others_is_refused() {
     assert!(text.contains("generation"), "{text}");
 }
 
+/// The defaults, in a mount namespace of the test's own where `/run` is an
+/// empty tmpfs: a root daemon given no `--runtime-dir` serves
+/// `/run/sysgenid`, and a client of any uid given no directory and no
+/// environment finds it there. The machine's `/run/sysgenid` (a system
+/// daemon's, if one runs) is never seen nor touched.
 #[test]
-fn with_no_environment_every_uid_looks_for_the_system_daemon() {
-    if skip_unless_root("to run a client as nobody") {
+fn with_no_environment_every_uid_finds_the_daemon_at_the_default_run_sysgenid() {
+    if skip_unless_root("to mount /run privately and run a client as nobody") {
         return;
     }
-    let out = Command::new(bin("sysgenidctl"))
-        .arg("get")
-        .env_clear()
-        .uid(NOBODY)
-        .gid(NOBODY)
-        .output()
-        .unwrap();
-    // Either a system daemon runs here, or the error names where it was
-    // looked for: never a per-user path.
-    if !out.status.success() {
-        let err = stderr(&out);
-        assert!(err.contains("/run/sysgenid/sysgenid.sock"), "{err}");
+    let mut ns = private_mounts::enter();
+    ns.tmpfs(Path::new("/run"));
+    let default_dir = Path::new("/run/sysgenid");
+    let d = Daemon::start_keeping_defaults(default_dir, &[], &["--runtime-dir"]);
+    assert!(
+        d.log().contains("ready: runtime dir /run/sysgenid"),
+        "{}",
+        d.log()
+    );
+    assert_eq!(d.control().bump(7).unwrap(), 7);
+    let nobody_get = || {
+        let mut c = Command::new(bin("sysgenidctl"));
+        c.arg("get").env_clear().uid(NOBODY).gid(NOBODY);
+        c.output().unwrap()
+    };
+    let out = nobody_get();
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(stdout(&out), "7");
+    // Without the daemon, the error names where it was looked for: never a
+    // per-user path.
+    drop(d);
+    let out = nobody_get();
+    assert_eq!(out.status.code(), Some(1), "{}", stdout(&out));
+    let err = stderr(&out);
+    assert!(err.contains("/run/sysgenid/sysgenid.sock"), "{err}");
+}
+
+#[test]
+fn a_daemon_not_run_by_root_must_be_given_its_runtime_directory() {
+    if skip_unless_root("to run the daemon as nobody") {
+        return;
     }
-    let out = Command::new(bin("sysgenidd"))
-        .args(["--source", "none", "--device", "off"])
-        .env_clear()
+    let out = sysgenidd_command_keeping(None, &[], &["--runtime-dir"])
         .uid(NOBODY)
         .gid(NOBODY)
         .output()

@@ -17,7 +17,7 @@ use std::io::Write;
 use std::path::Path;
 use std::process::Command;
 
-use sysgenid_tests::bin;
+use sysgenid_tests::{bin, without_sysgenid_env};
 
 /// Writes to the real stderr, past the test harness's capture, so the
 /// harness's timings show in CI logs even when the test passes.
@@ -36,7 +36,7 @@ fn qemu_guest_agent_freeze_quiesces_participants_and_a_frozen_clone_runs_again()
         return;
     }
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/vm/run.sh");
-    let out = Command::new("bash")
+    let out = without_sysgenid_env(&mut Command::new("bash"))
         .arg(&script)
         .arg("--lifecycle")
         .env("SYSGENIDD", bin("sysgenidd"))
