@@ -12,6 +12,8 @@ use clap::Parser;
 use sysgenid::{Control, Error, Event, LifecycleState, Watcher};
 use sysgenidctl::cli::{Args, Cmd};
 
+mod criu_hook;
+
 /// Prints one line to stdout. When the reader went away (`sysgenidctl
 /// status | head -1`, a closed pipe from `watch`) the program ends quietly
 /// with status 0, as it would by SIGPIPE, instead of panicking; a `watch`
@@ -36,15 +38,33 @@ fn print_line(line: std::fmt::Arguments<'_>) {
 
 fn main() -> ExitCode {
     let args = Args::parse();
+    if let Cmd::CriuHook {
+        inside,
+        action,
+        timeout_ms,
+        deadline_ms,
+    } = &args.command
+    {
+        return match (inside, &args.runtime_dir) {
+            (None, _) => criu_hook::run(),
+            (Some(step), Some(dir)) => criu_hook::inside(
+                step,
+                action,
+                dir,
+                Duration::from_millis(*timeout_ms),
+                Duration::from_millis(*deadline_ms),
+            ),
+            (Some(_), None) => {
+                eprintln!("sysgenidctl: criu-hook --inside needs --runtime-dir");
+                ExitCode::from(2)
+            }
+        };
+    }
     match run(&args) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("sysgenidctl: {e}");
-            ExitCode::from(match e {
-                Error::TimedOut { .. } | Error::FreezeAborted { .. } => 3,
-                Error::PermissionDenied(_) => 4,
-                _ => 1,
-            })
+            ExitCode::from(criu_hook::exit_code(&e))
         }
     }
 }
@@ -138,6 +158,7 @@ fn run(args: &Args) -> Result<(), Error> {
                 print_status(&s);
             }
         }
+        Cmd::CriuHook { .. } => unreachable!("handled in main"),
     }
     Ok(())
 }

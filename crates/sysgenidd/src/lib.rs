@@ -19,6 +19,8 @@
 //! * [`peer`]: who is on the other end, and whether they may bump;
 //! * [`hooks`]: the hooks directory's runner, on a thread of its own;
 //! * [`supervisor`]: readiness and the watchdog for systemd;
+//! * [`container`]: whether it runs in a container, where no kernel
+//!   restore signal applies;
 //! * restore-signal sources come from the `sysgenid-sources` crate and run
 //!   in their own threads, feeding the loop through a channel.
 //!
@@ -29,6 +31,7 @@
 //! `event_loop` is the one module that uses both frontends.
 
 pub mod cli;
+pub mod container;
 pub mod device;
 pub mod event_loop;
 pub mod hooks;

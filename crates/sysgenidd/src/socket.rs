@@ -321,6 +321,8 @@ impl SocketFrontend {
     /// Accepts every connection in the backlog.
     pub fn accept_all(&mut self, watchers: &Watchers) {
         let limits = *watchers.limits();
+        // After a restore by CRIU, for the connections still to come.
+        crate::peer::keep_passing_credentials(self.listener.as_fd());
         loop {
             let fd = match rustix::net::accept_with(
                 &self.listener,
@@ -336,6 +338,7 @@ impl SocketFrontend {
                     return;
                 }
             };
+            crate::peer::keep_passing_credentials(fd.as_fd());
             let peer = match Peer::of(&fd) {
                 Ok(p) => p,
                 Err(e) => {
