@@ -21,6 +21,8 @@
 //! * [`supervisor`]: readiness and the watchdog for systemd;
 //! * [`container`]: whether it runs in a container, where no kernel
 //!   restore signal applies;
+//! * [`ratelimit`]: rate-limited log lines for everything a peer can cause;
+//! * [`trust`]: who holds the lifecycle (`--lifecycle-group`);
 //! * restore-signal sources come from the `sysgenid-sources` crate and run
 //!   in their own threads, feeding the loop through a channel.
 //!
@@ -36,10 +38,12 @@ pub mod device;
 pub mod event_loop;
 pub mod hooks;
 pub mod peer;
+pub mod ratelimit;
 pub mod runtime_dir;
 pub mod service;
 pub mod socket;
 pub mod state;
 pub mod supervisor;
+pub mod trust;
 pub mod watchers;
 pub mod work;
