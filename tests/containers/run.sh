@@ -110,17 +110,29 @@ debian_mirror() {
     echo "${uri:-http://deb.debian.org/debian}"
 }
 
+apt_install_host() {
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get install -y -qq --no-install-recommends "$@" >/dev/null 2>&1 ||
+        { apt-get update -qq && apt-get install -y -qq --no-install-recommends "$@" >/dev/null; } ||
+        die "apt-get install $* failed"
+}
+
 # The development suite's userland, debootstrapped once (a few minutes)
-# and cached. Checked by its tools, not by a marker file.
-if ! chroot "$ROOT" criu --version >/dev/null 2>&1 || ! [ -x "$ROOT/usr/bin/podman" ] ||
-    ! [ -e "$ROOT/usr/lib/x86_64-linux-gnu/libcriu.so.2" ] || ! [ -x "$ROOT/usr/bin/ip" ]; then
-    if ! command -v debootstrap >/dev/null 2>&1; then
-        log "installing debootstrap"
-        export DEBIAN_FRONTEND=noninteractive
-        apt-get install -y -qq --no-install-recommends debootstrap >/dev/null 2>&1 ||
-            { apt-get update -qq && apt-get install -y -qq --no-install-recommends debootstrap >/dev/null; } ||
-            die "apt-get install debootstrap failed"
-    fi
+# and cached. Checked by its tools, not by a marker file; a cached root
+# from an older version of this list gets what it lacks.
+root_complete() {
+    chroot "$ROOT" criu --version >/dev/null 2>&1 && [ -x "$ROOT/usr/bin/podman" ] &&
+        [ -e "$ROOT/usr/lib/x86_64-linux-gnu/libcriu.so.2" ] && [ -x "$ROOT/usr/bin/ip" ]
+}
+if [ -d "$ROOT" ] && ! root_complete; then
+    log "completing the cached $SUITE root: $PACKAGES"
+    # shellcheck disable=SC2086
+    chroot "$ROOT" env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+        $PACKAGES >>"$CACHE/chroot-apt.log" 2>&1 || die "apt-get install in $ROOT failed, see $CACHE/chroot-apt.log"
+    chroot "$ROOT" apt-get clean
+fi
+if ! [ -d "$ROOT" ]; then
+    command -v debootstrap >/dev/null 2>&1 || { log "installing debootstrap"; apt_install_host debootstrap; }
     mirror=$(debian_mirror)
     mkdir -p "$CACHE"
     rm -rf "$ROOT.tmp"
@@ -135,6 +147,7 @@ if ! chroot "$ROOT" criu --version >/dev/null 2>&1 || ! [ -x "$ROOT/usr/bin/podm
     chroot "$ROOT.tmp" apt-get clean
     mv "$ROOT.tmp" "$ROOT"
 fi
+root_complete || die "the cached root $ROOT lacks criu, podman, libcriu or ip"
 CRIU_VERSION=$(chroot "$ROOT" criu --version | sed -n 's/^Version: *//p')
 case $CRIU_VERSION in
     4.[2-9]* | 4.[1-9][0-9]* | [5-9].*) ;;
@@ -161,8 +174,12 @@ install -m 0755 "$TOP/packaging/criu/criu-action" "$SHARE/bin/criu-action"
 install -m 0644 "$HERE/scenarios.sh" "$SHARE/scenarios.sh"
 cp -r "$HERE/image" "$SHARE/image"
 BUSYBOX=${SYSGENID_CRIU_BUSYBOX:-/bin/busybox}
-file -L "$BUSYBOX" 2>/dev/null | grep -q 'statically linked' ||
-    die "a statically linked busybox is needed for the image (apt-get install busybox-static, or set SYSGENID_CRIU_BUSYBOX)"
+if [ -z "${SYSGENID_CRIU_BUSYBOX:-}" ] &&
+    ! dpkg-query -W -f='${Status}' busybox-static 2>/dev/null | grep -q 'ok installed'; then
+    log "installing busybox-static (the image's shell)"
+    apt_install_host busybox-static
+fi
+[ -x "$BUSYBOX" ] || die "no busybox at $BUSYBOX"
 install -m 0755 "$BUSYBOX" "$SHARE/bin/busybox"
 # The binaries' shared libraries, as this host built them, at their paths.
 mkdir -p "$SHARE/lib"

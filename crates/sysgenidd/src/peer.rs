@@ -448,6 +448,38 @@ mod tests {
     }
 
     #[test]
+    fn id_maps_tell_our_user_namespace_from_a_nested_one() {
+        assert!(same_id_maps_as_ours(rustix::process::getpid()));
+        // `unshare --map-root-user` maps only the caller's uid: never maps
+        // equal to ours (this test's own namespace maps more than one id,
+        // or is the initial one).
+        let Ok(mut child) = std::process::Command::new("unshare")
+            .args(["--user", "--map-root-user", "sleep", "10"])
+            .spawn()
+        else {
+            return; // no unshare(1) here: nothing to compare with
+        };
+        let pid = Pid::from_raw(child.id() as i32).unwrap();
+        let own = own_user_ns();
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        // Until it has entered its namespace and written its maps (sleep
+        // runs after both).
+        while std::fs::read_to_string(format!("/proc/{}/comm", child.id()))
+            .map_or(true, |c| c.trim() != "sleep")
+            && std::time::Instant::now() < deadline
+        {
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+        let entered = user_ns(pid).ok() != own;
+        let same = same_id_maps_as_ours(pid);
+        let _ = child.kill();
+        let _ = child.wait();
+        if entered {
+            assert!(!same, "a nested user namespace showed our id maps");
+        }
+    }
+
+    #[test]
     fn missing_credentials_are_refused() {
         assert_eq!(privileged(None), Err(Refusal::NoSender));
         let no_pid = Sender {
