@@ -6,7 +6,7 @@
 #
 # For each of podman+crun and podman+runc:
 #   clones      checkpoint --export, restore --import twice: each clone's
-#               watcher logs generation 1 from source $RESTORE_SOURCE, their epochs
+#               watcher logs generation 1 (kind restore), their epochs
 #               differ, the participant logged freeze before the dump and
 #               each clone thaw after its restore
 #   leave       checkpoint --leave-running: freeze, then thaw, generation kept
@@ -26,7 +26,7 @@ RUNTIMES=${SYSGENID_CRIU_RUNTIMES:-crun,runc}
 IMAGE=localhost/sysgenid-criu:test
 # The source a restore by the hook is reported with (see report_restore in
 # crates/sysgenidctl/src/criu_hook.rs): `manual` until the Bump request
-# carries a source, then `criu`.
+# can carry a source, then `criu`. Its kind is `restore`.
 RESTORE_SOURCE=${SYSGENID_CRIU_RESTORE_SOURCE:-manual}
 W=/work
 PASS=0
@@ -228,8 +228,8 @@ scenario_clones() {
             continue
         fi
         measure_window "$rt clone$n" "$(init_pid "$rt" "$clone")"
-        check "$rt clones: $clone's watcher logs generation 1 from source $RESTORE_SOURCE" \
-            wait_line "$rt" "$clone" /run/log/watcher "^generation=1 .*sources=$RESTORE_SOURCE" 10
+        check "$rt clones: $clone's watcher logs generation 1, kind restore, from source $RESTORE_SOURCE" \
+            wait_line "$rt" "$clone" /run/log/watcher "^generation=1 kind=restore .*sources=$RESTORE_SOURCE" 10
         check "$rt clones: $clone's participant logged freeze before the dump, then thaw after the restore" \
             wait_line "$rt" "$clone" /run/log/participant '^thaw' 10
         cx "$rt" "$clone" cat /run/log/participant | tr '\n' ' ' | grep -Eq '^freeze 0 .*1 thaw' ||
@@ -405,12 +405,12 @@ EOF
     pid=$(runc state $id | sed -n 's/^ *"pid": *\([0-9]*\).*/\1/p')
     measure_window "runc-bundle" "$pid"
     i=0
-    while ! runc exec $id cat /run/log/watcher 2>/dev/null | grep -q "^generation=1 .*sources=$RESTORE_SOURCE" && [ $i -lt 100 ]; do
+    while ! runc exec $id cat /run/log/watcher 2>/dev/null | grep -q "^generation=1 kind=restore .*sources=$RESTORE_SOURCE" && [ $i -lt 100 ]; do
         sleep 0.1
         i=$((i + 1))
     done
-    check "runc bundle: the restored container's watcher logs generation 1 from source $RESTORE_SOURCE" \
-        grep -q "^generation=1 .*sources=$RESTORE_SOURCE" <(runc exec $id cat /run/log/watcher)
+    check "runc bundle: the restored container's watcher logs generation 1, kind restore, from source $RESTORE_SOURCE" \
+        grep -q "^generation=1 kind=restore .*sources=$RESTORE_SOURCE" <(runc exec $id cat /run/log/watcher)
     check "runc bundle: its participant logged freeze, then thaw" \
         sh -c "runc exec $id cat /run/log/participant | tr '\n' ' ' | grep -Eq '^freeze 0 .*thaw'"
     runc delete -f $id >/dev/null 2>&1

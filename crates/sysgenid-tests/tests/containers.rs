@@ -71,7 +71,9 @@ fn criu_checkpoints_restores_and_clones_containers_running_sysgenidd() {
         "crun stuck participant: with SYSGENID_CRIU_STRICT=0 the checkpoint goes ahead",
         "runc stuck participant: with SYSGENID_CRIU_STRICT=0 the checkpoint goes ahead",
         "crun start-up: the daemon says it runs in a container",
-        "runc bundle: the restored container's watcher logs generation 1",
+        "runc bundle: the restored container's watcher logs generation 1, kind restore",
+        "crun clones: clone1-crun's watcher logs generation 1, kind restore",
+        "runc clones: clone2-runc's watcher logs generation 1, kind restore",
     ] {
         assert!(
             stdout.contains(&format!("ok - {line}")),

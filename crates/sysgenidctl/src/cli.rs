@@ -5,6 +5,15 @@
 use std::path::PathBuf;
 
 use clap::{Parser, Subcommand};
+use sysgenid::{ChangeKind, Hostname};
+
+fn parse_kind(value: &str) -> Result<ChangeKind, String> {
+    value.parse()
+}
+
+fn parse_hostname(value: &str) -> Result<Hostname, String> {
+    Hostname::new(value).map_err(|e| e.to_string())
+}
 
 const AFTER_HELP: &str = "\
 Exit codes:
@@ -20,6 +29,7 @@ Examples:
   sysgenidctl get                       # print the generation
   sysgenidctl watch --exec ./reseed.sh  # run a command on every restore, then acknowledge
   sysgenidctl bump                      # as root: force a new generation (CRIU post-restore hook)
+  head -c 64 /dev/urandom | sysgenidctl bump --kind clone --entropy-file -   # a clone, with host entropy
   sysgenidctl wait-watchers --timeout-ms 5000   # wait until every tracked watcher caught up
   sysgenidctl freeze --timeout-ms 5000  # as root: quiesce every participant before a snapshot
   sysgenidctl thaw                      # as root: resume them
@@ -52,7 +62,10 @@ pub enum Cmd {
     /// Print the current generation.
     Get,
     /// Register a watcher; on each change print the new generation (one per
-    /// line), run CMD if given with SYSGENID_GENERATION set, then acknowledge.
+    /// line), run CMD if given with SYSGENID_GENERATION and SYSGENID_KIND
+    /// (clone, restore or unknown: the kind of that change, as status
+    /// reports it; unknown if another change came first) set, then
+    /// acknowledge.
     ///
     /// With --lifecycle, a snapshot-lifecycle participant: prints one line
     /// per event (`freeze`, `thaw`, or the new generation), runs CMD once
@@ -101,6 +114,25 @@ pub enum Cmd {
         /// mechanism for good if MIN is 4294967295).
         #[arg(long)]
         allow_exhaustion: bool,
+        /// Entropy to mix into the kernel's pool (credited) before the
+        /// daemon reseeds it and draws the new epoch: 32 to 512 bytes read
+        /// from FILE, `-` for stdin (for example 64 bytes of the host's own
+        /// getrandom, sent along by an orchestrator). Anything else is
+        /// refused (exit 2) and nothing changes.
+        #[arg(long, value_name = "FILE")]
+        entropy_file: Option<PathBuf>,
+        /// What this change is: `clone` (one of possibly several copies of
+        /// a snapshot: hooks renew machine identity), `restore` (the same
+        /// machine put back in time: identity is kept) or `unknown`.
+        /// Hooks and `watch --exec` get it as SYSGENID_KIND.
+        #[arg(long, default_value = "unknown", value_name = "clone|restore|unknown",
+              value_parser = parse_kind)]
+        kind: ChangeKind,
+        /// The hostname this change should give the machine, exported to
+        /// the hooks as SYSGENID_HOSTNAME for this change (a valid hostname
+        /// of at most 64 bytes).
+        #[arg(long, value_name = "NAME", value_parser = parse_hostname)]
+        hostname: Option<Hostname>,
     },
     /// Wait until no tracked watcher is outdated.
     WaitWatchers {

@@ -15,13 +15,14 @@
 
 use std::io::ErrorKind;
 use std::os::fd::OwnedFd;
+use std::os::unix::fs::DirBuilderExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitCode, Stdio};
 use std::time::{Duration, Instant};
 
 use rustix::fs::{Mode, OFlags};
 use rustix::thread::LinkNameSpaceType;
-use sysgenid::{Control, Error};
+use sysgenid::{BumpDetails, ChangeKind, Control, Error};
 use sysgenidctl::criu::{plan, Plan, Settings};
 
 /// How long the detached thaw waits for CRIU to let the container run (or
@@ -275,8 +276,6 @@ impl DumpMark {
     }
 }
 
-use std::os::unix::fs::DirBuilderExt;
-
 /// A process's start time (`/proc/PID/stat` field 22).
 fn start_time(pid: i32) -> Option<u64> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
@@ -377,12 +376,22 @@ pub fn inside(
     }
 }
 
-/// Reports a restore by CRIU to the container's daemon: a new generation,
-/// so the clone's watchers renew (each daemon draws its own epoch, so
-/// clones get distinct ones).
+/// Reports a restore by CRIU to the container's daemon: a new generation
+/// of kind `restore`, so the copy's watchers renew (each daemon draws its
+/// own epoch, so clones get distinct ones). The hook cannot tell a clone
+/// (`restore --import` under a new name) from a restore in place: CRIU
+/// says neither, so it reports what both are, a restore.
 ///
-/// ADAPTATION POINT: the Bump request does not carry a source or a kind
-/// yet; once it does, this asks for source `criu` and kind `restore`.
+/// ADAPTATION POINT: the Bump request carries no source; the daemon
+/// records it as `manual`. Once it can carry one, this names `criu`.
 fn report_restore(control: &mut Control) -> Result<u32, Error> {
-    control.bump(0)
+    control.bump_with(
+        0,
+        false,
+        BumpDetails {
+            kind: ChangeKind::Restore,
+            entropy: None,
+            hostname: None,
+        },
+    )
 }

@@ -63,7 +63,7 @@ use crate::service::{BumpError, Service};
 use crate::socket::{self, Context, FreezeOutcome, SocketFrontend};
 use crate::state::epoch_hex;
 use crate::watchers::{BumpCause, Limits, Watchers};
-use crate::work::{BumpRequest, Requester, WorkList};
+use crate::work::{BumpRequest, PrivilegedBump, Requester, WorkList};
 
 const WAKER: Token = Token(usize::MAX - 2);
 const SIGNALS: Token = Token(usize::MAX - 3);
@@ -188,6 +188,8 @@ fn status_report(
             .then_some(record.changed_unix_ns / 1_000_000),
         last_change_sources: service.last_change_sources().to_vec(),
         last_kernel_lag_us,
+        last_change_kind: service.last_change().map(|c| c.kind).unwrap_or_default(),
+        last_change_rng: service.last_change().map(|c| c.rng.clone()),
         sources: std::iter::once(watchers.manual_status().clone())
             .chain(sources.iter().cloned())
             .collect(),
@@ -536,6 +538,17 @@ impl EventLoop {
     }
 
     fn on_source_event(&mut self, ev: sysgenid_sources::SourceEvent) {
+        self.restore_signal(ev, BumpRequest::default());
+    }
+
+    /// A restore signal, with what its sender said of the change (kernel
+    /// sources say nothing: [`BumpRequest::default`]). The first signal of
+    /// a restore bumps; another source's signal within the coalescing
+    /// window is the same restore: its entropy is still mixed in (and the
+    /// RNG reseeded again), and a kind the change did not have yet is
+    /// taken (the hooks then run again, with it), so a vmgenid-caused
+    /// change that the host then calls a clone is a clone.
+    pub fn restore_signal(&mut self, ev: sysgenid_sources::SourceEvent, request: BumpRequest) {
         if let Some(s) = self.sources.iter_mut().find(|s| s.name == ev.source) {
             s.events += 1;
             s.last_event_unix_ms = Some(
@@ -550,7 +563,7 @@ impl EventLoop {
                 // No log line before the bump: until the page shows it,
                 // every program on this machine still believes it is
                 // unique. The bump's one line names the signal.
-                if let Err(e) = self.bump(0, BumpCause::Source(ev.source), Some(&ev)) {
+                if let Err(e) = self.change(&request, BumpCause::Source(ev.source), Some(&ev)) {
                     tracing::error!(source = ev.source, "restore signal: {}", ev.detail);
                     tracing::error!(source = ev.source, "could not bump: {e}");
                 }
@@ -558,25 +571,37 @@ impl EventLoop {
             sysgenid_sources::Offer::Merged => {
                 tracing::info!(
                     source = ev.source,
+                    kind = request.details.kind.name(),
                     "restore signal coalesced with the change just made: {}",
                     ev.detail
                 );
                 self.watchers.note_agreeing_source(ev.source);
+                if self.watchers.refine_last_change(&request) {
+                    tracing::info!(
+                        generation = self.watchers.generation(),
+                        kind = request.details.kind.name(),
+                        "the change is a {}: running the change hooks again with it",
+                        request.details.kind.name()
+                    );
+                    let before = self.watchers.generation().wrapping_sub(1);
+                    self.run_hooks(HookEvent::Change, Some(before));
+                }
             }
         }
     }
 
     /// A privileged request checked by its frontend: bump (never coalesced:
     /// a manual bump is deliberate), then answer the requester.
-    fn privileged_bump(&mut self, request: BumpRequest) {
+    fn privileged_bump(&mut self, bump: PrivilegedBump) {
+        let PrivilegedBump { request, requester } = bump;
         let result = match self
             .watchers
             .check_minimum(request.min, request.allow_exhaustion)
         {
-            Ok(()) => self.bump(request.min, BumpCause::Manual, None),
+            Ok(()) => self.change(&request, BumpCause::Manual, None),
             Err(e) => Err(e.into()),
         };
-        match request.requester {
+        match requester {
             Requester::Socket(key) => {
                 self.with_socket(|socket, cx| socket.answer_bump(key, &result, cx))
             }
@@ -591,20 +616,22 @@ impl EventLoop {
         }
     }
 
-    /// Bumps and tells everyone: the page is published (and the state
-    /// saved) before the first watcher is told; barrier waits are settled
-    /// next, from the work list. `signal` is the source's event, if a
-    /// source caused it: when it carries the kernel's timestamp, the lag
-    /// from it to publication is logged and kept for status. One log line,
-    /// written after publication.
-    fn bump(
+    /// Makes a change and tells everyone: the kernel RNG is renewed, the
+    /// epoch drawn, the state saved and the page published (all in
+    /// `Service::bump`) before the first watcher is told; barrier waits are
+    /// settled next, from the work list. `signal` is the source's event, if
+    /// a source caused it: when it carries the kernel's timestamp, the lag
+    /// from it to publication is logged and kept for status. One log line
+    /// (two if the kernel RNG could not be reseeded), written after
+    /// publication. Every frontend's bump comes through here.
+    pub fn change(
         &mut self,
-        min: Generation,
+        request: &BumpRequest,
         cause: BumpCause,
         signal: Option<&sysgenid_sources::SourceEvent>,
     ) -> Result<Generation, BumpError> {
         let before = self.watchers.generation();
-        let bumped = self.watchers.bump(min, cause)?;
+        let bumped = self.watchers.bump(request, cause)?;
         // Clamped at 0: the printk clock and CLOCK_MONOTONIC may disagree
         // by a few microseconds.
         let lag_us = signal
@@ -620,28 +647,52 @@ impl EventLoop {
             rustix::thread::sched_yield();
         }
 
+        let last = self.watchers.service().last_change().cloned();
+        let kind = last.as_ref().map_or("unknown", |c| c.kind.name());
+        let rng = last.as_ref().map(|c| c.rng.clone()).unwrap_or_default();
+        let reseed = match (&rng.by, rng.entropy_mixed) {
+            (Some(by), 0) => format!("kernel RNG reseeded by {by}"),
+            (Some(by), n) => format!("kernel RNG reseeded by {by} with {n} bytes of host entropy"),
+            (None, _) => "kernel RNG NOT reseeded".to_string(),
+        };
         match (signal, lag_us) {
             (Some(signal), Some(lag_us)) => {
                 self.last_kernel_lag_us = Some(lag_us);
                 tracing::info!(
                     generation = bumped.generation,
                     source = cause.name(),
+                    kind,
                     kernel_record_to_page_us = lag_us,
-                    "generation changed: restore signal: {}",
+                    "generation changed ({reseed}): restore signal: {}",
                     signal.detail
                 );
             }
             (Some(signal), None) => tracing::info!(
                 generation = bumped.generation,
                 source = cause.name(),
-                "generation changed: restore signal: {}",
+                kind,
+                "generation changed ({reseed}): restore signal: {}",
                 signal.detail
             ),
             (None, _) => tracing::info!(
                 generation = bumped.generation,
                 source = cause.name(),
-                "generation changed"
+                kind,
+                "generation changed ({reseed})"
             ),
+        }
+        if let Some(why) = &rng.not_reseeded_because {
+            tracing::warn!(
+                generation = bumped.generation,
+                "the kernel RNG was not reseeded by sysgenidd before this change: {why}; \
+                 clones of one snapshot may share a random stream until the kernel reseeds by itself"
+            );
+        }
+        if let Some(why) = &rng.entropy_error {
+            tracing::warn!(
+                generation = bumped.generation,
+                "the entropy that came with this change was not mixed in: {why}"
+            );
         }
         crate::supervisor::status(&format!(
             "generation {}, last changed by {}",
@@ -680,11 +731,14 @@ impl EventLoop {
                 .collect();
             hooks.watchers.insert(ticket, held);
         }
+        let last = self.watchers.service().last_change();
         hooks.runner.submit(Job {
             ticket,
             event,
             generation: self.watchers.generation(),
             epoch: epoch_hex(&self.watchers.record().epoch),
+            kind: last.map(|c| c.kind).unwrap_or_default(),
+            hostname: last.and_then(|c| c.hostname.as_ref().map(|h| h.to_string())),
         });
     }
 

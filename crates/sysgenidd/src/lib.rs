@@ -17,6 +17,8 @@
 //! * [`runtime_dir`]: where the socket, page, state and lock live, created
 //!   without following anyone's symlinks;
 //! * [`peer`]: who is on the other end, and whether they may bump;
+//! * [`reseed`]: the kernel RNG renewed (host entropy, forced reseed)
+//!   before a change is published;
 //! * [`hooks`]: the hooks directory's runner, on a thread of its own;
 //! * [`supervisor`]: readiness and the watchdog for systemd;
 //! * [`container`]: whether it runs in a container, where no kernel
@@ -39,6 +41,7 @@ pub mod event_loop;
 pub mod hooks;
 pub mod peer;
 pub mod ratelimit;
+pub mod reseed;
 pub mod runtime_dir;
 pub mod service;
 pub mod socket;

@@ -83,7 +83,20 @@ fn run(args: Args) -> Result<(), String> {
     let dir_path = runtime_dir(&args)?;
     let dir = RuntimeDir::prepare(&dir_path).map_err(|e| e.to_string())?;
     let listener = dir.bind_socket().map_err(|e| e.to_string())?;
-    let service = Service::start(dir, args.recover).map_err(|e| e.to_string())?;
+    let mut service = Service::start(dir, args.recover).map_err(|e| e.to_string())?;
+    let container = sysgenidd::container::detect();
+    let mut reseed = sysgenidd::reseed::Policy::parse(&args.reseed)
+        .ok_or_else(|| format!("--reseed {}: expected auto, always or never", args.reseed))?;
+    if let (Some(evidence), "auto") = (&container, args.reseed.as_str()) {
+        // A container runs on the host's kernel, whose CRNG a checkpoint
+        // never copies (docs/containers.md).
+        tracing::info!(
+            "kernel reseed turned off in a container ({evidence}): its random number generator is the host's, \
+             which a checkpoint does not copy (--reseed always to force it)"
+        );
+        reseed = sysgenidd::reseed::Policy::Never;
+    }
+    service.set_reseed(reseed);
     let limits = Limits {
         max_watchers: args.max_watchers,
         max_watchers_per_uid: args.max_watchers_per_uid,
@@ -125,9 +138,7 @@ fn run(args: Args) -> Result<(), String> {
         vmclock_path: args.vmclock.clone(),
         ..sysgenid_sources::SourceConfig::default()
     };
-    let in_container = (args.source == "auto")
-        .then(sysgenidd::container::detect)
-        .flatten();
+    let in_container = container.filter(|_| args.source == "auto");
     let selection = match &in_container {
         Some(evidence) => {
             tracing::info!(

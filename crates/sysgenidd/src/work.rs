@@ -21,6 +21,7 @@ use std::time::Instant;
 
 use sysgenid_core::lifecycle::Transition;
 use sysgenid_core::Generation;
+use sysgenid_proto::BumpDetails;
 
 /// Who asked for a privileged bump, to be answered once it is done.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -32,14 +33,27 @@ pub enum Requester {
     Device(u64),
 }
 
-/// A privileged bump request, checked by its frontend.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// A change asked for: what every frontend (the socket, the device, a
+/// host channel) and every restore signal hands to the event loop, which
+/// makes it in one place (`EventLoop::change`: reseed → epoch → save →
+/// publish → tell everyone).
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct BumpRequest {
-    /// The minimum generation asked for.
+    /// The minimum generation asked for (0: just the next one).
     pub min: Generation,
     /// Whether a minimum that exhausts the counter was explicitly allowed
     /// (`sysgenid_core::Core::check_minimum`; never on the device).
     pub allow_exhaustion: bool,
+    /// The kind of change, host entropy to mix in before the reseed, and
+    /// the hostname for the hooks (`sysgenid_proto::BumpDetails`).
+    pub details: BumpDetails,
+}
+
+/// A privileged bump request, checked by its frontend, and who to answer.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PrivilegedBump {
+    /// What was asked for.
+    pub request: BumpRequest,
     /// Who to answer.
     pub requester: Requester,
 }
@@ -49,7 +63,7 @@ pub struct BumpRequest {
 pub struct WorkList {
     /// The barrier may have moved: re-evaluate every pending wait.
     settle: bool,
-    bumps: VecDeque<BumpRequest>,
+    bumps: VecDeque<PrivilegedBump>,
     /// Socket connections to read again (a wait or bump ended, or their
     /// per-turn frame budget ran out), in order.
     resume: VecDeque<usize>,
@@ -68,7 +82,7 @@ impl WorkList {
     }
 
     /// Queues a privileged bump.
-    pub fn bump(&mut self, request: BumpRequest) {
+    pub fn bump(&mut self, request: PrivilegedBump) {
         self.bumps.push_back(request);
     }
 
@@ -103,7 +117,7 @@ impl WorkList {
     }
 
     /// The next queued bump.
-    pub fn next_bump(&mut self) -> Option<BumpRequest> {
+    pub fn next_bump(&mut self) -> Option<PrivilegedBump> {
         self.bumps.pop_front()
     }
 
@@ -232,18 +246,19 @@ mod tests {
         let mut w = WorkList::default();
         w.settle();
         w.settle();
-        let a = BumpRequest {
-            min: 0,
-            allow_exhaustion: false,
+        let a = PrivilegedBump {
+            request: BumpRequest::default(),
             requester: Requester::Device(7),
         };
-        let b = BumpRequest {
-            min: 9,
-            allow_exhaustion: false,
+        let b = PrivilegedBump {
+            request: BumpRequest {
+                min: 9,
+                ..BumpRequest::default()
+            },
             requester: Requester::Socket(1),
         };
-        w.bump(a);
-        w.bump(b);
+        w.bump(a.clone());
+        w.bump(b.clone());
         assert!(w.take_settle());
         assert!(!w.take_settle());
         assert_eq!(w.next_bump(), Some(a));
