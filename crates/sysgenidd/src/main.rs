@@ -85,17 +85,10 @@ fn run(args: Args) -> Result<(), String> {
     let listener = dir.bind_socket().map_err(|e| e.to_string())?;
     let mut service = Service::start(dir, args.recover).map_err(|e| e.to_string())?;
     let container = sysgenidd::container::detect();
-    let mut reseed = sysgenidd::reseed::Policy::parse(&args.reseed)
+    // In a container too: the reseed is harmless there (the CRNG is the
+    // host's), and refused without CAP_SYS_ADMIN, which status then says.
+    let reseed = sysgenidd::reseed::Policy::parse(&args.reseed)
         .ok_or_else(|| format!("--reseed {}: expected auto, always or never", args.reseed))?;
-    if let (Some(evidence), "auto") = (&container, args.reseed.as_str()) {
-        // A container runs on the host's kernel, whose CRNG a checkpoint
-        // never copies (docs/containers.md).
-        tracing::info!(
-            "kernel reseed turned off in a container ({evidence}): its random number generator is the host's, \
-             which a checkpoint does not copy (--reseed always to force it)"
-        );
-        reseed = sysgenidd::reseed::Policy::Never;
-    }
     service.set_reseed(reseed);
     let limits = Limits {
         max_watchers: args.max_watchers,
