@@ -623,7 +623,8 @@ impl EventLoop {
     /// a source caused it: when it carries the kernel's timestamp, the lag
     /// from it to publication is logged and kept for status. One log line
     /// (two if the kernel RNG could not be reseeded), written after
-    /// publication. Every frontend's bump comes through here.
+    /// publication; its fields name the kind and how the kernel RNG was
+    /// renewed (`kernel_rng`). Every frontend's bump comes through here.
     pub fn change(
         &mut self,
         request: &BumpRequest,
@@ -651,9 +652,9 @@ impl EventLoop {
         let kind = last.as_ref().map_or("unknown", |c| c.kind.name());
         let rng = last.as_ref().map(|c| c.rng.clone()).unwrap_or_default();
         let reseed = match (&rng.by, rng.entropy_mixed) {
-            (Some(by), 0) => format!("kernel RNG reseeded by {by}"),
-            (Some(by), n) => format!("kernel RNG reseeded by {by} with {n} bytes of host entropy"),
-            (None, _) => "kernel RNG NOT reseeded".to_string(),
+            (Some(by), 0) => format!("reseeded by {by}"),
+            (Some(by), n) => format!("reseeded by {by} with {n} bytes of host entropy"),
+            (None, _) => "NOT reseeded".to_string(),
         };
         match (signal, lag_us) {
             (Some(signal), Some(lag_us)) => {
@@ -661,9 +662,10 @@ impl EventLoop {
                 tracing::info!(
                     generation = bumped.generation,
                     source = cause.name(),
-                    kind,
                     kernel_record_to_page_us = lag_us,
-                    "generation changed ({reseed}): restore signal: {}",
+                    kind,
+                    kernel_rng = %reseed,
+                    "generation changed: restore signal: {}",
                     signal.detail
                 );
             }
@@ -671,14 +673,16 @@ impl EventLoop {
                 generation = bumped.generation,
                 source = cause.name(),
                 kind,
-                "generation changed ({reseed}): restore signal: {}",
+                kernel_rng = %reseed,
+                "generation changed: restore signal: {}",
                 signal.detail
             ),
             (None, _) => tracing::info!(
                 generation = bumped.generation,
                 source = cause.name(),
                 kind,
-                "generation changed ({reseed})"
+                kernel_rng = %reseed,
+                "generation changed"
             ),
         }
         if let Some(why) = &rng.not_reseeded_because {

@@ -226,14 +226,15 @@ fn run(args: Args) -> Result<(), String> {
     };
     tracing::info!("lifecycle held by: {trust_description}");
     tracing::info!(
-        "sysgenidd {} ready: runtime dir {}, generation {}, epoch {}, device: {}, hooks: {}, sources: {}",
+        "sysgenidd {} ready: runtime dir {}, generation {}, epoch {}, device: {}, hooks: {}, sources: {}, kernel RNG reseed before a change: {}",
         env!("CARGO_PKG_VERSION"),
         dir_path.display(),
         record.generation,
         sysgenidd::state::epoch_hex(&record.epoch),
         device,
         hooks_description,
-        sources
+        sources,
+        args.reseed
     );
     supervisor::ready(&format!(
         "generation {}, serving {}; sources: {sources}",

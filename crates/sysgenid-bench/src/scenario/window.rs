@@ -28,6 +28,7 @@ use std::time::{Duration, Instant};
 
 use sysgenid_bench::{
     count_up, fork_child, kill_all, now_ns, realtime_ns, stats, wait_at_least, write_page, Shm,
+    Stats,
 };
 
 use crate::daemon::Daemon;
@@ -88,8 +89,12 @@ fn daemon_lag_ns(control: &mut sysgenid::Control) -> Option<f64> {
     Some(lag_us as f64 * 1000.0)
 }
 
-pub(crate) fn run(ctx: &mut Ctx) -> Result<(), String> {
-    let rounds = if ctx.quick() { 50 } else { 1000 };
+type Measured = (Stats, Stats, Stats, Stats, Stats, Option<Stats>);
+
+/// The rounds against a daemon with `--reseed reseed`: (window, record →
+/// bump start, bump start → published, published → seen, baseline, the
+/// daemon's own lag).
+fn measure(ctx: &Ctx, rounds: u32, reseed: &str) -> Result<Measured, String> {
     let work = tempfile::Builder::new()
         .prefix("sysgenid-bench-window-")
         .tempdir_in(&ctx.tmp)
@@ -97,6 +102,7 @@ pub(crate) fn run(ctx: &mut Ctx) -> Result<(), String> {
     let fifo = work.path().join("kmsg.fifo");
     mkfifo(&fifo)?;
     let mut extra = ctx.args.daemon_args.clone();
+    extra.extend(["--reseed".into(), reseed.into()]);
     extra.extend(["--source".into(), "vmfork".into(), "--kmsg".into()]);
     extra.push(fifo.display().to_string());
     let (daemon, _) = Daemon::start(&ctx.bin, &ctx.tmp, &extra, false)?;
@@ -190,7 +196,16 @@ pub(crate) fn run(ctx: &mut Ctx) -> Result<(), String> {
     drop(pipe_w);
     kill_all(&mut pids);
     drop(kmsg);
-    let (window, to_bump, in_bump, after, baseline, lag) = result?;
+    result
+}
+
+pub(crate) fn run(ctx: &mut Ctx) -> Result<(), String> {
+    let rounds = if ctx.quick() { 50 } else { 1000 };
+    // `auto`: a vmfork signal means the kernel reseeded already, so the
+    // daemon does not; `always` adds RNDRESEEDCRNG to the window, which is
+    // what every other source (and a manual bump) pays.
+    let (window, to_bump, in_bump, after, baseline, lag) = measure(ctx, rounds, "auto")?;
+    let (forced, _, forced_in_bump, _, _, _) = measure(ctx, rounds, "always")?;
     let t = &mut ctx.table;
     let split = format!(
         "record written → the daemon's bump starts {} (its wake-up, the read, parse), bump start → \
@@ -210,6 +225,20 @@ pub(crate) fn run(ctx: &mut Ctx) -> Result<(), String> {
         Some(2.0),
     )
     .why(format!("of the p50: {split}"));
+    t.ratio(
+        "7",
+        "restore window with a forced kernel reseed (`--reseed always`; what a non-vmfork signal pays), p50",
+        forced.p50,
+        "the same window without it (vmfork, `--reseed auto`), p50",
+        window.p50,
+        Unit::Ns,
+        None,
+    )
+    .why(format!(
+        "bump start → page published {} with the reseed, {} without (same run)",
+        fmt(forced_in_bump.p50, Unit::Ns),
+        fmt(in_bump.p50, Unit::Ns)
+    ));
     t.ratio(
         "7",
         "restore window, p99",
