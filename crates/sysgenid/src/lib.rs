@@ -706,6 +706,38 @@ impl Control {
         self.generation
     }
 
+    /// Ends the connection and waits, up to `timeout`, until the daemon
+    /// has closed its end too; true if it did. For a caller that must know
+    /// the daemon holds nothing of this connection any more: CRIU's
+    /// `pre-dump` hook, whose connection comes from outside the container
+    /// (its socket is not in the container's network namespace, and one
+    /// still open in the daemon would fail the dump).
+    pub fn close_and_wait(self, timeout: Duration) -> bool {
+        let fd = self.conn.fd();
+        if rustix::net::shutdown(fd, rustix::net::Shutdown::Write).is_err() {
+            return false;
+        }
+        let deadline = std::time::Instant::now() + timeout;
+        let mut buf = [0u8; 512];
+        loop {
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            if left.is_zero() {
+                return false;
+            }
+            match wait_fd(fd, PollFlags::IN, Some(left)) {
+                Ok(true) => {}
+                Ok(false) | Err(_) => return false,
+            }
+            // Replies still queued come first; then the end of the stream.
+            match rustix::net::recv(fd, &mut buf, rustix::net::RecvFlags::DONTWAIT) {
+                Ok((0, _)) => return true,
+                Ok(_) | Err(rustix::io::Errno::AGAIN | rustix::io::Errno::INTR) => {}
+                Err(rustix::io::Errno::CONNRESET) => return true,
+                Err(_) => return false,
+            }
+        }
+    }
+
     /// The daemon's status.
     pub fn status(&mut self) -> Result<StatusReport, Error> {
         self.conn.send(&Request::Status)?;

@@ -35,7 +35,8 @@ Examples:
   sysgenidctl thaw                      # as root: resume them
   sysgenidctl watch --lifecycle --exec ./quiesce.sh   # a participant: SYSGENID_EVENT=freeze|thaw|change
   sysgenidctl status --json
-  sysgenidctl hooks enable machine-id   # as root: a clone gets a new /etc/machine-id";
+  sysgenidctl hooks enable machine-id   # as root: a clone gets a new /etc/machine-id
+  CRIU: action-script /usr/libexec/sysgenid/criu-action   # runs `sysgenidctl criu-hook`";
 
 /// Watch and control the system generation (sysgenidd).
 ///
@@ -177,6 +178,39 @@ pub enum Cmd {
             value_name = "DIR"
         )]
         hooks_dir: PathBuf,
+    },
+    /// CRIU's action script for a container running its own sysgenidd (run
+    /// by /usr/libexec/sysgenid/criu-action; see docs/containers.md).
+    ///
+    /// CRIU runs it on the host with no arguments: the action is in
+    /// CRTOOLS_SCRIPT_ACTION and the container's init in CRTOOLS_INIT_PID.
+    /// It enters the container's pid namespace (and its user namespace, when
+    /// it has one) and asks the daemon found at /proc/PID/root/run/sysgenid:
+    /// pre-dump: freeze every participant (exit 3 when one did not confirm
+    /// in time: CRIU aborts the dump and the container runs on, thawed);
+    /// post-dump, and network-unlock after a failed dump: thaw, answered
+    /// once CRIU lets the container run again; post-resume: a new
+    /// generation (a restore by CRIU), so the clone's watchers renew; every
+    /// other action: nothing. A container without a daemon: nothing, exit 0.
+    ///
+    /// Environment: SYSGENID_CRIU_FREEZE_TIMEOUT_MS (default 10000),
+    /// SYSGENID_CRIU_STRICT (1, the default: a failed freeze or restore
+    /// report fails CRIU's operation; 0: log it and go on),
+    /// SYSGENID_CRIU_RUNTIME_DIR (the runtime directory inside the
+    /// container, default /run/sysgenid).
+    CriuHook {
+        /// Internal: the step run inside the container's pid namespace.
+        #[arg(long, hide = true, value_name = "STEP")]
+        inside: Option<String>,
+        /// Internal: the CRIU action, for messages.
+        #[arg(long, hide = true, default_value = "")]
+        action: String,
+        /// Internal: the freeze timeout.
+        #[arg(long, hide = true, default_value_t = 10_000)]
+        timeout_ms: u64,
+        /// Internal: when the inside step gives up.
+        #[arg(long, hide = true, default_value_t = 30_000)]
+        deadline_ms: u64,
     },
 }
 

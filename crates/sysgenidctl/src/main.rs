@@ -16,6 +16,8 @@ use sysgenid::{
 };
 use sysgenidctl::cli::{Args, Cmd, HooksAction};
 
+mod criu_hook;
+
 /// Prints one line to stdout. When the reader went away (`sysgenidctl
 /// status | head -1`, a closed pipe from `watch`) the program ends quietly
 /// with status 0, as it would by SIGPIPE, instead of panicking; a `watch`
@@ -48,15 +50,33 @@ fn main() -> ExitCode {
     {
         return hooks(action.as_ref(), shipped_dir, hooks_dir);
     }
+    if let Cmd::CriuHook {
+        inside,
+        action,
+        timeout_ms,
+        deadline_ms,
+    } = &args.command
+    {
+        return match (inside, &args.runtime_dir) {
+            (None, _) => criu_hook::run(),
+            (Some(step), Some(dir)) => criu_hook::inside(
+                step,
+                action,
+                dir,
+                Duration::from_millis(*timeout_ms),
+                Duration::from_millis(*deadline_ms),
+            ),
+            (Some(_), None) => {
+                eprintln!("sysgenidctl: criu-hook --inside needs --runtime-dir");
+                ExitCode::from(2)
+            }
+        };
+    }
     match run(&args) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("sysgenidctl: {e}");
-            ExitCode::from(match e {
-                Error::TimedOut { .. } | Error::FreezeAborted { .. } => 3,
-                Error::PermissionDenied(_) => 4,
-                _ => 1,
-            })
+            ExitCode::from(criu_hook::exit_code(&e))
         }
     }
 }
@@ -168,6 +188,7 @@ fn run(args: &Args) -> Result<(), Error> {
                 print_status(&s);
             }
         }
+        Cmd::CriuHook { .. } => unreachable!("handled in main"),
     }
     Ok(())
 }

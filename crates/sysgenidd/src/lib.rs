@@ -22,6 +22,8 @@
 //! * [`hooks`]: the hooks directory's runner, on a thread of its own;
 //! * [`supervisor`]: readiness and the watchdog for systemd;
 //! * [`sched`]: the loop thread's short scheduler slice (restore window);
+//! * [`container`]: whether it runs in a container, where no kernel
+//!   restore signal applies;
 //! * [`ratelimit`]: rate-limited log lines for everything a peer can cause;
 //! * [`trust`]: who holds the lifecycle (`--lifecycle-group`);
 //! * restore-signal sources come from the `sysgenid-sources` crate and run
@@ -34,6 +36,7 @@
 //! `event_loop` is the one module that uses both frontends.
 
 pub mod cli;
+pub mod container;
 pub mod device;
 pub mod event_loop;
 pub mod hooks;

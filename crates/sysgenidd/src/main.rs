@@ -84,6 +84,9 @@ fn run(args: Args) -> Result<(), String> {
     let dir = RuntimeDir::prepare(&dir_path).map_err(|e| e.to_string())?;
     let listener = dir.bind_socket().map_err(|e| e.to_string())?;
     let mut service = Service::start(dir, args.recover).map_err(|e| e.to_string())?;
+    let container = sysgenidd::container::detect();
+    // In a container too: the reseed is harmless there (the CRNG is the
+    // host's), and refused without CAP_SYS_ADMIN, which status then says.
     let reseed = sysgenidd::reseed::Policy::parse(&args.reseed)
         .ok_or_else(|| format!("--reseed {}: expected auto, always or never", args.reseed))?;
     service.set_reseed(reseed);
@@ -128,7 +131,23 @@ fn run(args: Args) -> Result<(), String> {
         vmclock_path: args.vmclock.clone(),
         ..sysgenid_sources::SourceConfig::default()
     };
-    let selection = sysgenid_sources::select(&args.source, &config).map_err(|e| e.to_string())?;
+    let in_container = container.filter(|_| args.source == "auto");
+    let selection = match &in_container {
+        Some(evidence) => {
+            tracing::info!(
+                "running in a container ({evidence}): no kernel source applies (--source auto); \
+                 restores come from the CRIU action script, `sysgenidctl criu-hook` (docs/containers.md)"
+            );
+            sysgenid_sources::Selection {
+                active: Vec::new(),
+                inactive: sysgenid_sources::SOURCE_NAMES
+                    .iter()
+                    .map(|name| (*name, sysgenidd::container::inactive_reason(evidence)))
+                    .collect(),
+            }
+        }
+        None => sysgenid_sources::select(&args.source, &config).map_err(|e| e.to_string())?,
+    };
     let mut active_names = Vec::new();
     for (name, why) in &selection.inactive {
         server.add_source_status(SourceStatus {
@@ -191,11 +210,16 @@ fn run(args: Args) -> Result<(), String> {
                 .map_err(|e| format!("serving the device from the event loop: {e}"))?;
             description
         }
-        Started::Disabled(why) => why.to_string(),
+        Started::Disabled(why) => {
+            tracing::info!("device turned off: {why}");
+            why.to_string()
+        }
     };
 
     let record = server.service().record();
-    let sources = if active_names.is_empty() {
+    let sources = if in_container.is_some() {
+        "none in a container (restores from the CRIU action script)".to_string()
+    } else if active_names.is_empty() {
         "none (manual bumps only)".to_string()
     } else {
         active_names.join(", ")

@@ -23,6 +23,28 @@
 //! the daemon's own. A request without credentials, with pid 0 (a sender in
 //! a pid namespace we cannot see) or without a pidfd is refused.
 //!
+//! # A sender with capabilities the daemon lacks
+//! Reading another process's `/proc/PID/ns/user` needs ptrace read access,
+//! which the kernel denies to a reader whose permitted capabilities are
+//! not a superset of the target's (unless it has `CAP_SYS_PTRACE`). A
+//! daemon in a container (podman's default capabilities) therefore cannot
+//! read the link of the host's CRIU hook (`sysgenidctl criu-hook`, which
+//! entered the container's pid namespace with all its capabilities). When
+//! the read is refused (`EACCES`/`EPERM`), rule 2 compares the sender's
+//! `uid_map` and `gid_map`, which need no ptrace access, with our own:
+//! the kernel shows a map relative to the reader's namespace, or to its
+//! parent when the reader is in the same namespace. Equal maps mean our
+//! namespace, except for a namespace nested below ours whose maps,
+//! relative to ours, equal ours relative to our parent; but our read is
+//! refused only for a namespace whose topmost ancestor below ours was
+//! created by a uid other than ours (the creator owns it and holds every
+//! capability in it and below), and such a creator may map only its own
+//! uid unless it holds `CAP_SETUID` in our namespace (and then it is as
+//! privileged here already): its one-line, one-id map could equal ours
+//! only if ours maps our uid 0 alone, and then that creator is uid 0, ours.
+//! A sibling namespace's ids are shown relative to ours
+//! (or as unmapped), never as our parent-relative map.
+//!
 //! # Why this order
 //! An unprivileged process gains capabilities only by entering a new user
 //! namespace (never our own again: a namespace cannot be left for its
@@ -156,6 +178,18 @@ pub fn pass_credentials(listener: BorrowedFd<'_>) -> std::io::Result<()> {
     Ok(())
 }
 
+/// Sets the sender-credential options again on `sock` (an accepted
+/// connection, or the listener). A restore by CRIU brings the listener
+/// back with `SO_PASSCRED` but without `SO_PASSPIDFD` (CRIU does not save
+/// it), and every privileged frame would then be refused for want of a
+/// pidfd: set on each connection when it is accepted, the options cover
+/// every frame sent after our `Welcome`, which clients wait for.
+pub fn keep_passing_credentials(sock: BorrowedFd<'_>) {
+    if KERNEL_PASSES_PIDFD.load(Ordering::Relaxed) {
+        let _ = scm::pass_credentials(sock);
+    }
+}
+
 /// Receives one frame from a client connection: (bytes copied, datagram
 /// length, sender). Frames of a privileged kind are received with their
 /// sender's credentials; others with plain `recv` (no pidfd is made for
@@ -237,8 +271,14 @@ pub fn privileged(sender: Option<&Sender>) -> Result<(), Refusal> {
         return Err(Refusal::NotCapable);
     }
     // 2. User namespace.
-    if own_user_ns().is_none() || user_ns(pid) != own_user_ns() {
-        return Err(Refusal::OtherUserNamespace);
+    let own = own_user_ns().ok_or(Refusal::OtherUserNamespace)?;
+    match user_ns(pid) {
+        Ok(ns) if ns == own => {}
+        // We may not read the link of a process holding capabilities we
+        // lack (a daemon in a container, the host's CRIU hook): compare
+        // the id maps instead (see the module docs).
+        Err(Errno::ACCESS | Errno::PERM) if same_id_maps_as_ours(pid) => {}
+        _ => return Err(Refusal::OtherUserNamespace),
     }
     // 3. Identity: from the pidfd where the kernel can say (one ioctl),
     // else from /proc (open, read ~1.5 KiB of formatted text, close).
@@ -335,13 +375,30 @@ fn ns_id(path: &str) -> Option<(u64, u64)> {
     Some((st.st_dev, st.st_ino))
 }
 
-fn user_ns(pid: Pid) -> Option<(u64, u64)> {
-    ns_id(&format!("/proc/{}/ns/user", pid.as_raw_nonzero()))
+fn user_ns(pid: Pid) -> Result<(u64, u64), Errno> {
+    let st = rustix::fs::stat(format!("/proc/{}/ns/user", pid.as_raw_nonzero()))?;
+    Ok((st.st_dev, st.st_ino))
 }
 
 fn own_user_ns() -> Option<(u64, u64)> {
     static OWN: std::sync::OnceLock<Option<(u64, u64)>> = std::sync::OnceLock::new();
     *OWN.get_or_init(|| ns_id("/proc/self/ns/user"))
+}
+
+/// Whether `pid`'s user namespace has our namespace's uid and gid maps, as
+/// we read them (`user_namespaces(7)`: a process's map files are shown
+/// relative to the reader's namespace, or to its parent when the reader is
+/// in the same one; they need no ptrace access).
+fn same_id_maps_as_ours(pid: Pid) -> bool {
+    fn maps(of: &str) -> Option<(String, String)> {
+        Some((
+            std::fs::read_to_string(format!("/proc/{of}/uid_map")).ok()?,
+            std::fs::read_to_string(format!("/proc/{of}/gid_map")).ok()?,
+        ))
+    }
+    static OWN: std::sync::OnceLock<Option<(String, String)>> = std::sync::OnceLock::new();
+    let own = OWN.get_or_init(|| maps("self"));
+    own.is_some() && maps(&pid.as_raw_nonzero().to_string()) == *own
 }
 
 /// Real and effective uid of `pid` now (`/proc/<pid>/status`, `Uid:`, as
@@ -464,6 +521,38 @@ mod tests {
         child.wait().unwrap();
         if pidfd_uids(pidfd.as_fd()).is_ok() {
             assert_eq!(pidfd_uids(child_fd.as_fd()), Err(Errno::SRCH));
+        }
+    }
+
+    #[test]
+    fn id_maps_tell_our_user_namespace_from_a_nested_one() {
+        assert!(same_id_maps_as_ours(rustix::process::getpid()));
+        // `unshare --map-root-user` maps only the caller's uid: never maps
+        // equal to ours (this test's own namespace maps more than one id,
+        // or is the initial one).
+        let Ok(mut child) = std::process::Command::new("unshare")
+            .args(["--user", "--map-root-user", "sleep", "10"])
+            .spawn()
+        else {
+            return; // no unshare(1) here: nothing to compare with
+        };
+        let pid = Pid::from_raw(child.id() as i32).unwrap();
+        let own = own_user_ns();
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        // Until it has entered its namespace and written its maps (sleep
+        // runs after both).
+        while std::fs::read_to_string(format!("/proc/{}/comm", child.id()))
+            .map_or(true, |c| c.trim() != "sleep")
+            && std::time::Instant::now() < deadline
+        {
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+        let entered = user_ns(pid).ok() != own;
+        let same = same_id_maps_as_ours(pid);
+        let _ = child.kill();
+        let _ = child.wait();
+        if entered {
+            assert!(!same, "a nested user namespace showed our id maps");
         }
     }
 

@@ -363,6 +363,8 @@ impl SocketFrontend {
     /// accepted from again next turn.
     pub fn accept_all(&mut self, watchers: &Watchers, work: &mut WorkList) {
         let limits = *watchers.limits();
+        // After a restore by CRIU, for the connections still to come.
+        crate::peer::keep_passing_credentials(self.listener.as_fd());
         for _ in 0..ACCEPTS_PER_TURN {
             let fd = match rustix::net::accept_with(
                 &self.listener,
@@ -384,6 +386,7 @@ impl SocketFrontend {
                     return;
                 }
             };
+            crate::peer::keep_passing_credentials(fd.as_fd());
             let peer = match Peer::of(&fd) {
                 Ok(p) => p,
                 Err(e) => {

@@ -187,7 +187,7 @@ pub enum Disabled {
     #[error("off ({DEFAULT_PATH} is not free: {0})")]
     DefaultTaken(String),
     /// No `/dev/fuse`.
-    #[error("off (/dev/fuse is missing, so {0} cannot be served; load the fuse module)")]
+    #[error("off (/dev/fuse is missing, so {0} cannot be served; load the fuse module, or in a container pass /dev/fuse in)")]
     NoFuse(String),
     /// The default, and mounting was refused (a container without
     /// `CAP_SYS_ADMIN`, seccomp, a security module).
