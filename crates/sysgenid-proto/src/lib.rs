@@ -39,6 +39,8 @@
 
 use serde::{Deserialize, Serialize};
 
+pub mod host;
+
 /// The newest protocol version this crate speaks.
 pub const PROTOCOL_VERSION: u16 = 2;
 

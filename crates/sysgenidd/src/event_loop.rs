@@ -57,11 +57,12 @@ use sysgenid_sources::{PollSource, Readiness};
 
 use crate::device::{Device, DeviceRequest, Forward, Readiness as DeviceReadiness};
 use crate::hooks::{Finished, HookEvent, Hooks, Job};
+use crate::host_channel::{self, HostChannel};
 use crate::service::{BumpError, Service};
 use crate::socket::{self, Context, FreezeOutcome, SocketFrontend};
 use crate::state::epoch_hex;
 use crate::watchers::{BumpCause, Limits, Watchers};
-use crate::work::{BumpRequest, Requester, WorkList};
+use crate::work::{BumpRequest, HostRestore, Requester, WorkList};
 
 const WAKER: Token = Token(usize::MAX - 2);
 const SIGNALS: Token = Token(usize::MAX - 3);
@@ -122,6 +123,8 @@ pub struct EventLoop {
     socket: SocketFrontend,
     /// The FUSE device frontend, when serving one.
     device: Option<Device>,
+    /// The host channel frontend, when `--host-channel` is on.
+    host: Option<HostChannel>,
     work: WorkList,
     /// Status lines of the restore-signal sources (the `manual` one is
     /// kept by [`Watchers`]).
@@ -237,6 +240,7 @@ impl EventLoop {
             watchers: Watchers::new(service, limits),
             socket,
             device: None,
+            host: None,
             work: WorkList::default(),
             sources: Vec::new(),
             coalescer,
@@ -352,6 +356,26 @@ impl EventLoop {
         Ok(())
     }
 
+    /// Serves the host channel from now on (see `host_channel`); its
+    /// restores count as the `host` source in status.
+    pub fn attach_host_channel(
+        &mut self,
+        listen: host_channel::Listen,
+        idle: Duration,
+    ) -> io::Result<()> {
+        let host = HostChannel::new(listen, idle, self.poll.registry().try_clone()?)?;
+        tracing::info!("host channel: listening on {}", host.describe());
+        self.sources.push(SourceStatus {
+            name: "host".into(),
+            active: true,
+            detail: format!("host channel on {}", host.describe()),
+            events: 0,
+            last_event_unix_ms: None,
+        });
+        self.host = Some(host);
+        Ok(())
+    }
+
     /// Reads and answers the device's queued requests.
     fn on_device_readable(&mut self) {
         let Some(device) = &mut self.device else {
@@ -378,6 +402,7 @@ impl EventLoop {
             let timeout = if self.work.has_resumed()
                 || !self.poll_sources_more.is_empty()
                 || self.device_more
+                || self.host.as_ref().is_some_and(HostChannel::has_ready)
             {
                 Some(Duration::ZERO)
             } else {
@@ -402,6 +427,17 @@ impl EventLoop {
                     WAKER => self.drain_commands(),
                     SIGNALS => self.shutting_down = true,
                     DEVICE => self.on_device_readable(),
+                    host_channel::LISTENER => {
+                        if let Some(host) = &mut self.host {
+                            host.accept_all();
+                        }
+                    }
+                    token if HostChannel::key_of(token).is_some() => {
+                        let key = HostChannel::key_of(token).expect("checked");
+                        let writable = event.is_writable();
+                        let hung_up = event.is_write_closed() || event.is_error();
+                        self.with_host(|host, cx| host.on_event(key, writable, hung_up, cx));
+                    }
                     Token(t) if t <= POLL_SOURCES && POLL_SOURCES - t < MAX_POLL_SOURCES => {
                         self.on_poll_source(POLL_SOURCES - t)
                     }
@@ -418,17 +454,22 @@ impl EventLoop {
             for key in resumed {
                 self.with_socket(|socket, cx| socket.resume(key, cx));
             }
+            self.with_host(|host, cx| host.run_ready(cx));
             self.process_work();
             let now = Instant::now();
             if let Some(device) = &mut self.device {
                 device.expire(now);
             }
             self.with_socket(|socket, cx| socket.expire(now, cx));
+            self.with_host(|host, cx| host.expire(now, cx));
             let transition = self.watchers.lifecycle_tick(now);
             self.work.transition(transition);
             self.watchdog.tick(now);
             self.process_work();
             self.socket.reap(&mut self.watchers, &mut self.work);
+            if let Some(host) = &mut self.host {
+                host.reap(&mut self.watchers, &mut self.work);
+            }
             self.process_work();
         }
         self.shutdown();
@@ -450,6 +491,24 @@ impl EventLoop {
         f(&mut self.socket, &mut cx);
     }
 
+    /// Runs `f` on the host channel, if on, with the context it may touch.
+    fn with_host(&mut self, f: impl FnOnce(&mut HostChannel, &mut Context<'_>)) {
+        let Some(host) = &mut self.host else {
+            return;
+        };
+        let sources = &self.sources;
+        let device = self.device.as_ref();
+        let lag = self.last_kernel_lag_us;
+        let hooks = self.hooks.as_ref().map(|h| &h.runner);
+        let status = |w: &Watchers| status_report(w, sources, device, lag, hooks);
+        let mut cx = Context {
+            watchers: &mut self.watchers,
+            work: &mut self.work,
+            status: &status,
+        };
+        f(host, &mut cx);
+    }
+
     /// Processes queued bumps and settles until nothing is left. Each step
     /// may queue more (a bump queues a settle), never recurse.
     fn process_work(&mut self) {
@@ -463,6 +522,7 @@ impl EventLoop {
                     device.settle(&self.watchers);
                 }
                 self.with_socket(|socket, cx| socket.settle(cx));
+                self.with_host(|host, cx| host.settle(cx));
                 let transition = self.watchers.caught_up();
                 self.work.transition(transition);
                 continue;
@@ -481,6 +541,9 @@ impl EventLoop {
             "shutting down; the saved generation is kept for the next start"
         );
         self.socket.shutdown(&self.watchers);
+        if let Some(host) = &mut self.host {
+            host.shutdown();
+        }
         self.watchers.stopping();
         self.watchers.service().dir().remove_socket();
         if let Some(device) = &mut self.device {
@@ -495,6 +558,7 @@ impl EventLoop {
             .chain(self.device.as_ref().and_then(|d| d.next_deadline()))
             .chain(self.watchers.lifecycle_deadline())
             .chain(self.watchdog.deadline())
+            .chain(self.host.as_ref().and_then(HostChannel::next_deadline))
             .min()
     }
 
@@ -547,6 +611,10 @@ impl EventLoop {
     /// A privileged request checked by its frontend: bump (never coalesced:
     /// a manual bump is deliberate), then answer the requester.
     fn privileged_bump(&mut self, request: BumpRequest) {
+        if let (Some(restore), Requester::Host(key)) = (&request.restore, request.requester) {
+            self.host_restored(key, restore.clone());
+            return;
+        }
         let result = match self
             .watchers
             .check_minimum(request.min, request.allow_exhaustion)
@@ -558,6 +626,8 @@ impl EventLoop {
             Requester::Socket(key) => {
                 self.with_socket(|socket, cx| socket.answer_bump(key, &result, cx))
             }
+            // Host requests always carry a restore (above).
+            Requester::Host(_) => {}
             Requester::Device(unique) => {
                 if let Err(e) = &result {
                     tracing::error!("forced update on the device failed: {e}");
@@ -566,6 +636,73 @@ impl EventLoop {
                     device.answer_bump(unique, &result);
                 }
             }
+        }
+    }
+
+    /// The host's `restored`: set the host name and reseed the kernel
+    /// (with the host's entropy) before anyone hears of the change, then
+    /// bump as the `host` source, coalesced with a kernel signal for the
+    /// same restore; answer the host with what was done.
+    fn host_restored(&mut self, key: usize, restore: HostRestore) {
+        let HostRestore {
+            kind,
+            entropy,
+            hostname,
+        } = restore;
+        let mut report = sysgenid_proto::host::RestoredReport {
+            kind,
+            ..Default::default()
+        };
+        let mut problems = Vec::new();
+        if let Some(name) = &hostname {
+            match rustix::system::sethostname(name.as_bytes()) {
+                Ok(()) => report.hostname = Some(name.clone()),
+                Err(e) => problems.push(format!("cannot set the host name to {name:?}: {e}")),
+            }
+        }
+        let reseed = crate::kernel_rng::mix_and_reseed(entropy.as_deref());
+        report.entropy_bytes = reseed.mixed;
+        report.kernel_reseeded = reseed.reseeded;
+        report.kernel_reseed_error = reseed.error.clone();
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_millis() as u64)
+            .unwrap_or(0);
+        if let Some(s) = self.sources.iter_mut().find(|s| s.name == "host") {
+            s.events += 1;
+            s.last_event_unix_ms = Some(now);
+        }
+        let result = match self.coalescer.offer("host", Instant::now()) {
+            sysgenid_sources::Offer::Bump => self.bump(0, BumpCause::Source("host"), None),
+            sysgenid_sources::Offer::Merged => {
+                report.coalesced = true;
+                self.watchers.note_agreeing_source("host");
+                Ok(self.watchers.generation())
+            }
+        };
+        if let Some(error) = &reseed.error {
+            problems.push(format!("the kernel was not fully reseeded: {error}"));
+        }
+        tracing::info!(
+            generation = self.watchers.generation(),
+            kind = kind.name(),
+            coalesced = report.coalesced,
+            entropy_bytes = report.entropy_bytes,
+            kernel_reseeded = report.kernel_reseeded,
+            "host channel: the host reports a {}{}",
+            kind.name(),
+            if problems.is_empty() {
+                String::new()
+            } else {
+                format!("; {}", problems.join("; "))
+            }
+        );
+        if !problems.is_empty() {
+            tracing::warn!("host channel: {}", problems.join("; "));
+        }
+        let reply = HostChannel::bump_reply(&result, report);
+        if let Some(host) = &mut self.host {
+            host.answer_restored(key, reply);
         }
     }
 
@@ -714,6 +851,7 @@ impl EventLoop {
             Transition::Frozen { id } => {
                 tracing::info!(freeze = id, "frozen");
                 self.with_socket(|socket, cx| socket.answer_freeze(id, FreezeOutcome::Frozen, cx));
+                self.with_host(|host, cx| host.answer_freeze(id, FreezeOutcome::Frozen, cx));
             }
             Transition::Aborted {
                 id,
@@ -731,9 +869,9 @@ impl EventLoop {
                     pending,
                     "freeze aborted because {why}, with {pending} participant(s) or hooks not confirmed; thawing everyone"
                 );
-                self.with_socket(|socket, cx| {
-                    socket.answer_freeze(id, FreezeOutcome::Aborted { pending, reason }, cx)
-                });
+                let outcome = FreezeOutcome::Aborted { pending, reason };
+                self.with_socket(|socket, cx| socket.answer_freeze(id, outcome, cx));
+                self.with_host(|host, cx| host.answer_freeze(id, outcome, cx));
                 self.thaw_everyone(id, generation);
             }
             Transition::Thawed { id, reason } => {

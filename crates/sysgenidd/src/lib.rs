@@ -17,6 +17,10 @@
 //! * [`runtime_dir`]: where the socket, page, state and lock live, created
 //!   without following anyone's symlinks;
 //! * [`peer`]: who is on the other end, and whether they may bump;
+//! * [`host_channel`]: the third frontend, for the hypervisor host over
+//!   vsock (`--host-channel`), one JSON line per request;
+//! * [`kernel_rng`]: mixing host entropy into the kernel and forcing its
+//!   reseed before a host-reported restore is published;
 //! * [`hooks`]: the hooks directory's runner, on a thread of its own;
 //! * [`supervisor`]: readiness and the watchdog for systemd;
 //! * restore-signal sources come from the `sysgenid-sources` crate and run
@@ -32,6 +36,8 @@ pub mod cli;
 pub mod device;
 pub mod event_loop;
 pub mod hooks;
+pub mod host_channel;
+pub mod kernel_rng;
 pub mod peer;
 pub mod runtime_dir;
 pub mod service;

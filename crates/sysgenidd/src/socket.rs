@@ -244,6 +244,57 @@ fn interrupted(generation: u32) -> Reply {
     )
 }
 
+/// The reply to a privileged bump, for every frontend that answers with
+/// the socket's replies (the host channel converts it).
+pub fn bump_reply(result: &Result<Generation, BumpError>) -> Reply {
+    match result {
+        Ok(generation) => Reply::Done {
+            generation: *generation,
+        },
+        Err(BumpError::Core(CoreError::Overflow { current })) => error(
+            ErrorCode::Overflow,
+            *current,
+            format!(
+                "generation {current} cannot be bumped: the next value would pass {}",
+                u32::MAX
+            ),
+        ),
+        Err(BumpError::Core(e @ CoreError::WouldExhaust { current, .. })) => error(
+            ErrorCode::Overflow,
+            *current,
+            format!("refused: {e} (sysgenidctl bump --allow-exhaustion; the generation stays {current})"),
+        ),
+        Err(e) => error(ErrorCode::Internal, 0, e.to_string()),
+    }
+}
+
+/// The reply to a freeze request once its outcome is known, for every
+/// frontend (the host channel converts it).
+pub fn freeze_outcome_reply(outcome: FreezeOutcome, generation: Generation) -> Reply {
+    match outcome {
+        FreezeOutcome::Frozen => Reply::Done {
+            generation,
+        },
+        FreezeOutcome::Aborted { pending, reason } => error(
+            ErrorCode::FreezeAborted,
+            pending,
+            match reason {
+                AbortReason::TimedOut => format!(
+                    "the freeze timed out with {pending} participant(s) or hooks not confirmed; it was aborted and everything thawed"
+                ),
+                AbortReason::ThawRequested => {
+                    "the freeze was aborted by a thaw request; everything thawed".to_string()
+                }
+                AbortReason::Restored => {
+                    "the freeze was aborted: the generation changed (a restore); everything thawed"
+                        .to_string()
+                }
+                AbortReason::RequesterGone => "the freeze was aborted".to_string(),
+            },
+        ),
+    }
+}
+
 /// What one receive call got.
 enum Received {
     /// A frame of this many bytes (at most `MAX_FRAME`), and its sender if
@@ -723,28 +774,7 @@ impl SocketFrontend {
             return;
         };
         conn.busy = false;
-        let reply = match outcome {
-            FreezeOutcome::Frozen => Reply::Done {
-                generation: cx.watchers.generation(),
-            },
-            FreezeOutcome::Aborted { pending, reason } => error(
-                ErrorCode::FreezeAborted,
-                pending,
-                match reason {
-                    AbortReason::TimedOut => format!(
-                        "the freeze timed out with {pending} participant(s) or hooks not confirmed; it was aborted and everything thawed"
-                    ),
-                    AbortReason::ThawRequested => {
-                        "the freeze was aborted by a thaw request; everything thawed".to_string()
-                    }
-                    AbortReason::Restored => {
-                        "the freeze was aborted: the generation changed (a restore); everything thawed"
-                            .to_string()
-                    }
-                    AbortReason::RequesterGone => "the freeze was aborted".to_string(),
-                },
-            ),
-        };
+        let reply = freeze_outcome_reply(outcome, cx.watchers.generation());
         self.send_reply(key, reply, cx.watchers);
         self.schedule(key, cx.work);
     }
@@ -849,6 +879,7 @@ impl SocketFrontend {
             min,
             allow_exhaustion,
             requester: Requester::Socket(key),
+            restore: None,
         });
     }
 
@@ -864,25 +895,7 @@ impl SocketFrontend {
             return;
         };
         conn.busy = false;
-        let reply = match result {
-            Ok(generation) => Reply::Done {
-                generation: *generation,
-            },
-            Err(BumpError::Core(CoreError::Overflow { current })) => error(
-                ErrorCode::Overflow,
-                *current,
-                format!(
-                    "generation {current} cannot be bumped: the next value would pass {}",
-                    u32::MAX
-                ),
-            ),
-            Err(BumpError::Core(e @ CoreError::WouldExhaust { current, .. })) => error(
-                ErrorCode::Overflow,
-                *current,
-                format!("refused: {e} (sysgenidctl bump --allow-exhaustion; the generation stays {current})"),
-            ),
-            Err(e) => error(ErrorCode::Internal, 0, e.to_string()),
-        };
+        let reply = bump_reply(result);
         self.send_reply(key, reply, cx.watchers);
         self.schedule(key, cx.work);
     }

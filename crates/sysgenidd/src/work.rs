@@ -30,10 +30,25 @@ pub enum Requester {
     Socket(usize),
     /// A device `SYSGENID_FORCE_GEN_UPDATE`, by its FUSE `unique`.
     Device(u64),
+    /// A host channel connection's `restored`, by its key.
+    Host(usize),
+}
+
+/// What the host said with its `restored`: the loop reseeds the kernel
+/// with the entropy, sets the host name, then bumps with source `host`
+/// (coalesced with a kernel signal for the same restore).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HostRestore {
+    /// Restore or clone.
+    pub kind: sysgenid_proto::host::RestoreKind,
+    /// Host entropy (32 to 512 bytes, checked by the frontend).
+    pub entropy: Option<Vec<u8>>,
+    /// A new host name (checked by the frontend).
+    pub hostname: Option<String>,
 }
 
 /// A privileged bump request, checked by its frontend.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct BumpRequest {
     /// The minimum generation asked for.
     pub min: Generation,
@@ -42,6 +57,8 @@ pub struct BumpRequest {
     pub allow_exhaustion: bool,
     /// Who to answer.
     pub requester: Requester,
+    /// Set for a host's `restored`: a restore signal, not a manual bump.
+    pub restore: Option<HostRestore>,
 }
 
 /// Work queued by handlers for the loop.
@@ -223,14 +240,16 @@ mod tests {
             min: 0,
             allow_exhaustion: false,
             requester: Requester::Device(7),
+            restore: None,
         };
         let b = BumpRequest {
             min: 9,
             allow_exhaustion: false,
             requester: Requester::Socket(1),
+            restore: None,
         };
-        w.bump(a);
-        w.bump(b);
+        w.bump(a.clone());
+        w.bump(b.clone());
         assert!(w.take_settle());
         assert!(!w.take_settle());
         assert_eq!(w.next_bump(), Some(a));

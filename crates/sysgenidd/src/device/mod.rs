@@ -655,6 +655,7 @@ impl Device {
                         min,
                         allow_exhaustion: false,
                         requester: Requester::Device(unique),
+                        restore: None,
                     });
                 } else {
                     ch.error(unique, libc::EINVAL);
