@@ -24,7 +24,13 @@ Examples:
   sysgenidctl freeze --timeout-ms 5000  # as root: quiesce every participant before a snapshot
   sysgenidctl thaw                      # as root: resume them
   sysgenidctl watch --lifecycle --exec ./quiesce.sh   # a participant: SYSGENID_EVENT=freeze|thaw|change
-  sysgenidctl status --json";
+  sysgenidctl status --json
+
+From the hypervisor host, to a guest whose sysgenidd runs with
+--host-channel vsock:1024 (exit codes as above):
+  sysgenidctl --host-channel vsock:3:1024 freeze --timeout-ms 5000
+  sysgenidctl --host-channel uds:/run/fc/v.sock:1024 restored --clone
+  sysgenidctl --host-channel uds:/run/fc/v.sock:1024 wait-watchers --timeout-ms 5000";
 
 /// Watch and control the system generation (sysgenidd).
 ///
@@ -41,6 +47,15 @@ pub struct Args {
     /// the caller.
     #[arg(long, global = true, env = "SYSGENID_RUNTIME_DIR", value_name = "DIR")]
     pub runtime_dir: Option<PathBuf>,
+
+    /// Talk to a guest's daemon from the hypervisor host instead of the
+    /// local daemon: `vsock:CID:PORT` (host kernel vsock, QEMU
+    /// vhost-vsock) or `uds:PATH:PORT` (the hybrid vsock Unix socket of
+    /// Firecracker, Cloud Hypervisor or vhost-device-vsock). The guest's
+    /// sysgenidd must run with --host-channel vsock:PORT. Commands:
+    /// restored, freeze, thaw, wait-watchers, status, get.
+    #[arg(long, global = true, value_name = "TARGET")]
+    pub host_channel: Option<sysgenid::host_channel::Target>,
 
     #[command(subcommand)]
     pub command: Cmd,
@@ -106,6 +121,23 @@ pub enum Cmd {
         /// Give up after MS milliseconds (exit 3); 0 waits forever.
         #[arg(long, default_value_t = 0, value_name = "MS")]
         timeout_ms: u32,
+    },
+    /// With --host-channel only: tell the guest it was restored (or, with
+    /// --clone, cloned). Its daemon mixes the entropy into its kernel,
+    /// forces a reseed, sets the host name if given, and bumps the
+    /// generation (source `host`; one bump with a kernel signal for the
+    /// same restore). Prints the guest's new generation.
+    Restored {
+        /// This guest is one of possibly many clones of one snapshot.
+        #[arg(long)]
+        clone: bool,
+        /// Host entropy for the guest's kernel, 32 to 512 bytes (`-`:
+        /// stdin). Default: 32 bytes of this host's getrandom.
+        #[arg(long, value_name = "FILE")]
+        entropy_file: Option<PathBuf>,
+        /// A new host name for the guest (a clone's own name).
+        #[arg(long, value_name = "NAME")]
+        hostname: Option<String>,
     },
     /// Show the generation, watchers, sources and last change.
     Status {

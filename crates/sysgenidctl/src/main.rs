@@ -36,7 +36,11 @@ fn print_line(line: std::fmt::Arguments<'_>) {
 
 fn main() -> ExitCode {
     let args = Args::parse();
-    match run(&args) {
+    let result = match &args.host_channel {
+        Some(target) => host_channel(target, &args.command),
+        None => run(&args),
+    };
+    match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("sysgenidctl: {e}");
@@ -49,9 +53,114 @@ fn main() -> ExitCode {
     }
 }
 
+/// A usage error (exit 2), as clap reports its own.
+fn usage(message: &str) -> ! {
+    use clap::CommandFactory;
+    Args::command()
+        .error(clap::error::ErrorKind::ArgumentConflict, message)
+        .exit()
+}
+
+/// `--entropy-file`: 32 to 512 bytes from a file or stdin (`-`).
+fn read_entropy(path: &std::path::Path) -> Result<Vec<u8>, Error> {
+    use std::io::Read;
+    use sysgenid::host_channel::HOST_MIN_ENTROPY;
+    const MAX: usize = 512;
+    let mut bytes = Vec::new();
+    let limit = MAX as u64 + 1;
+    if path == std::path::Path::new("-") {
+        std::io::stdin()
+            .lock()
+            .take(limit)
+            .read_to_end(&mut bytes)?;
+    } else {
+        std::fs::File::open(path)
+            .map_err(|e| {
+                Error::Io(std::io::Error::new(
+                    e.kind(),
+                    format!("cannot read {}: {e}", path.display()),
+                ))
+            })?
+            .take(limit)
+            .read_to_end(&mut bytes)?;
+    }
+    if !(HOST_MIN_ENTROPY..=MAX).contains(&bytes.len()) {
+        return Err(Error::Protocol(format!(
+            "{}: {}{} bytes of entropy; it must hold {HOST_MIN_ENTROPY} to {MAX} (nothing was sent)",
+            path.display(),
+            if bytes.len() > MAX { "more than " } else { "" },
+            bytes.len().min(MAX)
+        )));
+    }
+    Ok(bytes)
+}
+
+/// `--host-channel TARGET COMMAND`: the same commands, to a guest's daemon.
+fn host_channel(target: &sysgenid::host_channel::Target, command: &Cmd) -> Result<(), Error> {
+    use sysgenid::host_channel::{HostChannel, RestoreKind};
+    // Checked before connecting: bad input never reaches the guest.
+    let entropy = match command {
+        Cmd::Restored {
+            entropy_file: Some(path),
+            ..
+        } => Some(read_entropy(path)?),
+        Cmd::Watch { .. } | Cmd::Bump { .. } => usage(
+            "watch and bump are local commands; over --host-channel use restored, freeze, thaw, wait-watchers, status or get",
+        ),
+        _ => None,
+    };
+    let mut guest = HostChannel::connect(target)?;
+    match command {
+        Cmd::Restored {
+            clone, hostname, ..
+        } => {
+            let kind = if *clone {
+                RestoreKind::Clone
+            } else {
+                RestoreKind::Restore
+            };
+            let restored = guest.restored(kind, entropy.as_deref(), hostname.as_deref())?;
+            if let Some(why) = &restored.report.kernel_reseed_error {
+                eprintln!("sysgenidctl: warning: the guest's kernel was not fully reseeded: {why}");
+            }
+            out!("{}", restored.generation);
+        }
+        Cmd::Get => out!("{}", guest.get()?),
+        Cmd::Freeze { timeout_ms } => {
+            let timeout = timeout_ms
+                .filter(|&ms| ms > 0)
+                .map(|ms| Duration::from_millis(u64::from(ms)));
+            guest.freeze(timeout)?;
+        }
+        Cmd::Thaw => {
+            guest.thaw()?;
+        }
+        Cmd::WaitWatchers { timeout_ms } => {
+            let timeout = (*timeout_ms > 0).then(|| Duration::from_millis(u64::from(*timeout_ms)));
+            guest.wait_watchers(timeout)?;
+        }
+        Cmd::Status { json } => {
+            let s = guest.status()?;
+            if *json {
+                out!(
+                    "{}",
+                    serde_json::to_string_pretty(&s).map_err(|e| Error::Protocol(e.to_string()))?
+                );
+            } else {
+                print_status(&s);
+            }
+        }
+        Cmd::Watch { .. } | Cmd::Bump { .. } => unreachable!("refused above"),
+    }
+    Ok(())
+}
+
 fn run(args: &Args) -> Result<(), Error> {
     let dir = args.runtime_dir.as_deref();
     match &args.command {
+        Cmd::Restored { .. } => usage(
+            "restored is the hypervisor host's command: give --host-channel TARGET (in the guest itself, use bump)",
+        ),
         Cmd::Get => {
             let control = Control::connect(dir)?;
             out!("{}", control.generation_at_connect());
