@@ -299,12 +299,16 @@ fn connections_past_the_limit_are_refused_and_a_freed_slot_is_served() {
     for c in &mut open {
         assert_eq!(c.call(r#"{"op":"get"}"#)["ok"], true);
     }
+    // A refused client that sends its request reads the refusal, then the
+    // close (the request is read and dropped first, so no reset).
     let mut ninth = Line::connect(&h.sock);
+    ninth.send(br#"{"op":"restored"}"#);
     let lines = ninth.until_closed();
     assert_eq!(lines.len(), 1, "{lines:?}");
     let reply: serde_json::Value = serde_json::from_str(&lines[0]).unwrap();
     assert_eq!(error_name(&reply), "TooManyWatchers");
     assert_eq!(reply["value"], 8);
+    assert_eq!(h.daemon.generation(), 0, "the refused restored did nothing");
     drop(open.pop());
     let ok = wait_until(Duration::from_secs(10), || {
         let mut c = Line::connect(&h.sock);

@@ -59,11 +59,17 @@ pub use listen::{Listen, PeerAddr};
 
 /// The listener's token.
 pub const LISTENER: Token = Token(usize::MAX - 5);
-/// Connection `k` has token `CONN_BASE - k`.
+/// Connection `k` (fewer than `MAX_CONNECTIONS + MAX_REFUSING`) has token
+/// `CONN_BASE - k`.
 const CONN_BASE: usize = usize::MAX - 32;
 
 /// Connections served at once.
 pub const MAX_CONNECTIONS: usize = 8;
+
+/// Refused connections kept open at once, each until it has sent its
+/// first line (so the refusal is read before the close, not lost to a
+/// reset); further ones are closed right after the refusal line.
+const MAX_REFUSING: usize = 8;
 
 /// Bytes of replies a connection may leave unread before it is no longer
 /// served (until it reads).
@@ -80,6 +86,9 @@ pub const DEFAULT_IDLE_MS: u64 = 60_000;
 
 struct Conn {
     fd: OwnedFd,
+    /// Not served: it got its refusal line; closed once it has sent a
+    /// line (or hung up, or idled out).
+    refused: bool,
     peer: PeerAddr,
     /// Bytes read and not yet handled (at most `HOST_MAX_LINE`).
     inbuf: Vec<u8>,
@@ -160,7 +169,7 @@ impl HostChannel {
             registry,
             listener,
             listen,
-            conns: Slab::with_capacity(MAX_CONNECTIONS),
+            conns: Slab::with_capacity(MAX_CONNECTIONS + MAX_REFUSING),
             waits: Pending::default(),
             freezers: Vec::new(),
             ready: VecDeque::new(),
@@ -184,7 +193,7 @@ impl HostChannel {
     /// The connection key of `token`, if it is one of ours.
     pub fn key_of(token: Token) -> Option<usize> {
         let k = CONN_BASE.checked_sub(token.0)?;
-        (token.0 <= CONN_BASE && k < MAX_CONNECTIONS).then_some(k)
+        (token.0 <= CONN_BASE && k < MAX_CONNECTIONS + MAX_REFUSING).then_some(k)
     }
 
     /// Whether connections are queued to be pumped again.
@@ -216,8 +225,9 @@ impl HostChannel {
                 }
             };
             let now = Instant::now();
-            if let PeerAddr::Vsock { cid, port } = peer {
-                if cid != VMADDR_CID_HOST {
+            let served = self.conns.iter().filter(|(_, c)| !c.refused).count();
+            let refusal = match peer {
+                PeerAddr::Vsock { cid, port } if cid != VMADDR_CID_HOST => {
                     self.refusals.warn(now, |left_out| {
                         tracing::warn!(
                             cid,
@@ -226,33 +236,32 @@ impl HostChannel {
                             if left_out > 0 { format!(" ({left_out} more refusal(s) not logged)") } else { String::new() }
                         )
                     });
-                    refuse(
-                        &fd,
-                        HostReply::error(
-                            ErrorCode::PermissionDenied,
-                            0,
-                            format!("the host channel serves only the host (CID {VMADDR_CID_HOST}); CID {cid} was refused"),
-                        ),
-                    );
-                    continue;
+                    Some(HostReply::error(
+                        ErrorCode::PermissionDenied,
+                        0,
+                        format!("the host channel serves only the host (CID {VMADDR_CID_HOST}); CID {cid} was refused"),
+                    ))
                 }
-            }
-            if self.conns.len() >= MAX_CONNECTIONS {
-                self.refusals.warn(now, |left_out| {
-                    tracing::warn!(
-                        "host channel: refused a connection from {peer}: {MAX_CONNECTIONS} connections are open, the limit{}",
-                        if left_out > 0 { format!(" ({left_out} more refusal(s) not logged)") } else { String::new() }
-                    )
-                });
-                refuse(
-                    &fd,
-                    HostReply::error(
+                _ if served >= MAX_CONNECTIONS => {
+                    self.refusals.warn(now, |left_out| {
+                        tracing::warn!(
+                            "host channel: refused a connection from {peer}: {MAX_CONNECTIONS} connections are open, the limit{}",
+                            if left_out > 0 { format!(" ({left_out} more refusal(s) not logged)") } else { String::new() }
+                        )
+                    });
+                    Some(HostReply::error(
                         ErrorCode::TooManyWatchers,
                         MAX_CONNECTIONS as u32,
                         format!("the host channel has {MAX_CONNECTIONS} connections open, its limit; try again later"),
-                    ),
-                );
-                continue;
+                    ))
+                }
+                _ => None,
+            };
+            if let Some(reply) = &refusal {
+                if self.conns.len() - served >= MAX_REFUSING {
+                    refuse(&fd, reply);
+                    continue;
+                }
             }
             let entry = self.conns.vacant_entry();
             let key = entry.key();
@@ -267,6 +276,7 @@ impl HostChannel {
             tracing::debug!(conn = key, "host channel: {peer} connected");
             entry.insert(Conn {
                 fd,
+                refused: refusal.is_some(),
                 peer,
                 inbuf: Vec::new(),
                 outbox: Vec::new(),
@@ -278,6 +288,33 @@ impl HostChannel {
                 doomed: false,
                 idle_deadline: now + self.idle,
             });
+            if let Some(reply) = refusal {
+                self.send(key, &reply);
+                self.pump_refused(key);
+            }
+        }
+    }
+
+    /// A refused connection: discards what it sends; closes it after its
+    /// first line or its hang-up.
+    fn pump_refused(&mut self, key: usize) {
+        let mut buf = [0u8; 512];
+        let Some(conn) = self.conns.get_mut(key) else {
+            return;
+        };
+        loop {
+            match rustix::io::read(&conn.fd, &mut buf) {
+                Ok(0) => break,
+                Ok(n) if buf[..n].contains(&b'\n') => break,
+                Ok(_) | Err(rustix::io::Errno::INTR) => {}
+                Err(rustix::io::Errno::AGAIN) => return,
+                Err(_) => break,
+            }
+        }
+        if conn.outbox.is_empty() {
+            self.doom(key);
+        } else {
+            conn.close_after_flush = true;
         }
     }
 
@@ -316,6 +353,10 @@ impl HostChannel {
 
     /// Handles complete lines and reads more, up to [`LINES_PER_TURN`].
     fn pump(&mut self, key: usize, cx: &mut Context<'_>) {
+        if self.conns.get(key).is_some_and(|c| c.refused) {
+            self.pump_refused(key);
+            return;
+        }
         let mut buf = [0u8; HOST_MAX_LINE];
         for _ in 0..LINES_PER_TURN {
             let Some(conn) = self.conns.get_mut(key) else {
@@ -529,14 +570,16 @@ impl HostChannel {
                 ),
             );
         }
-        let idle: Vec<(usize, bool)> = self
+        let idle: Vec<(usize, bool, bool)> = self
             .conns
             .iter()
             .filter(|(_, c)| !c.busy && !c.doomed && c.idle_deadline <= now)
-            .map(|(k, c)| (k, c.outbox.is_empty()))
+            .map(|(k, c)| (k, c.refused, c.outbox.is_empty()))
             .collect();
-        for (key, flushed) in idle {
-            if flushed {
+        for (key, refused, flushed) in idle {
+            if refused {
+                self.doom(key);
+            } else if flushed {
                 let ms = self.idle.as_millis();
                 self.fatal(
                     key,
@@ -707,7 +750,7 @@ impl HostChannel {
 /// Sends one refusal line to a connection that is not served, then lets
 /// it go (reading what it sent first, so the close is not a reset that
 /// could overtake the line).
-fn refuse(fd: &OwnedFd, reply: HostReply) {
+fn refuse(fd: &OwnedFd, reply: &HostReply) {
     let _ = rustix::net::send(
         fd,
         &reply.encode(),
