@@ -25,6 +25,11 @@
 //!   outdated, so its client renews, but it counts as untracked until it
 //!   acknowledges the current generation: a false claim cannot hold the
 //!   barrier up without a restore.
+//! * A watcher may be registered as not counting for the snapshot
+//!   lifecycle ([`Core::register_for`]: the daemon decides who is trusted
+//!   to hold it). It counts for the barrier exactly as before; it is only
+//!   left out of [`Counts::outdated_lifecycle`], the number the automatic
+//!   thaw after a restore waits on.
 //! * A forced update whose minimum jumps into the counter's last
 //!   [`EXHAUSTION_RESERVE`] values is refused unless explicitly allowed
 //!   ([`Core::check_minimum`]): it would leave no generation for later
@@ -146,6 +151,11 @@ pub struct Counts {
     pub outdated: u32,
     /// Untracked watchers that have not acknowledged the current generation.
     pub outdated_untracked: u32,
+    /// Of `tracked`, those that count for the lifecycle.
+    pub tracked_lifecycle: u32,
+    /// Of `outdated`, those that count for the lifecycle (the automatic
+    /// thaw after a restore waits for these).
+    pub outdated_lifecycle: u32,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -154,6 +164,8 @@ struct Watcher {
     /// claimed one from the future (outdated until it acknowledges).
     acked: Option<Generation>,
     tracking: Tracking,
+    /// Counts for the lifecycle when it counts as tracked.
+    lifecycle: bool,
 }
 
 impl Watcher {
@@ -169,6 +181,11 @@ impl Watcher {
             Some(_) => self.tracking,
         }
     }
+
+    /// Whether it counts for the lifecycle now.
+    fn counts_for_lifecycle(&self) -> bool {
+        self.lifecycle && self.counts_as() == Tracking::Tracked
+    }
 }
 
 /// The generation counter and its watchers. See the crate docs for the rules.
@@ -179,6 +196,8 @@ pub struct Core {
     tracked: u32,
     outdated_tracked: u32,
     outdated_untracked: u32,
+    tracked_lifecycle: u32,
+    outdated_lifecycle: u32,
 }
 
 impl Core {
@@ -205,19 +224,48 @@ impl Core {
     /// lies) makes the watcher outdated until it acknowledges, and until
     /// then it counts as untracked (it never holds the barrier up).
     pub fn register(&mut self, tracking: Tracking, acked: Option<Generation>) -> WatcherId {
+        self.register_for(tracking, acked, true)
+    }
+
+    /// [`register`](Self::register), saying whether the watcher counts for
+    /// the lifecycle (when tracked): `false` leaves it out of
+    /// [`Counts::tracked_lifecycle`] and [`Counts::outdated_lifecycle`],
+    /// and nothing else.
+    pub fn register_for(
+        &mut self,
+        tracking: Tracking,
+        acked: Option<Generation>,
+        lifecycle: bool,
+    ) -> WatcherId {
         let acked = match acked {
             None => Some(self.generation),
             Some(a) if a <= self.generation => Some(a),
             Some(_) => None,
         };
-        let watcher = Watcher { acked, tracking };
+        let watcher = Watcher {
+            acked,
+            tracking,
+            lifecycle,
+        };
+        self.count(&watcher, 1);
+        WatcherId(self.watchers.insert(watcher))
+    }
+
+    /// Adds (`1`) or removes (`-1`) a watcher's share of the counters.
+    fn count(&mut self, watcher: &Watcher, sign: i32) {
+        let add = |n: &mut u32| *n = n.wrapping_add_signed(sign);
         if watcher.counts_as() == Tracking::Tracked {
-            self.tracked += 1;
+            add(&mut self.tracked);
+        }
+        if watcher.counts_for_lifecycle() {
+            add(&mut self.tracked_lifecycle);
         }
         if watcher.outdated(self.generation) {
-            *self.outdated_counter(watcher.counts_as()) += 1;
+            add(self.outdated_counter(watcher.counts_as()));
+            if watcher.counts_for_lifecycle() {
+                add(&mut self.outdated_lifecycle);
+            }
         }
-        WatcherId(self.watchers.insert(watcher))
     }
 
     /// Removes a watcher. If it was outdated it no longer counts, which may
@@ -227,12 +275,7 @@ impl Core {
             .watchers
             .try_remove(id.0)
             .ok_or(CoreError::UnknownWatcher(id.0))?;
-        if watcher.counts_as() == Tracking::Tracked {
-            self.tracked -= 1;
-        }
-        if watcher.outdated(self.generation) {
-            *self.outdated_counter(watcher.counts_as()) -= 1;
-        }
+        self.count(&watcher, -1);
         Ok(watcher.tracking)
     }
 
@@ -268,15 +311,13 @@ impl Core {
         if !watcher.outdated(current) {
             return Ok(false);
         }
-        let counted_as = watcher.counts_as();
-        watcher.acked = Some(current);
         // A claim from the future ends here: from now on the watcher
         // counts as it asked.
-        let tracked_now = counted_as != watcher.counts_as();
-        *self.outdated_counter(counted_as) -= 1;
-        if tracked_now {
-            self.tracked += 1;
-        }
+        let before = *watcher;
+        watcher.acked = Some(current);
+        let after = *watcher;
+        self.count(&before, -1);
+        self.count(&after, 1);
         Ok(true)
     }
 
@@ -359,6 +400,8 @@ impl Core {
             tracked: self.tracked,
             outdated: self.outdated_tracked,
             outdated_untracked: self.outdated_untracked,
+            tracked_lifecycle: self.tracked_lifecycle,
+            outdated_lifecycle: self.outdated_lifecycle,
         }
     }
 
@@ -382,16 +425,20 @@ impl Core {
     }
 
     fn recount(&mut self) {
-        let (tracked, untracked) = self
+        let (tracked, untracked, lifecycle) = self
             .watchers
             .iter()
             .filter(|(_, w)| w.outdated(self.generation))
-            .fold((0, 0), |(t, u), (_, w)| match w.counts_as() {
-                Tracking::Tracked => (t + 1, u),
-                Tracking::Untracked => (t, u + 1),
+            .fold((0, 0, 0), |(t, u, l), (_, w)| {
+                let l = l + u32::from(w.counts_for_lifecycle());
+                match w.counts_as() {
+                    Tracking::Tracked => (t + 1, u, l),
+                    Tracking::Untracked => (t, u + 1, l),
+                }
             });
         self.outdated_tracked = tracked;
         self.outdated_untracked = untracked;
+        self.outdated_lifecycle = lifecycle;
     }
 }
 

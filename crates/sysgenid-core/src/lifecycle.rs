@@ -199,6 +199,8 @@ pub struct LifecycleCounts {
     pub freeze: FreezeId,
     /// Registered participants.
     pub participants: u32,
+    /// Of those, the tracked ones: a freeze waits for them.
+    pub tracked_participants: u32,
     /// Tracked participants that have not confirmed the freeze in progress
     /// (0 unless `freezing`).
     pub pending: u32,
@@ -441,6 +443,11 @@ impl Lifecycle {
             state: self.state,
             freeze: self.freeze,
             participants: self.participants.len() as u32,
+            tracked_participants: self
+                .participants
+                .iter()
+                .filter(|(_, p)| p.tracking == Tracking::Tracked)
+                .count() as u32,
             pending: if self.state == State::Freezing {
                 self.pending
             } else {

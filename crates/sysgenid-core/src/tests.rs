@@ -229,6 +229,30 @@ fn a_minimum_that_exhausts_the_counter_needs_explicit_permission() {
 }
 
 #[test]
+fn a_watcher_left_out_of_the_lifecycle_still_holds_the_barrier() {
+    let mut core = Core::new(0);
+    let trusted = core.register_for(Tracking::Tracked, None, true);
+    let other = core.register_for(Tracking::Tracked, None, false);
+    core.bump(0).unwrap();
+    let c = core.counts();
+    assert_eq!((c.tracked, c.tracked_lifecycle), (2, 1));
+    assert_eq!((c.outdated, c.outdated_lifecycle), (2, 1));
+    core.ack(trusted, 1).unwrap();
+    assert_eq!(
+        core.counts().outdated_lifecycle,
+        0,
+        "the lifecycle waits no more"
+    );
+    assert_eq!(
+        core.barrier(None),
+        Ok(Barrier::Pending { outdated: 1 }),
+        "the barrier still waits for every tracked watcher"
+    );
+    core.unregister(other).unwrap();
+    assert_eq!(core.barrier(None), Ok(Barrier::Satisfied));
+}
+
+#[test]
 fn unknown_watcher_is_an_error_not_a_panic() {
     let core = Core::new(0);
     let mut other = Core::new(0);
@@ -242,7 +266,11 @@ fn unknown_watcher_is_an_error_not_a_panic() {
 
 #[derive(Debug, Clone)]
 enum Op {
-    Register { tracked: bool, acked: Option<u32> },
+    Register {
+        tracked: bool,
+        acked: Option<u32>,
+        lifecycle: bool,
+    },
     Read(usize),
     Ack(usize, Option<u32>),
     Close(usize),
@@ -252,8 +280,16 @@ enum Op {
 
 fn op() -> impl Strategy<Value = Op> {
     prop_oneof![
-        (any::<bool>(), proptest::option::weighted(0.2, 0u32..12))
-            .prop_map(|(tracked, acked)| Op::Register { tracked, acked }),
+        (
+            any::<bool>(),
+            proptest::option::weighted(0.2, 0u32..12),
+            any::<bool>()
+        )
+            .prop_map(|(tracked, acked, lifecycle)| Op::Register {
+                tracked,
+                acked,
+                lifecycle
+            }),
         (0usize..8).prop_map(Op::Read),
         (0usize..8, proptest::option::weighted(0.3, 0u32..12)).prop_map(|(i, g)| Op::Ack(i, g)),
         (0usize..8).prop_map(Op::Close),
@@ -276,11 +312,11 @@ fn op() -> impl Strategy<Value = Op> {
 struct Model {
     generation: u64,
     /// (acknowledged generation, or u64::MAX for "claimed the future";
-    /// tracked)
-    watchers: Vec<(u64, bool)>,
+    /// tracked; counts for the lifecycle)
+    watchers: Vec<(u64, bool, bool)>,
 }
 
-fn counts_as_tracked(&(acked, tracked): &(u64, bool)) -> bool {
+fn counts_as_tracked(&(acked, tracked, _): &(u64, bool, bool)) -> bool {
     tracked && acked != u64::MAX
 }
 
@@ -289,6 +325,13 @@ impl Model {
         self.watchers
             .iter()
             .filter(|w| counts_as_tracked(w) == tracked && w.0 != self.generation)
+            .count() as u32
+    }
+
+    fn outdated_lifecycle(&self) -> u32 {
+        self.watchers
+            .iter()
+            .filter(|w| counts_as_tracked(w) && w.2 && w.0 != self.generation)
             .count() as u32
     }
 }
@@ -303,15 +346,15 @@ proptest! {
         let mut ids: Vec<WatcherId> = Vec::new();
         for op in ops {
             match op {
-                Op::Register { tracked, acked } => {
+                Op::Register { tracked, acked, lifecycle } => {
                     let tracking = if tracked { Tracking::Tracked } else { Tracking::Untracked };
-                    ids.push(core.register(tracking, acked));
+                    ids.push(core.register_for(tracking, acked, lifecycle));
                     let acked = match acked.map(u64::from) {
                         None => model.generation,
                         Some(a) if a <= model.generation => a,
                         Some(_) => u64::MAX,
                     };
-                    model.watchers.push((acked, tracked));
+                    model.watchers.push((acked, tracked, lifecycle));
                 }
                 Op::Read(i) if i < ids.len() => {
                     let expect = (model.watchers[i].0 != model.generation)
@@ -332,7 +375,7 @@ proptest! {
                 }
                 Op::Close(i) if i < ids.len() => {
                     let id = ids.remove(i);
-                    let (_, tracked) = model.watchers.remove(i);
+                    let (_, tracked, _) = model.watchers.remove(i);
                     let expect = if tracked { Tracking::Tracked } else { Tracking::Untracked };
                     prop_assert_eq!(core.unregister(id), Ok(expect));
                 }
@@ -375,6 +418,9 @@ proptest! {
             prop_assert_eq!(counts.tracked as usize, model.watchers.iter().filter(|w| counts_as_tracked(w)).count());
             prop_assert_eq!(counts.outdated, model.outdated(true));
             prop_assert_eq!(counts.outdated_untracked, model.outdated(false));
+            prop_assert_eq!(counts.tracked_lifecycle as usize,
+                model.watchers.iter().filter(|w| counts_as_tracked(w) && w.2).count());
+            prop_assert_eq!(counts.outdated_lifecycle, model.outdated_lifecycle());
         }
     }
 }

@@ -401,6 +401,26 @@ pub struct StatusReport {
     /// The hooks directory, when hooks are on.
     #[serde(default)]
     pub hooks: Option<Box<HooksStatus>>,
+    /// Who holds the lifecycle: trusted and untrusted registrations.
+    /// Absent from daemons before it (clients must accept both).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub trust: Option<TrustStatus>,
+}
+
+/// Trusted and untrusted registrations in status (`--lifecycle-group`,
+/// `docs/design.md`): a freeze waits only for trusted tracked
+/// participants, the automatic thaw after a restore only for trusted
+/// tracked watchers; `wait-watchers` counts every tracked watcher.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+pub struct TrustStatus {
+    /// Tracked participants a freeze waits for (the hooks count as one).
+    pub participants_trusted: u32,
+    /// Tracked participants it does not wait for: not trusted.
+    pub participants_untrusted: u32,
+    /// Tracked watchers the thaw after a restore waits for.
+    pub tracked_trusted: u32,
+    /// Tracked watchers it does not wait for: not trusted.
+    pub tracked_untrusted: u32,
 }
 
 /// The lifecycle state in status.

@@ -187,12 +187,21 @@ impl Daemon {
         } else {
             &["--hooks-dir", "off"]
         };
+        // `--lifecycle-group none` unless the caller gave one: a machine's
+        // own `sysgenid` group is no business of the tests.
+        let lifecycle_group_default: &[&str] =
+            if extra.iter().any(|a| a.starts_with("--lifecycle-group")) {
+                &[]
+            } else {
+                &["--lifecycle-group", "none"]
+            };
         Command::new(bin("sysgenidd"))
             .arg("--runtime-dir")
             .arg(dir)
             .args(default_sources)
             .args(device_default)
             .args(hooks_default)
+            .args(lifecycle_group_default)
             .args(extra)
             .env("RUST_LOG", "debug")
             .stdout(Stdio::null())

@@ -17,7 +17,13 @@
 //!   and the socket path reports it (or reconnects) as before;
 //! * a page without the count (an older daemon): the socket, as before;
 //! * the daemon stopped cleanly (it stores `OUTDATED_STOPPED` and wakes the
-//!   waiters): the `ShuttingDown` refusal parked socket waiters get.
+//!   waiters): the `ShuttingDown` refusal parked socket waiters get;
+//! * [`UNCHANGED_WAKES`] wake-ups in a row that found the word and the
+//!   generation unchanged: anyone who maps the page can `FUTEX_WAKE` the
+//!   word in a loop (the daemon wakes only when the count reaches 0 or the
+//!   generation changes), which once kept a waiter spinning (2.3 s of CPU
+//!   in a 5 s wait). The waiter stops trusting the page and asks the
+//!   daemon, whose answer only the daemon can send.
 
 use std::os::fd::BorrowedFd;
 use std::path::PathBuf;
@@ -35,6 +41,11 @@ const SHUTTING_DOWN: &str = "sysgenidd is shutting down; retry when it is back";
 /// The longest a waiter sleeps on the page without checking that its
 /// connection is alive (a daemon killed with `kill -9` wakes nobody).
 pub(crate) const LIVENESS_SLICE: Duration = Duration::from_millis(100);
+
+/// Early wake-ups in a row with nothing changed after which a waiter asks
+/// the daemon instead (a signal or a rare spurious wake-up is one; a wake
+/// flood by another process is thousands).
+pub(crate) const UNCHANGED_WAKES: u32 = 3;
 
 /// The runtime page, mapped the first time a barrier wait needs it (and
 /// only if it passes the owner checks `Probe::open` makes).
@@ -106,6 +117,10 @@ pub(crate) fn wait_on_page(
     let Some(page) = page.get() else {
         return Ok(PageAnswer::AskDaemon(timeout));
     };
+    // (count, generation, when) seen before the last sleep, and how many
+    // sleeps in a row ended early with both unchanged.
+    let mut last: Option<(u32, u32, Instant, Duration)> = None;
+    let mut unchanged_wakes = 0;
     loop {
         let Some(outdated) = page.outdated_tracked() else {
             return Ok(PageAnswer::AskDaemon(remaining()));
@@ -126,11 +141,26 @@ pub(crate) fn wait_on_page(
         if outdated == 0 {
             return Ok(PageAnswer::Satisfied);
         }
+        let generation = page.generation();
+        if let Some((seen, seen_generation, slept_at, slept_for)) = last {
+            let early = slept_at.elapsed() < slept_for;
+            if early && seen == outdated && seen_generation == generation {
+                unchanged_wakes += 1;
+                if unchanged_wakes >= UNCHANGED_WAKES {
+                    // Someone else is waking the word: the page cannot be
+                    // trusted to sleep on.
+                    return Ok(PageAnswer::AskDaemon(remaining()));
+                }
+            } else {
+                unchanged_wakes = 0;
+            }
+        }
         let slice = match remaining() {
             Some(left) if left.is_zero() => return Ok(PageAnswer::AskDaemon(Some(left))),
             Some(left) => left.min(LIVENESS_SLICE),
             None => LIVENESS_SLICE,
         };
+        last = Some((outdated, generation, Instant::now(), slice));
         page.wait_outdated_tracked(outdated, slice);
     }
 }

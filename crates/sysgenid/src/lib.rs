@@ -56,7 +56,8 @@ pub use lifecycle::Event;
 use lifecycle::Freezes;
 use rustix::event::PollFlags;
 pub use sysgenid_proto::{
-    ErrorCode, HooksStatus, LifecycleState, SourceStatus, StatusReport, PROTOCOL_VERSION,
+    ErrorCode, HooksStatus, LifecycleState, SourceStatus, StatusReport, TrustStatus,
+    PROTOCOL_VERSION,
 };
 use sysgenid_proto::{Reply, Request, Role, MIN_PROTOCOL_VERSION, PAGE_NAME, SOCKET_NAME};
 

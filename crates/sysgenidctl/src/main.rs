@@ -363,7 +363,22 @@ fn print_status(s: &sysgenid::StatusReport) {
         ),
     };
     out!("state:        {state}");
-    out!("participants: {}", s.participants);
+    match &s.trust {
+        Some(t) => {
+            out!(
+                "participants: {} ({} trusted, {} untrusted: a freeze waits only for trusted ones)",
+                s.participants,
+                t.participants_trusted,
+                t.participants_untrusted
+            );
+            out!(
+                "trust:        {} trusted, {} untrusted tracked watchers (the thaw after a restore waits only for trusted ones; wait-watchers for all)",
+                t.tracked_trusted,
+                t.tracked_untrusted
+            );
+        }
+        None => out!("participants: {}", s.participants),
+    }
     if let Some(h) = &s.hooks {
         out!(
             "hooks:        {} in {} ({} runs, {} failed, {} timed out, {} refused){}",

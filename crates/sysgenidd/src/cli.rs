@@ -111,6 +111,16 @@ pub struct Args {
     #[arg(long, value_name = "NAME|none")]
     pub device_group: Option<String>,
 
+    /// Who holds the snapshot lifecycle: a freeze waits only for trusted
+    /// tracked participants, and the automatic thaw after a restore only
+    /// for trusted tracked watchers. Trusted: uid 0, the daemon's own uid,
+    /// callers with CAP_SYS_ADMIN or CAP_CHECKPOINT_RESTORE, and members of
+    /// this group. Everyone else is still told about freezes, thaws and
+    /// changes, and still counts for wait-watchers. `none`: no group.
+    /// Default: `sysgenid` when that group exists, else none.
+    #[arg(long, value_name = "NAME|none")]
+    pub lifecycle_group: Option<String>,
+
     /// Run every executable file in DIR, in name order, on each lifecycle
     /// event (`HOOK freeze|thaw|change`), or `off`. Default:
     /// /etc/sysgenid/hooks.d, if it exists.

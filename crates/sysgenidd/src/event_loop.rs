@@ -14,9 +14,11 @@
 //! # A turn
 //! 1. Wait for readiness, a command or the earliest deadline (without
 //!    blocking when connections are queued to be read again).
-//! 2. Dispatch: accept, read each ready connection (a bounded number of
-//!    frames each), drain the command channel.
-//! 3. Read the connections the work list names again, once each.
+//! 2. Dispatch: read each ready connection (a bounded number of frames
+//!    each), drain the command channel.
+//! 3. Read the connections the work list names again, once each, then
+//!    accept a bounded number of new connections if the listener was
+//!    ready or is queued on the work list (its budget ran out last turn).
 //! 4. Process the work list until it is empty: each privileged bump is made
 //!    durable and then fanned out (`EventLoop::bump`: device mirror and
 //!    readers first, then one `Changed` per socket watcher), then pending
@@ -52,7 +54,7 @@ use std::time::{Duration, Instant};
 use mio::{Events, Interest, Poll, Token, Waker};
 use sysgenid_core::lifecycle::{self, AbortReason, ParticipantId, ThawReason, Transition};
 use sysgenid_core::{Generation, Tracking, WatcherId};
-use sysgenid_proto::{LifecycleState, Reply, SourceStatus, StatusReport};
+use sysgenid_proto::{LifecycleState, Reply, SourceStatus, StatusReport, TrustStatus};
 use sysgenid_sources::{PollSource, Readiness};
 
 use crate::device::{Device, DeviceRequest, Forward, Readiness as DeviceReadiness};
@@ -206,6 +208,15 @@ fn status_report(
         freeze: lifecycle.freeze,
         thaw_after_acks: lifecycle.thaw_after_acks,
         hooks: hooks.map(|h| Box::new(h.status())),
+        trust: Some({
+            let t = watchers.trust_counts();
+            TrustStatus {
+                participants_trusted: t.participants_trusted,
+                participants_untrusted: t.participants_untrusted,
+                tracked_trusted: t.tracked_trusted,
+                tracked_untrusted: t.tracked_untrusted,
+            }
+        }),
     }
 }
 
@@ -259,10 +270,15 @@ impl EventLoop {
         self.watchers.configure_lifecycle(config);
     }
 
+    /// Sets who is trusted with the lifecycle (before `run`).
+    pub fn configure_trust(&mut self, rule: crate::trust::TrustRule) {
+        self.watchers.configure_trust(rule);
+    }
+
     /// Runs the hooks directory from now on (see `hooks`); its runner
     /// reports through [`Command::Hooks`].
     pub fn attach_hooks(&mut self, runner: Hooks) {
-        let participant = self.watchers.join(Tracking::Tracked).id;
+        let participant = self.watchers.join(Tracking::Tracked, true).id;
         self.hooks = Some(HooksState {
             runner,
             participant,
@@ -415,6 +431,7 @@ impl EventLoop {
                 Err(e) => return Err(e),
             }
             let resumed = self.work.take_resumed();
+            let mut accept = self.work.take_accept();
             for i in std::mem::take(&mut self.poll_sources_more) {
                 self.on_poll_source(i);
             }
@@ -423,7 +440,7 @@ impl EventLoop {
             }
             for event in events.iter() {
                 match event.token() {
-                    socket::LISTENER => self.socket.accept_all(&self.watchers),
+                    socket::LISTENER => accept = true,
                     WAKER => self.drain_commands(),
                     SIGNALS => self.shutting_down = true,
                     DEVICE => self.on_device_readable(),
@@ -454,6 +471,10 @@ impl EventLoop {
             for key in resumed {
                 self.with_socket(|socket, cx| socket.resume(key, cx));
             }
+            if accept {
+                // Once per turn, a bounded number (`socket::ACCEPTS_PER_TURN`).
+                self.socket.accept_all(&self.watchers, &mut self.work);
+            }
             self.with_host(|host, cx| host.run_ready(cx));
             self.process_work();
             let now = Instant::now();
@@ -465,6 +486,7 @@ impl EventLoop {
             let transition = self.watchers.lifecycle_tick(now);
             self.work.transition(transition);
             self.watchdog.tick(now);
+            crate::ratelimit::flush();
             self.process_work();
             self.socket.reap(&mut self.watchers, &mut self.work);
             if let Some(host) = &mut self.host {
@@ -787,7 +809,11 @@ impl EventLoop {
         hooks.next_ticket += 1;
         if let Some(before) = acked_before {
             let held: Vec<WatcherId> = (0..hooks.runner.known())
-                .filter_map(|_| self.watchers.admit(0, Tracking::Tracked, Some(before)).ok())
+                .filter_map(|_| {
+                    self.watchers
+                        .admit(0, Tracking::Tracked, Some(before), true)
+                        .ok()
+                })
                 .collect();
             hooks.watchers.insert(ticket, held);
         }

@@ -23,6 +23,8 @@
 //!   reseed before a host-reported restore is published;
 //! * [`hooks`]: the hooks directory's runner, on a thread of its own;
 //! * [`supervisor`]: readiness and the watchdog for systemd;
+//! * [`ratelimit`]: rate-limited log lines for everything a peer can cause;
+//! * [`trust`]: who holds the lifecycle (`--lifecycle-group`);
 //! * restore-signal sources come from the `sysgenid-sources` crate and run
 //!   in their own threads, feeding the loop through a channel.
 //!
@@ -39,10 +41,12 @@ pub mod hooks;
 pub mod host_channel;
 pub mod kernel_rng;
 pub mod peer;
+pub mod ratelimit;
 pub mod runtime_dir;
 pub mod service;
 pub mod socket;
 pub mod state;
 pub mod supervisor;
+pub mod trust;
 pub mod watchers;
 pub mod work;

@@ -99,6 +99,9 @@ fn run(args: Args) -> Result<(), String> {
         thaw_on_restore: args.restore_thaw == "auto",
         max_frozen_ms: Some(args.max_frozen_ms),
     });
+    let trust = sysgenidd::trust::TrustRule::resolve(args.lifecycle_group.as_deref())?;
+    let trust_description = trust.describe();
+    server.configure_trust(trust);
     let handle = server.handle();
     let hooks = Hooks::start(
         &HooksSetting::parse(args.hooks_dir.as_deref()),
@@ -207,6 +210,7 @@ fn run(args: Args) -> Result<(), String> {
     } else {
         active_names.join(", ")
     };
+    tracing::info!("lifecycle held by: {trust_description}");
     tracing::info!(
         "sysgenidd {} ready: runtime dir {}, generation {}, epoch {}, device: {}, hooks: {}, sources: {}",
         env!("CARGO_PKG_VERSION"),

@@ -54,6 +54,8 @@ pub struct Peer {
     pub uid: u32,
     /// Pid at connect time (0 if in a pid namespace we cannot see).
     pub pid: i32,
+    /// Effective gid at connect time.
+    pub gid: u32,
 }
 
 impl Peer {
@@ -84,6 +86,7 @@ impl Peer {
         Ok(Peer {
             uid: cred.uid,
             pid: cred.pid,
+            gid: cred.gid,
         })
     }
 }

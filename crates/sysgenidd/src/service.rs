@@ -292,8 +292,13 @@ impl Service {
 
     /// Registers a watcher. Only [`crate::watchers::Watchers`] calls this,
     /// after its admission checks.
-    pub(crate) fn register(&mut self, tracking: Tracking, acked: Option<Generation>) -> WatcherId {
-        let id = self.core.register(tracking, acked);
+    pub(crate) fn register(
+        &mut self,
+        tracking: Tracking,
+        acked: Option<Generation>,
+        lifecycle: bool,
+    ) -> WatcherId {
+        let id = self.core.register_for(tracking, acked, lifecycle);
         self.publish_outdated();
         id
     }

@@ -43,6 +43,15 @@
 //! read for at most [`FRAMES_PER_TURN`] frames per turn and then waits its
 //! turn behind the other ready connections, so one client that pipelines
 //! requests cannot starve the others.
+//!
+//! The listener is treated the same way: at most [`ACCEPTS_PER_TURN`]
+//! connections are accepted per turn, and if the backlog may hold more the
+//! listener is queued on the work list for the next turn. A client that
+//! connects and closes in a loop keeps the backlog from ever emptying;
+//! accepting until `EAGAIN` once kept the loop in here for as long as that
+//! lasted (no replies, bumps, deadlines or watchdog pings). A refused
+//! connection costs O(1): a pre-encoded error frame, no formatting, and a
+//! rate-limited log line (`ratelimit`).
 
 use std::collections::{HashMap, VecDeque};
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
@@ -78,6 +87,14 @@ const MAX_OUTBOX: usize = 64;
 /// Frames read from one connection per loop turn before the other ready
 /// connections get theirs.
 pub const FRAMES_PER_TURN: usize = 16;
+
+/// Connections accepted (or refused) per loop turn before everything
+/// else gets its turn.
+pub const ACCEPTS_PER_TURN: usize = 64;
+
+/// Bytes read (and dropped) from a refused connection before closing it,
+/// so the client sees our error frame rather than a reset.
+const REFUSED_DRAIN_FRAMES: usize = 4;
 
 /// What a queued frame costs beyond its bytes, for the memory budget: its
 /// `Vec` in the outbox and the allocator's chunk header and rounding.
@@ -152,6 +169,13 @@ pub struct SocketFrontend {
     /// yet may have ended and another started in the same turn, and each
     /// outcome goes to the orchestrator of that very freeze.
     freezers: Vec<(FreezeId, usize)>,
+    /// The refusals at accept, encoded once: (every descriptor in use,
+    /// the per-uid limit).
+    refusal_full: Vec<u8>,
+    refusal_per_uid: Vec<u8>,
+    /// An accept failed for want of descriptors: accept again once a
+    /// connection closes.
+    accept_starved: bool,
 }
 
 /// How a freeze request ended, for [`SocketFrontend::answer_freeze`].
@@ -357,6 +381,22 @@ impl SocketFrontend {
                 freed_since_trim: 0,
             },
             freezers: Vec::new(),
+            refusal_full: error(
+                ErrorCode::TooManyWatchers,
+                0,
+                "sysgenidd has as many connections as its descriptors allow; try again later",
+            )
+            .encode(),
+            refusal_per_uid: error(
+                ErrorCode::TooManyWatchers,
+                limits.max_connections_per_uid,
+                format!(
+                    "this uid already has {} connections, the per-user limit (--max-connections-per-uid)",
+                    limits.max_connections_per_uid
+                ),
+            )
+            .encode(),
+            accept_starved: false,
         })
     }
 
@@ -369,10 +409,12 @@ impl SocketFrontend {
             .min()
     }
 
-    /// Accepts every connection in the backlog.
-    pub fn accept_all(&mut self, watchers: &Watchers) {
+    /// Accepts up to [`ACCEPTS_PER_TURN`] connections from the backlog;
+    /// if it may hold more, queues the listener on the work list to be
+    /// accepted from again next turn.
+    pub fn accept_all(&mut self, watchers: &Watchers, work: &mut WorkList) {
         let limits = *watchers.limits();
-        loop {
+        for _ in 0..ACCEPTS_PER_TURN {
             let fd = match rustix::net::accept_with(
                 &self.listener,
                 SocketFlags::NONBLOCK | SocketFlags::CLOEXEC,
@@ -381,9 +423,15 @@ impl SocketFrontend {
                 Err(rustix::io::Errno::AGAIN) => return,
                 Err(rustix::io::Errno::INTR | rustix::io::Errno::CONNABORTED) => continue,
                 Err(e) => {
+                    self.accept_starved = true;
                     // EMFILE and friends: leave the rest in the backlog and
-                    // try again on the next event rather than spin.
-                    tracing::warn!("accept failed: {e}; raise RLIMIT_NOFILE if this persists");
+                    // try again when a connection closes (`reap`) rather
+                    // than spin.
+                    crate::log_limited!(
+                        crate::ratelimit::Kind::Connection,
+                        warn,
+                        "accept failed: {e}; raise RLIMIT_NOFILE if this persists"
+                    );
                     return;
                 }
             };
@@ -396,32 +444,37 @@ impl SocketFrontend {
             };
             let theirs = self.conns_per_uid.get(&peer.uid).copied().unwrap_or(0);
             let refusal = if self.conns.len() >= self.max_connections {
-                Some(format!(
-                    "sysgenidd has {} connections, all its descriptors allow; try again later",
-                    self.conns.len()
-                ))
+                Some(&self.refusal_full)
             } else if peer.uid != 0 && theirs >= limits.max_connections_per_uid {
-                Some(format!(
-                    "uid {} already has {theirs} connections, the per-user limit (--max-connections-per-uid)",
-                    peer.uid
-                ))
+                Some(&self.refusal_per_uid)
             } else {
                 None
             };
-            if let Some(message) = refusal {
-                tracing::warn!(
+            if let Some(frame) = refusal {
+                crate::log_limited!(
+                    crate::ratelimit::Kind::Connection,
+                    warn,
                     uid = peer.uid,
                     pid = peer.pid,
-                    "refusing a connection: {message}"
+                    "refusing a connection: {}",
+                    if std::ptr::eq(frame, &self.refusal_full) {
+                        "every descriptor is in use"
+                    } else {
+                        "the uid is at its connection limit (--max-connections-per-uid)"
+                    }
                 );
-                let frame = error(ErrorCode::TooManyWatchers, 0, message).encode();
-                let _ = rustix::net::send(&fd, &frame, SendFlags::DONTWAIT | SendFlags::NOSIGNAL);
-                // Read what the client already sent: closing with unread
-                // data would report a reset to it ahead of our error frame.
+                let _ = rustix::net::send(&fd, frame, SendFlags::DONTWAIT | SendFlags::NOSIGNAL);
+                // Read what the client already sent (a bounded amount):
+                // closing with unread data would report a reset to it
+                // ahead of our error frame.
                 let mut sink = [0u8; 64];
-                while rustix::net::recv(&fd, &mut sink, RecvFlags::DONTWAIT)
-                    .is_ok_and(|(n, _)| n > 0)
-                {}
+                for _ in 0..REFUSED_DRAIN_FRAMES {
+                    if !rustix::net::recv(&fd, &mut sink, RecvFlags::DONTWAIT)
+                        .is_ok_and(|(n, _)| n > 0)
+                    {
+                        break;
+                    }
+                }
                 continue;
             }
 
@@ -432,7 +485,11 @@ impl SocketFrontend {
                 Token(key),
                 Interest::READABLE,
             ) {
-                tracing::warn!("cannot watch a new connection: {e}");
+                crate::log_limited!(
+                    crate::ratelimit::Kind::Connection,
+                    warn,
+                    "cannot watch a new connection: {e}"
+                );
                 continue;
             }
             *self.conns_per_uid.entry(peer.uid).or_insert(0) += 1;
@@ -457,6 +514,9 @@ impl SocketFrontend {
                 close_after_flush: false,
             });
         }
+        // Budget spent: the backlog may hold more (the listener is
+        // edge-triggered, so it must be queued explicitly).
+        work.accept_again();
     }
 
     /// A readiness event for connection `key`.
@@ -614,7 +674,21 @@ impl SocketFrontend {
             } else {
                 Tracking::Tracked
             };
-            match watchers.admit(uid, tracking, acked) {
+            // Only trusted parties hold the lifecycle (`trust`); judged
+            // for tracked watchers only, on what the kernel recorded at
+            // connect time.
+            let trusted = tracking == Tracking::Tracked && {
+                let conn = &self.conns[key];
+                let who = crate::trust::Identity {
+                    pid: conn.peer.pid,
+                    uid,
+                    gid: conn.peer.gid,
+                };
+                watchers
+                    .trust()
+                    .trusts(who, || crate::trust::socket_groups(conn.fd.as_fd()))
+            };
+            match watchers.admit(uid, tracking, acked, trusted) {
                 Ok(id) => self.conns[key].watcher = Some(id),
                 Err(refused) => {
                     self.fatal(key, ErrorCode::TooManyWatchers, refused.to_string());
@@ -622,7 +696,7 @@ impl SocketFrontend {
                 }
             }
             if lifecycle {
-                let joined = watchers.join(tracking);
+                let joined = watchers.join(tracking, trusted);
                 self.conns[key].participant = Some(joined.id);
                 freeze = joined.freeze;
             }
@@ -660,7 +734,7 @@ impl SocketFrontend {
         let message = format!(
             "permission denied: {what} needs CAP_SYS_ADMIN or CAP_CHECKPOINT_RESTORE in sysgenidd's user namespace; the sender (pid {pid}, uid {uid}) was refused: {why}"
         );
-        tracing::warn!("{message}");
+        crate::log_limited!(crate::ratelimit::Kind::Permission, warn, "{message}");
         self.send_reply(
             key,
             error(ErrorCode::PermissionDenied, 0, message),
@@ -1025,7 +1099,12 @@ impl SocketFrontend {
     /// Sends an error and closes the connection once it is flushed.
     fn fatal(&mut self, key: usize, code: ErrorCode, message: impl Into<String>) {
         let message = message.into();
-        tracing::info!(conn = key, "closing connection: {message}");
+        crate::log_limited!(
+            crate::ratelimit::Kind::Protocol,
+            info,
+            conn = key,
+            "closing connection: {message}"
+        );
         self.send_frame(
             key,
             &error(
@@ -1083,7 +1162,9 @@ impl SocketFrontend {
             self.queued.refusal(uid, cost)
         };
         if let Some(why) = refusal {
-            tracing::warn!(
+            crate::log_limited!(
+                crate::ratelimit::Kind::Budget,
+                warn,
                 conn = key,
                 uid,
                 pid = conn.peer.pid,
@@ -1202,9 +1283,11 @@ impl SocketFrontend {
             self.queued.freed_since_trim = 0;
             return_free_memory();
         }
-        // Descriptors were freed: accept what may have waited in the
-        // backlog since an accept failed with EMFILE (the listener is
-        // edge-triggered and would not report those connections again).
-        self.accept_all(watchers);
+        // Descriptors were freed: accept, next turn, what may have waited
+        // in the backlog since an accept failed with EMFILE (the listener
+        // is edge-triggered and would not report those connections again).
+        if std::mem::take(&mut self.accept_starved) {
+            work.accept_again();
+        }
     }
 }

@@ -17,8 +17,14 @@
 //! [`Transition`]s that follow; the caller queues them on the work list
 //! and the event loop tells everyone. Time enters as [`Instant`]s and is
 //! handed to the pure core as milliseconds since this owner was made.
+//!
+//! Trust is decided here, by the frontends' callers ([`crate::trust`]): a
+//! tracked watcher or participant that is not trusted is registered as
+//! not counting for the lifecycle, so the core's freeze never waits for it
+//! and the thaw after a restore never waits for its acknowledgement. The
+//! barrier counts it as before.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use sysgenid_core::lifecycle::{
@@ -29,6 +35,7 @@ use sysgenid_page::PageRecord;
 use sysgenid_proto::SourceStatus;
 
 use crate::service::{BumpError, Service};
+use crate::trust::TrustRule;
 
 /// Limits on watchers and connections, to keep one user from exhausting
 /// the daemon.
@@ -132,6 +139,24 @@ pub struct Watchers {
     lifecycle: Lifecycle,
     /// Time zero of the lifecycle's clock.
     clock: Instant,
+    /// Tracked participants that are not trusted (joined the lifecycle as
+    /// untracked), for status.
+    untrusted_participants: HashSet<ParticipantId>,
+    /// Who is trusted with the lifecycle (`--lifecycle-group`).
+    trust: TrustRule,
+}
+
+/// Trusted and untrusted registrations, for status.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TrustCounts {
+    /// Tracked participants a freeze waits for (the hooks count as one).
+    pub participants_trusted: u32,
+    /// Tracked participants a freeze does not wait for: not trusted.
+    pub participants_untrusted: u32,
+    /// Tracked watchers the thaw after a restore waits for.
+    pub tracked_trusted: u32,
+    /// Tracked watchers it does not wait for (the barrier still does).
+    pub tracked_untrusted: u32,
 }
 
 impl Watchers {
@@ -149,6 +174,8 @@ impl Watchers {
             },
             lifecycle: Lifecycle::new(lifecycle::Config::default()),
             clock: Instant::now(),
+            untrusted_participants: HashSet::new(),
+            trust: TrustRule::owner_only(),
         }
     }
 
@@ -157,18 +184,40 @@ impl Watchers {
         self.lifecycle = Lifecycle::new(config);
     }
 
+    /// Sets who is trusted with the lifecycle (at start-up).
+    pub fn configure_trust(&mut self, rule: TrustRule) {
+        self.trust = rule;
+    }
+
+    /// Who is trusted with the lifecycle.
+    pub fn trust(&self) -> &TrustRule {
+        &self.trust
+    }
+
     fn millis(&self, at: Instant) -> lifecycle::Millis {
         at.saturating_duration_since(self.clock).as_millis() as u64
     }
 
     /// Registers a lifecycle participant (its watcher is admitted
     /// separately); [`Joined::freeze`] says whether to tell it to freeze.
-    pub fn join(&mut self, tracking: Tracking) -> Joined {
-        self.lifecycle.join(tracking)
+    /// One that is tracked but not `trusted` is told everything and never
+    /// waited for.
+    pub fn join(&mut self, tracking: Tracking, trusted: bool) -> Joined {
+        let counts = tracking == Tracking::Tracked && trusted;
+        let joined = self.lifecycle.join(if counts {
+            Tracking::Tracked
+        } else {
+            Tracking::Untracked
+        });
+        if tracking == Tracking::Tracked && !trusted {
+            self.untrusted_participants.insert(joined.id);
+        }
+        joined
     }
 
     /// Removes a participant (closed or gone).
     pub fn leave(&mut self, id: ParticipantId) -> Option<Transition> {
+        self.untrusted_participants.remove(&id);
         let now = self.millis(Instant::now());
         self.lifecycle.leave(id, now).ok().flatten()
     }
@@ -203,14 +252,14 @@ impl Watchers {
     /// The generation changed: a restore, for the lifecycle (called by the
     /// loop's fan-out once every watcher that counts is registered).
     pub(crate) fn restored(&mut self) -> Option<Transition> {
-        let outdated = self.service.counts().outdated;
+        let outdated = self.service.counts().outdated_lifecycle;
         self.lifecycle.restored(outdated)
     }
 
     /// Acknowledgements or closes may have left no tracked watcher
     /// outdated: after a restore while frozen, that thaws.
     pub fn caught_up(&mut self) -> Option<Transition> {
-        let outdated = self.service.counts().outdated;
+        let outdated = self.service.counts().outdated_lifecycle;
         self.lifecycle.watchers_outdated(outdated)
     }
 
@@ -230,6 +279,18 @@ impl Watchers {
     /// The lifecycle's numbers now.
     pub fn lifecycle_counts(&self) -> LifecycleCounts {
         self.lifecycle.counts(self.millis(Instant::now()))
+    }
+
+    /// Trusted and untrusted registrations now.
+    pub fn trust_counts(&self) -> TrustCounts {
+        let counts = self.service.counts();
+        let lifecycle = self.lifecycle_counts();
+        TrustCounts {
+            participants_trusted: lifecycle.tracked_participants,
+            participants_untrusted: self.untrusted_participants.len() as u32,
+            tracked_trusted: counts.tracked_lifecycle,
+            tracked_untrusted: counts.tracked - counts.tracked_lifecycle,
+        }
     }
 
     /// The service, read-only (generation, record, directory, uptime).
@@ -261,15 +322,18 @@ impl Watchers {
         Ok(())
     }
 
-    /// Registers a watcher for `uid` if the limits allow it.
+    /// Registers a watcher for `uid` if the limits allow it. A tracked
+    /// watcher that is not `trusted` holds the barrier but never the thaw
+    /// after a restore.
     pub fn admit(
         &mut self,
         uid: u32,
         tracking: Tracking,
         acked: Option<Generation>,
+        trusted: bool,
     ) -> Result<WatcherId, Refused> {
         self.check_admission(uid)?;
-        let id = self.service.register(tracking, acked);
+        let id = self.service.register(tracking, acked, trusted);
         *self.per_uid.entry(uid).or_insert(0) += 1;
         Ok(id)
     }

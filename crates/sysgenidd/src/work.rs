@@ -70,6 +70,9 @@ pub struct WorkList {
     /// Socket connections to read again (a wait or bump ended, or their
     /// per-turn frame budget ran out), in order.
     resume: VecDeque<usize>,
+    /// The listener's backlog may hold more connections (its per-turn
+    /// accept budget ran out, or descriptors were freed).
+    accept: bool,
     /// Lifecycle transitions to announce (participants, hooks, the
     /// orchestrator waiting for its freeze), in order.
     transitions: VecDeque<Transition>,
@@ -101,6 +104,16 @@ impl WorkList {
         self.resume.push_back(key);
     }
 
+    /// Queues the listener to be accepted from again next turn.
+    pub fn accept_again(&mut self) {
+        self.accept = true;
+    }
+
+    /// Takes the accept-again flag.
+    pub fn take_accept(&mut self) -> bool {
+        std::mem::take(&mut self.accept)
+    }
+
     /// Takes the settle flag.
     pub fn take_settle(&mut self) -> bool {
         std::mem::take(&mut self.settle)
@@ -119,7 +132,7 @@ impl WorkList {
     /// Whether connections are waiting to be read again (the loop then
     /// polls without blocking).
     pub fn has_resumed(&self) -> bool {
-        !self.resume.is_empty()
+        !self.resume.is_empty() || self.accept
     }
 
     /// Whether settle or bump work is queued.

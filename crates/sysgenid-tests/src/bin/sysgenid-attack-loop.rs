@@ -8,10 +8,17 @@
 //! sysgenid-attack-loop waiters  SOCKET N     # 1 watcher that never acks + N × (WaitWatchers(0), Ack(G+1))
 //! sysgenid-attack-loop flood    SOCKET N E   # N connections × (what the kernel buffers + E) Status requests, never reading
 //! sysgenid-attack-loop pipeline SOCKET C     # C watchers sending acks with sendmmsg, draining replies
+//! sysgenid-attack-loop connflood SOCKET T    # T threads: connect() then close(), in a loop
+//! sysgenid-attack-loop logflood SOCKET T     # T threads: pipelined Bump frames (refused) and malformed frames
+//! sysgenid-attack-loop wakeflood PAGE        # FUTEX_WAKE on the page's barrier word, in a loop
+//! sysgenid-attack-loop holder SOCKET         # a tracked lifecycle participant and watcher that never confirms nor acks
 //! ```
 //! Each prints `ready` on stdout once its attack is in place (`waiters`
 //! first prints `watching` and waits for a bump to generation G), and
-//! `pipeline` prints `replies <count>` when it ends.
+//! `pipeline` prints `replies <count>` when it ends, `connflood`
+//! `connects <count>`, `logflood` `refusals <count>`, `wakeflood`
+//! `wakes <count>`, and `holder` one line per event (`freeze N`, `thaw N`,
+//! `changed G`) as it happens.
 
 use std::io::{BufRead, Write};
 use std::path::{Path, PathBuf};
@@ -27,7 +34,7 @@ use sysgenid_tests::{hello_frame, seqpacket_connect};
 const TIMEOUT: Duration = Duration::from_secs(10);
 
 fn usage() -> ! {
-    eprintln!("usage: sysgenid-attack-loop waiters|flood|pipeline SOCKET [N [K]]");
+    eprintln!("usage: sysgenid-attack-loop waiters|flood|pipeline|connflood|logflood|wakeflood|holder SOCKET|PAGE [N [K]]");
     std::process::exit(2)
 }
 
@@ -257,6 +264,199 @@ fn pipeline(path: &Path, connections: usize) {
     println!("replies {}", replies.load(Ordering::Relaxed));
 }
 
+/// Until stdin closes, in `threads` threads: connect, close, again.
+fn connflood(path: &Path, threads: usize) {
+    use rustix::net::{AddressFamily, SocketAddrUnix, SocketFlags, SocketType};
+    let stop = Arc::new(AtomicBool::new(false));
+    let connects = Arc::new(AtomicU64::new(0));
+    let addr = SocketAddrUnix::new(path).expect("socket path");
+    let workers: Vec<_> = (0..threads)
+        .map(|_| {
+            let (stop, connects, addr) = (stop.clone(), connects.clone(), addr.clone());
+            std::thread::spawn(move || {
+                while !stop.load(Ordering::Relaxed) {
+                    let Ok(fd) = rustix::net::socket_with(
+                        AddressFamily::UNIX,
+                        SocketType::SEQPACKET,
+                        SocketFlags::CLOEXEC,
+                        None,
+                    ) else {
+                        continue;
+                    };
+                    if rustix::net::connect(&fd, &addr).is_ok() {
+                        connects.fetch_add(1, Ordering::Relaxed);
+                    }
+                    drop(fd);
+                }
+            })
+        })
+        .collect();
+    while connects.load(Ordering::Relaxed) < 100 {
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    ready();
+    hold();
+    stop.store(true, Ordering::Relaxed);
+    for w in workers {
+        let _ = w.join();
+    }
+    println!("connects {}", connects.load(Ordering::Relaxed));
+}
+
+/// Until stdin closes, in `threads` threads: a control connection sends
+/// Bump frames (refused: nobody may bump) in batches, reading the
+/// refusals, then a malformed frame (which closes it), and again.
+fn logflood(path: &Path, threads: usize) {
+    let stop = Arc::new(AtomicBool::new(false));
+    let refusals = Arc::new(AtomicU64::new(0));
+    let path = Arc::new(path.to_path_buf());
+    let workers: Vec<_> = (0..threads)
+        .map(|_| {
+            let (stop, refusals, path) = (stop.clone(), refusals.clone(), path.clone());
+            std::thread::spawn(move || {
+                let bump = Request::Bump {
+                    min_generation: 0,
+                    allow_exhaustion: false,
+                }
+                .encode();
+                let mut buf = [0u8; MAX_FRAME];
+                while !stop.load(Ordering::Relaxed) {
+                    let Ok(sock) = seqpacket_connect(&path, Duration::from_secs(2)) else {
+                        std::thread::sleep(Duration::from_millis(1));
+                        continue;
+                    };
+                    if sock.send(&hello_frame(Role::Control)).is_err()
+                        || sock.recv(&mut buf).is_err()
+                    {
+                        continue;
+                    }
+                    for _ in 0..16 {
+                        for _ in 0..32 {
+                            if sock.send(&bump).is_err() {
+                                break;
+                            }
+                        }
+                        for _ in 0..32 {
+                            match sock.recv(&mut buf) {
+                                Ok(n) if n > 0 => {
+                                    if matches!(Reply::decode(&buf[..n]), Ok(Reply::Error(_))) {
+                                        refusals.fetch_add(1, Ordering::Relaxed);
+                                    }
+                                }
+                                _ => break,
+                            }
+                        }
+                    }
+                    // A frame of an unknown kind: a protocol violation.
+                    let _ = sock.send(&[0x7e, 1, 2, 3]);
+                    let _ = sock.recv(&mut buf);
+                }
+            })
+        })
+        .collect();
+    while refusals.load(Ordering::Relaxed) < 100 {
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    ready();
+    hold();
+    stop.store(true, Ordering::Relaxed);
+    for w in workers {
+        let _ = w.join();
+    }
+    println!("refusals {}", refusals.load(Ordering::Relaxed));
+}
+
+/// Until stdin closes: `FUTEX_WAKE` on the page's barrier word (the count
+/// of outdated tracked watchers), which anyone who can read the page can
+/// map.
+fn wakeflood(page: &Path) {
+    let file = std::fs::File::open(page).expect("open the page");
+    let map = rustix::mm::MapFlags::SHARED;
+    // SAFETY: a fresh read-only shared mapping of one page of a file we
+    // opened; it is only read (by the futex call) and never unmapped while
+    // in use.
+    let base = unsafe {
+        rustix::mm::mmap(
+            std::ptr::null_mut(),
+            4096,
+            rustix::mm::ProtFlags::READ,
+            map,
+            &file,
+            0,
+        )
+    }
+    .expect("map the page");
+    // SAFETY: offset 40 is inside the mapped page and 4-byte aligned; the
+    // atomic is only used as a futex address.
+    let word = unsafe {
+        &*(base
+            .cast::<u8>()
+            .add(40)
+            .cast::<std::sync::atomic::AtomicU32>())
+    };
+    let stop = Arc::new(AtomicBool::new(false));
+    let waker = {
+        let stop = stop.clone();
+        let word = word as *const std::sync::atomic::AtomicU32 as usize;
+        std::thread::spawn(move || {
+            // SAFETY: the mapping outlives this thread (joined below).
+            let word = unsafe { &*(word as *const std::sync::atomic::AtomicU32) };
+            let mut wakes = 0u64;
+            while !stop.load(Ordering::Relaxed) {
+                let _ = rustix::thread::futex::wake(
+                    word,
+                    rustix::thread::futex::Flags::empty(),
+                    u32::MAX,
+                );
+                wakes += 1;
+            }
+            wakes
+        })
+    };
+    ready();
+    hold();
+    stop.store(true, Ordering::Relaxed);
+    let wakes = waker.join().unwrap();
+    println!("wakes {wakes}");
+}
+
+/// A tracked watcher that is a lifecycle participant, and never confirms a
+/// freeze nor acknowledges a change; prints each event it is told of.
+fn holder(path: &Path) {
+    let sock = seqpacket_connect(path, TIMEOUT).expect("connect");
+    sock.send(&hello_frame(Role::Watcher {
+        untracked: false,
+        acked: None,
+        lifecycle: true,
+    }))
+    .expect("send Hello");
+    sock.set_read_timeout(None).unwrap();
+    let mut buf = [0u8; MAX_FRAME];
+    let n = sock.recv(&mut buf).expect("read Welcome");
+    assert!(matches!(
+        Reply::decode(&buf[..n]),
+        Ok(Reply::Welcome { .. })
+    ));
+    let reader = sock.try_clone().expect("clone");
+    std::thread::spawn(move || loop {
+        let Ok(n) = reader.recv(&mut buf) else { return };
+        if n == 0 {
+            return;
+        }
+        let line = match Reply::decode(&buf[..n]) {
+            Ok(Reply::Freeze { freeze, .. }) => format!("freeze {freeze}"),
+            Ok(Reply::Thaw { freeze, .. }) => format!("thaw {freeze}"),
+            Ok(Reply::Changed { generation }) => format!("changed {generation}"),
+            other => format!("other {other:?}"),
+        };
+        println!("{line}");
+        std::io::stdout().flush().unwrap();
+    });
+    ready();
+    hold();
+    drop(sock);
+}
+
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let (Some(mode), Some(path)) = (args.first(), args.get(1)) else {
@@ -273,6 +473,10 @@ fn main() {
         "waiters" => waiters(&path, num(2)),
         "flood" => flood(&path, num(2), num(3)),
         "pipeline" => pipeline(&path, num(2)),
+        "connflood" => connflood(&path, num(2)),
+        "logflood" => logflood(&path, num(2)),
+        "wakeflood" => wakeflood(&path),
+        "holder" => holder(&path),
         _ => usage(),
     }
 }

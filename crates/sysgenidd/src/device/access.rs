@@ -34,10 +34,10 @@ pub enum WriteAccess {
     },
 }
 
+/// Every form of "no such group" is `None` (`trust::lookup_group`): a
+/// minimal system without `/etc/group` runs with `none`.
 fn lookup(name: &str) -> Result<Option<u32>, String> {
-    nix::unistd::Group::from_name(name)
-        .map(|g| g.map(|g| g.gid.as_raw()))
-        .map_err(|e| format!("cannot look up group {name}: {e}"))
+    crate::trust::lookup_group(name)
 }
 
 impl WriteAccess {

@@ -189,6 +189,15 @@ pub enum Disabled {
     /// No `/dev/fuse`.
     #[error("off (/dev/fuse is missing, so {0} cannot be served; load the fuse module)")]
     NoFuse(String),
+    /// The default, and mounting was refused (a container without
+    /// `CAP_SYS_ADMIN`, seccomp, a security module).
+    #[error("off (mounting {path} was refused: {error}; pass --device PATH to insist)")]
+    MountRefused {
+        /// The mount point.
+        path: String,
+        /// What the kernel said.
+        error: String,
+    },
 }
 
 /// Why a device that should be served cannot be: the daemon stops.
@@ -302,6 +311,9 @@ impl Device {
             move |source: std::io::Error| DeviceError { path, step, source }
         };
         let refused = |why: String| std::io::Error::other(why);
+        // Whether we created the mount point (removed again if the mount
+        // fails: nothing is left behind).
+        let mut created = false;
         match check_mount_point(&path)
             .map_err(refused)
             .map_err(fail("refusing the mount point"))?
@@ -317,19 +329,53 @@ impl Device {
                     .map_err(fail("after detaching"))?
                 {
                     create_mount_point(&path).map_err(fail("creating"))?;
+                    created = true;
                 }
             }
-            MountPoint::Absent => create_mount_point(&path).map_err(fail("creating"))?,
+            MountPoint::Absent => {
+                create_mount_point(&path).map_err(fail("creating"))?;
+                created = true;
+            }
             MountPoint::EmptyFile => {}
         }
-        let (mut mirror, page) =
-            open_device_page(dir).map_err(fail("preparing the device page"))?;
+        let undo = |path: &Path| {
+            if created {
+                if let Ok(MountPoint::EmptyFile) = check_mount_point(path) {
+                    let _ = std::fs::remove_file(path);
+                }
+            }
+        };
+        let (mut mirror, page) = match open_device_page(dir) {
+            Ok(opened) => opened,
+            Err(e) => {
+                undo(&path);
+                return Err(fail("preparing the device page")(e));
+            }
+        };
         mirror.publish(record);
-        let fd = fuse::mount(&path, access.kernel_checked()).map_err(fail("mount"))?;
+        let fd = match fuse::mount(&path, access.kernel_checked()) {
+            Ok(fd) => fd,
+            // Not asked for by name: a system that may not mount (a
+            // container without CAP_SYS_ADMIN, seccomp, a security
+            // module) runs without the device, like one without
+            // /dev/fuse.
+            Err(e) if *setting == Setting::Default => {
+                undo(&path);
+                return Ok(Started::Disabled(Disabled::MountRefused {
+                    path: path.display().to_string(),
+                    error: e.to_string(),
+                }));
+            }
+            Err(e) => {
+                undo(&path);
+                return Err(fail("mount")(e));
+            }
+        };
         let mmap = match handshake(&fd, &page) {
             Ok(mode) => mode,
             Err(e) => {
                 let _ = fuse::unmount(&path);
+                undo(&path);
                 return Err(fail("FUSE handshake")(e));
             }
         };
@@ -493,7 +539,9 @@ impl Device {
             && !self.access.kernel_checked()
             && !crate::peer::process_may_bump(header.pid, header.uid)
         {
-            tracing::info!(
+            crate::log_limited!(
+                crate::ratelimit::Kind::Device,
+                info,
                 uid = header.uid,
                 pid = header.pid,
                 "device: refused a write open by an unprivileged process (open it read-only, or use the socket client to acknowledge)"
@@ -508,7 +556,19 @@ impl Device {
         } else {
             Tracking::Tracked
         };
-        let Ok(id) = watchers.admit(header.uid, tracking, None) else {
+        // A writer holds the thaw after a restore only if trusted (`trust`),
+        // judged on the opening thread, blocked in open(2) meanwhile.
+        let trusted = tracking == Tracking::Tracked && {
+            let who = crate::trust::Identity {
+                pid: i32::try_from(header.pid).unwrap_or(0),
+                uid: header.uid,
+                gid: header.gid,
+            };
+            watchers
+                .trust()
+                .trusts(who, || crate::trust::process_groups(who.pid))
+        };
+        let Ok(id) = watchers.admit(header.uid, tracking, None, trusted) else {
             self.channel().error(unique, libc::EUSERS);
             return;
         };
@@ -641,7 +701,9 @@ impl Device {
             },
             SYSGENID_FORCE_GEN_UPDATE => {
                 if !crate::peer::process_may_bump(header.pid, header.uid) {
-                    tracing::warn!(
+                    crate::log_limited!(
+                        crate::ratelimit::Kind::Device,
+                        warn,
                         uid = header.uid,
                         pid = header.pid,
                         "device: refused SYSGENID_FORCE_GEN_UPDATE (needs CAP_SYS_ADMIN or CAP_CHECKPOINT_RESTORE)"

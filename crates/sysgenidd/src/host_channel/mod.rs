@@ -9,8 +9,8 @@
 //! Only the host is served: a vsock peer whose CID is not 2
 //! (`VMADDR_CID_HOST`), such as a local process coming through vsock
 //! loopback (CID 1), gets one `PermissionDenied` line and is closed, and
-//! the refusal is logged (at most one line per [`REFUSAL_LOG_EVERY`], with
-//! the count of the ones left out). Being the host is the privilege: there
+//! the refusal is logged (rate-limited with the daemon's other peer-caused
+//! lines, `crate::ratelimit`). Being the host is the privilege: there
 //! is no further check. `test-unix:PATH` serves the same protocol on a
 //! Unix socket for tests only (see [`listen::Listen::TestUnix`]).
 //!
@@ -53,6 +53,7 @@ use sysgenid_proto::host::{
 };
 use sysgenid_proto::{ErrorCode, Reply, DEFAULT_FREEZE_TIMEOUT_MS};
 
+use crate::ratelimit::Kind;
 use crate::socket::{Context, FreezeOutcome};
 use crate::work::{BumpRequest, HostRestore, Pending, Requester};
 pub use listen::{Listen, PeerAddr};
@@ -78,8 +79,8 @@ pub const MAX_OUTBOX: usize = 4 * HOST_MAX_LINE;
 /// Lines handled per connection per loop turn before the others get theirs.
 const LINES_PER_TURN: usize = 16;
 
-/// Refusals of non-host peers are logged at most once per this long.
-pub const REFUSAL_LOG_EVERY: Duration = Duration::from_secs(10);
+/// Connections accepted per loop turn at most (the rest wait a turn).
+const ACCEPTS_PER_TURN: usize = 64;
 
 /// The default `--host-channel-idle-ms`.
 pub const DEFAULT_IDLE_MS: u64 = 60_000;
@@ -108,26 +109,6 @@ struct Conn {
     idle_deadline: Instant,
 }
 
-/// A rate-limited warning: at most one line per period, counting the rest.
-struct RateLimited {
-    last: Option<Instant>,
-    suppressed: u64,
-}
-
-impl RateLimited {
-    fn warn(&mut self, now: Instant, line: impl FnOnce(u64)) {
-        if self
-            .last
-            .is_some_and(|t| now.saturating_duration_since(t) < REFUSAL_LOG_EVERY)
-        {
-            self.suppressed += 1;
-            return;
-        }
-        self.last = Some(now);
-        line(std::mem::take(&mut self.suppressed));
-    }
-}
-
 /// The host channel frontend.
 pub struct HostChannel {
     registry: Registry,
@@ -141,7 +122,8 @@ pub struct HostChannel {
     ready: VecDeque<usize>,
     doomed: Vec<usize>,
     idle: Duration,
-    refusals: RateLimited,
+    /// The accept budget ran out: accept again next turn.
+    accept_more: bool,
 }
 
 fn from_reply(reply: Reply) -> HostReply {
@@ -175,10 +157,7 @@ impl HostChannel {
             ready: VecDeque::new(),
             doomed: Vec::new(),
             idle,
-            refusals: RateLimited {
-                last: None,
-                suppressed: 0,
-            },
+            accept_more: false,
         })
     }
 
@@ -198,7 +177,7 @@ impl HostChannel {
 
     /// Whether connections are queued to be pumped again.
     pub fn has_ready(&self) -> bool {
-        !self.ready.is_empty()
+        !self.ready.is_empty() || self.accept_more
     }
 
     /// The earliest deadline: a wait's or an idle connection's.
@@ -211,16 +190,17 @@ impl HostChannel {
             .min()
     }
 
-    /// Accepts every queued connection, refusing non-host peers and those
-    /// past the connection limit.
+    /// Accepts up to [`ACCEPTS_PER_TURN`] queued connections, refusing
+    /// non-host peers and those past the connection limit.
     pub fn accept_all(&mut self) {
-        loop {
+        self.accept_more = false;
+        for _ in 0..ACCEPTS_PER_TURN {
             let (fd, peer) = match listen::accept(&self.listener, &self.listen) {
                 Ok(x) => x,
                 Err(rustix::io::Errno::AGAIN) => return,
                 Err(rustix::io::Errno::INTR | rustix::io::Errno::CONNABORTED) => continue,
                 Err(e) => {
-                    tracing::warn!("host channel: accept failed: {e}");
+                    crate::log_limited!(Kind::Connection, warn, "host channel: accept failed: {e}");
                     return;
                 }
             };
@@ -228,14 +208,13 @@ impl HostChannel {
             let served = self.conns.iter().filter(|(_, c)| !c.refused).count();
             let refusal = match peer {
                 PeerAddr::Vsock { cid, port } if cid != VMADDR_CID_HOST => {
-                    self.refusals.warn(now, |left_out| {
-                        tracing::warn!(
-                            cid,
-                            port,
-                            "host channel: refused a connection from CID {cid}: only the host (CID {VMADDR_CID_HOST}) is served{}",
-                            if left_out > 0 { format!(" ({left_out} more refusal(s) not logged)") } else { String::new() }
-                        )
-                    });
+                    crate::log_limited!(
+                        Kind::Connection,
+                        warn,
+                        cid,
+                        port,
+                        "host channel: refused a connection from CID {cid}: only the host (CID {VMADDR_CID_HOST}) is served"
+                    );
                     Some(HostReply::error(
                         ErrorCode::PermissionDenied,
                         0,
@@ -243,12 +222,11 @@ impl HostChannel {
                     ))
                 }
                 _ if served >= MAX_CONNECTIONS => {
-                    self.refusals.warn(now, |left_out| {
-                        tracing::warn!(
-                            "host channel: refused a connection from {peer}: {MAX_CONNECTIONS} connections are open, the limit{}",
-                            if left_out > 0 { format!(" ({left_out} more refusal(s) not logged)") } else { String::new() }
-                        )
-                    });
+                    crate::log_limited!(
+                        Kind::Connection,
+                        warn,
+                        "host channel: refused a connection from {peer}: {MAX_CONNECTIONS} connections are open, the limit"
+                    );
                     Some(HostReply::error(
                         ErrorCode::TooManyWatchers,
                         MAX_CONNECTIONS as u32,
@@ -293,6 +271,8 @@ impl HostChannel {
                 self.pump_refused(key);
             }
         }
+        // Budget spent: the listener is edge-triggered, so come back.
+        self.accept_more = true;
     }
 
     /// A refused connection: discards what it sends; closes it after its
@@ -334,6 +314,9 @@ impl HostChannel {
 
     /// Pumps the connections queued last turn.
     pub fn run_ready(&mut self, cx: &mut Context<'_>) {
+        if self.accept_more {
+            self.accept_all();
+        }
         for key in std::mem::take(&mut self.ready) {
             if let Some(conn) = self.conns.get_mut(key) {
                 conn.ready = false;
@@ -416,7 +399,12 @@ impl HostChannel {
         let request = match HostRequest::decode(line) {
             Ok(r) => r,
             Err(e) => {
-                tracing::info!(conn = key, "host channel: refused a request: {e}");
+                crate::log_limited!(
+                    Kind::Protocol,
+                    info,
+                    conn = key,
+                    "host channel: refused a request: {e}"
+                );
                 self.send(
                     key,
                     &HostReply::error(ErrorCode::ProtocolViolation, 0, e.to_string()),
@@ -589,7 +577,9 @@ impl HostChannel {
                     ),
                 );
             } else {
-                tracing::info!(
+                crate::log_limited!(
+                    Kind::Budget,
+                    info,
                     conn = key,
                     "host channel: closing a connection that does not read its replies"
                 );
@@ -630,7 +620,7 @@ impl HostChannel {
     }
 
     fn fatal(&mut self, key: usize, code: ErrorCode, message: String) {
-        tracing::info!(conn = key, "host channel: {message}");
+        crate::log_limited!(Kind::Protocol, info, conn = key, "host channel: {message}");
         self.send(key, &HostReply::error(code, 0, message));
         if let Some(conn) = self.conns.get_mut(key) {
             if conn.outbox.is_empty() {
