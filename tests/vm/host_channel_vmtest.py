@@ -29,6 +29,7 @@ sys.dont_write_bytecode = True  # keep the source tree clean
 import json  # noqa: E402
 import os  # noqa: E402
 import re  # noqa: E402
+import shutil  # noqa: E402
 import subprocess  # noqa: E402
 import time  # noqa: E402
 
@@ -251,6 +252,9 @@ class Harness:
         self.ctl = os.environ["SYSGENIDCTL"]
         self.binaries = {"sysgenidd": os.environ["SYSGENIDD"], "sysgenidctl": self.ctl}
         wd = os.environ.get("SYSGENID_VM_WORKDIR")
+        # Removed after a pass unless given or SYSGENID_VM_KEEP=1 (~150 MB
+        # of state); always kept after a failure.
+        self.keep = bool(wd) or os.environ.get("SYSGENID_VM_KEEP") == "1"
         if wd:
             os.makedirs(wd, exist_ok=True)
             self.workdir = wd
@@ -385,7 +389,10 @@ class Harness:
         for name, verdict, _ in self.results:
             print(f"  {verdict}  {name}")
         print(f"host-channel vm: {sum(v == 'PASS' for _, v, _ in self.results)} passed, "
-              f"{sum(v == 'FAIL' for _, v, _ in self.results)} failed; work dir {self.workdir}")
+              f"{sum(v == 'FAIL' for _, v, _ in self.results)} failed; work dir {self.workdir}"
+              + ("" if self.keep or not ok else " (removed)"))
+        if ok and not self.keep:
+            shutil.rmtree(self.workdir, ignore_errors=True)
         return ok
 
 
