@@ -41,6 +41,22 @@
 #define SYSGENID_LIFECYCLE 4u
 
 /**
+ * `sysgenid_status.last_change_kind` and the `kind` of
+ * `sysgenid_trigger_update_details`: not said.
+ */
+#define SYSGENID_KIND_UNKNOWN 0
+
+/**
+ * A clone: one of possibly several copies of a snapshot.
+ */
+#define SYSGENID_KIND_CLONE 1
+
+/**
+ * A restore in place: the same machine put back in time.
+ */
+#define SYSGENID_KIND_RESTORE 2
+
+/**
  * Flag for [`sysgenid_trigger_update_flags`]: accept a minimum in the
  * counter's last 2^20 values (up to `UINT32_MAX`, after which no later
  * restore can ever be signalled).
@@ -133,6 +149,25 @@ typedef struct {
    * The latest freeze's number (0: none yet).
    */
   uint32_t freeze;
+  /**
+   * The kind of the last change: `SYSGENID_KIND_UNKNOWN`,
+   * `SYSGENID_KIND_CLONE` or `SYSGENID_KIND_RESTORE` (unknown with a
+   * daemon that predates kinds). Appended: callers built against an
+   * older header pass a smaller `size` and never see it.
+   */
+  uint32_t last_change_kind;
+  /**
+   * 1 if the kernel's random number generator was reseeded before the
+   * last change was published (by the kernel's own VM-fork reseed or
+   * by the daemon), 0 if not or unknown (no change yet, an older
+   * daemon); `sysgenidctl status` says why not.
+   */
+  uint32_t kernel_reseeded;
+  /**
+   * Bytes of host entropy mixed into the kernel's pool for the last
+   * change (0: none).
+   */
+  uint32_t entropy_mixed;
 } sysgenid_status;
 
 /**
@@ -330,6 +365,37 @@ int sysgenid_trigger_update(sysgenid_watcher *w, uint32_t min_generation);
  * `w` must be NULL or a live watcher.
  */
 int sysgenid_trigger_update_flags(sysgenid_watcher *w, uint32_t min_generation, uint32_t flags);
+
+/**
+ * `sysgenid_trigger_update_flags` that also says what the change is, for
+ * hooks and watchers (`SYSGENID_KIND`), hands the daemon entropy to mix
+ * into the kernel's pool before it reseeds it and draws the new epoch,
+ * and names the hostname the hooks get (`SYSGENID_HOSTNAME`).
+ *
+ * - `kind`: `SYSGENID_KIND_UNKNOWN`, `SYSGENID_KIND_CLONE` or
+ *   `SYSGENID_KIND_RESTORE`;
+ * - `entropy`, `entropy_len`: NULL and 0, or 32 to 512 bytes (read, never
+ *   kept: the library's copy is wiped once sent);
+ * - `hostname`: NULL, or a NUL-terminated valid hostname of at most 64
+ *   bytes (letters, digits, hyphens, dots).
+ *
+ * Returns what `sysgenid_trigger_update_flags` returns, and `-EINVAL`
+ * (nothing sent, nothing changes) for an unknown flag or kind, an entropy
+ * length outside 32..=512 (or a NULL `entropy` with a length), or an
+ * invalid hostname. A daemon that predates these details refuses them
+ * with `-EPROTO`, and nothing changes.
+ *
+ * # Safety
+ * `w` must be NULL or a live watcher; `entropy` NULL or valid for reading
+ * `entropy_len` bytes; `hostname` NULL or a NUL-terminated string.
+ */
+int sysgenid_trigger_update_details(sysgenid_watcher *w,
+                                    uint32_t min_generation,
+                                    uint32_t flags,
+                                    uint32_t kind,
+                                    const uint8_t *entropy,
+                                    size_t entropy_len,
+                                    const char *hostname);
 
 /**
  * Asks the daemon for its counters (generation, watchers, how many are

@@ -46,6 +46,27 @@ _FLAG_UNTRACKED = 1 << 0
 _FLAG_HAS_ACKED = 1 << 1
 _FLAG_LIFECYCLE = 1 << 2
 _BUMP_ALLOW_EXHAUSTION = 1 << 0
+_BUMP_DETAILS = 1 << 1
+
+KINDS = ("unknown", "clone", "restore")
+"""The kinds of change a bump may announce (their wire codes: 0, 1, 2)."""
+MIN_ENTROPY = 32
+MAX_ENTROPY = 512
+MAX_HOSTNAME = 64
+_LABEL = __import__("re").compile(r"^[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?$")
+
+
+def check_hostname(name):
+    """Raises ``ValueError`` unless ``name`` is a valid hostname of at most
+    64 bytes (RFC 1123 labels), as the daemon checks it."""
+    if not isinstance(name, str) or not name or len(name.encode()) > MAX_HOSTNAME:
+        raise ValueError(f"{name!r} is not a valid hostname: 1 to {MAX_HOSTNAME} bytes")
+    for label in name.split("."):
+        if not _LABEL.match(label):
+            raise ValueError(
+                f"{name!r} is not a valid hostname: labels are 1 to 63 ASCII letters, "
+                "digits and hyphens, not starting or ending with a hyphen"
+            )
 
 CHANGED_LEN = 5
 
@@ -78,11 +99,39 @@ def wait_watchers(timeout_ms):
     return struct.pack("<BI", WAIT_WATCHERS, timeout_ms)
 
 
-def bump(min_generation, allow_exhaustion=False):
+def bump(min_generation, allow_exhaustion=False, kind="unknown", entropy=None, hostname=None):
     """A forced update; ``allow_exhaustion`` adds the optional sixth byte
-    that lets a minimum jump into the counter's last 2**20 values."""
-    frame = struct.pack("<BI", BUMP, min_generation)
-    return frame + bytes([_BUMP_ALLOW_EXHAUSTION]) if allow_exhaustion else frame
+    that lets a minimum jump into the counter's last 2**20 values. A
+    ``kind`` other than unknown, ``entropy`` (32 to 512 bytes) or a
+    ``hostname`` set flag bit 1 and follow it (``docs/protocol.md``); bad
+    values raise ``ValueError``. Returns a ``bytearray`` the caller may
+    wipe once sent."""
+    if kind not in KINDS:
+        raise ValueError(f"unknown kind {kind!r}: the kind of change is clone, restore or unknown")
+    if entropy is not None and not MIN_ENTROPY <= len(entropy) <= MAX_ENTROPY:
+        raise ValueError(
+            f"entropy must be {MIN_ENTROPY} to {MAX_ENTROPY} bytes, and this is {len(entropy)} bytes"
+        )
+    if hostname is not None:
+        check_hostname(hostname)
+    detailed = kind != "unknown" or entropy is not None or hostname is not None
+    flags = (_BUMP_ALLOW_EXHAUSTION if allow_exhaustion else 0) | (_BUMP_DETAILS if detailed else 0)
+    frame = bytearray(struct.pack("<BI", BUMP, min_generation))
+    if flags:
+        frame.append(flags)
+    if detailed:
+        frame.append(KINDS.index(kind))
+        frame += struct.pack("<H", 0 if entropy is None else len(entropy))
+        frame += b"" if entropy is None else bytes(entropy)
+        name = b"" if hostname is None else hostname.encode()
+        frame.append(len(name))
+        frame += name
+    return frame
+
+
+def wipe(frame):
+    """Zeroes a frame that carried entropy."""
+    frame[:] = bytes(len(frame))
 
 
 def freeze(timeout_ms):

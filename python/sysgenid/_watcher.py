@@ -280,12 +280,17 @@ class Watcher:
         ``TimeoutError``) after ``timeout`` seconds (``None`` = forever)."""
         self._request(_protocol.wait_watchers(_timeout_ms(timeout)))
 
-    def trigger_update(self, min_generation=0, *, allow_exhaustion=False):
+    def trigger_update(self, min_generation=0, *, allow_exhaustion=False, kind="unknown",
+                       entropy=None, hostname=None):
         """The seed's ``SYSGENID_FORCE_GEN_UPDATE`` (privileged): returns the
         new generation, ``max(min_generation, current + 1)``; see
-        :func:`sysgenid.trigger_update` for ``allow_exhaustion``."""
-        frame = _protocol.bump(_u32("min_generation", min_generation), allow_exhaustion)
-        return self._request(frame)
+        :func:`sysgenid.trigger_update` for the keywords."""
+        frame = _protocol.bump(_u32("min_generation", min_generation), allow_exhaustion,
+                               kind, entropy, hostname)
+        try:
+            return self._request(frame)
+        finally:
+            _protocol.wipe(frame)
 
     def status(self):
         """The daemon's status (a dict; see :func:`sysgenid.status`)."""
@@ -402,11 +407,16 @@ class Control:
         self._conn.send(_protocol.status())
         return expect_status(self._conn.reply())
 
-    def trigger_update(self, min_generation=0, *, allow_exhaustion=False):
+    def trigger_update(self, min_generation=0, *, allow_exhaustion=False, kind="unknown",
+                       entropy=None, hostname=None):
         """Forced update (privileged): the new generation (see
         :func:`sysgenid.trigger_update`)."""
-        frame = _protocol.bump(_u32("min_generation", min_generation), allow_exhaustion)
-        self._conn.send(frame)
+        frame = _protocol.bump(_u32("min_generation", min_generation), allow_exhaustion,
+                               kind, entropy, hostname)
+        try:
+            self._conn.send(frame)
+        finally:
+            _protocol.wipe(frame)
         return expect_done(self._conn.reply())
 
     def wait_watchers(self, timeout=None):
@@ -454,7 +464,8 @@ class Control:
         self.close()
 
 
-def trigger_update(min_generation=0, *, runtime_dir=None, allow_exhaustion=False):
+def trigger_update(min_generation=0, *, runtime_dir=None, allow_exhaustion=False,
+                   kind="unknown", entropy=None, hostname=None):
     """A forced update (the seed's ``SYSGENID_FORCE_GEN_UPDATE``): returns
     the new generation, ``max(min_generation, current + 1)``. Needs
     CAP_SYS_ADMIN or CAP_CHECKPOINT_RESTORE (or the daemon's own uid for a
@@ -462,9 +473,18 @@ def trigger_update(min_generation=0, *, runtime_dir=None, allow_exhaustion=False
     ``PermissionError``, otherwise. :class:`sysgenid.Overflow` when it
     would pass 2**32 - 1, and when a minimum jumps into the counter's last
     2**20 values (which would leave no generation for later restores)
-    unless ``allow_exhaustion`` is true. Nothing changes on an error."""
+    unless ``allow_exhaustion`` is true. Nothing changes on an error.
+
+    ``kind`` (``"clone"``, ``"restore"`` or ``"unknown"``) says what the
+    change is (hooks get ``SYSGENID_KIND``, status ``last_change_kind``);
+    ``entropy`` (32 to 512 bytes) is mixed into the kernel's pool before
+    the daemon reseeds it and draws the new epoch; ``hostname`` (a valid
+    hostname, at most 64 bytes) is given to the hooks as
+    ``SYSGENID_HOSTNAME``. Bad values raise ``ValueError`` before anything
+    is sent."""
     with Control(runtime_dir) as c:
-        return c.trigger_update(min_generation, allow_exhaustion=allow_exhaustion)
+        return c.trigger_update(min_generation, allow_exhaustion=allow_exhaustion, kind=kind,
+                                entropy=entropy, hostname=hostname)
 
 
 def freeze(timeout=None, *, runtime_dir=None):

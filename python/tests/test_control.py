@@ -27,6 +27,35 @@ def test_trigger_update_returns_the_new_generation(runtime_env):
     assert runtime_env.generation() == 41, "a refused request changes nothing"
 
 
+def test_trigger_update_carries_kind_entropy_and_hostname(runtime_env):
+    assert sysgenid.trigger_update(kind="clone", entropy=os.urandom(64), hostname="web-3") == 1
+    s = sysgenid.status()
+    assert s["last_change_kind"] == "clone"
+    if os.geteuid() == 0:
+        assert s["last_change_rng"]["entropy_mixed"] == 64, s
+        assert s["last_change_rng"]["reseeded"] is True, s
+    with sysgenid.Control() as c:
+        assert c.trigger_update(kind="restore") == 2
+    assert sysgenid.status()["last_change_kind"] == "restore"
+    w = sysgenid.Watcher()
+    assert w.trigger_update(entropy=bytes(32)) == 3
+    assert sysgenid.status()["last_change_kind"] == "unknown"
+    w.close()
+    # Bad input: ValueError before anything is sent; nothing changes.
+    for kwargs in (
+        {"entropy": bytes(31)},
+        {"entropy": bytes(513)},
+        {"kind": "fork"},
+        {"hostname": "a_b"},
+        {"hostname": "a" * 65},
+        {"hostname": "-web"},
+        {"hostname": ""},
+    ):
+        with pytest.raises(ValueError):
+            sysgenid.trigger_update(**kwargs)
+    assert runtime_env.generation() == 3
+
+
 def test_status_is_the_daemons_report(runtime_env):
     w = sysgenid.Watcher()
     lazy = sysgenid.Watcher(untracked=True)

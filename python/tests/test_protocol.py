@@ -175,3 +175,15 @@ def test_an_oversized_frame_is_reported_not_misread(fake_daemon):
     with pytest.raises(sysgenid.ProtocolError, match="exceeds the 2048-byte limit"):
         w.read()
     w.close()
+
+
+def test_bump_frames_keep_the_old_layout_and_add_details_after_flag_bit_1():
+    assert bytes(_protocol.bump(10)) == bytes([0x04, 10, 0, 0, 0])
+    assert bytes(_protocol.bump(0, True)) == bytes([0x04, 0, 0, 0, 0, 1])
+    assert bytes(_protocol.bump(0, True, "restore")) == bytes([0x04, 0, 0, 0, 0, 3, 2, 0, 0, 0])
+    f = _protocol.bump(5, False, "clone", bytes([7]) * 32, "web-3.example")
+    assert bytes(f[:9]) == bytes([0x04, 5, 0, 0, 0, 2, 1, 32, 0])
+    assert bytes(f[9:41]) == bytes([7]) * 32
+    assert f[41] == 13 and bytes(f[42:]) == b"web-3.example"
+    _protocol.wipe(f)
+    assert bytes(f) == bytes(len(f))

@@ -65,6 +65,17 @@ STATUS_JSON_CMD = CTL + " status --json"
 #   the generation current when it starts.
 WATCH_CMD = CTL + " watch --exec /sgtest-report"
 GEN_ENV = "SYSGENID_GENERATION"
+# * Scenario (n), clones without vmgenid: `bump` makes a new generation
+#   (privileged, as root in the guest) after renewing the kernel RNG;
+#   SYSGENID_VM_RESEED (auto, never) is passed as `--reseed` (never: to
+#   show the scenario fails without the reseed).
+BUMP_CMD = CTL + " bump"
+RESEED = os.environ.get("SYSGENID_VM_RESEED", "")
+CLONE_DAEMON_CMD = (f"sysgenidd --runtime-dir /run/sysgenid --source {DAEMON_SOURCES}"
+                    + (f" --reseed {RESEED}" if RESEED else ""))
+# * `sysgenid-rng reseed` forces a kernel CRNG reseed; `sysgenid-rng get 16`
+#   prints 16 bytes of getrandom in hex (crates/sysgenid-tests).
+RNG_TOOL = "sysgenid-rng"
 # =========================================================================
 
 # Lines the guest prints on the serial console (host parses these):
@@ -82,6 +93,9 @@ GEN_ENV = "SYSGENID_GENERATION"
 #   SGTEST VMCLOCK dev=present|absent                 /dev/vmclock0 (vmclock lane)
 #   SGTEST WATCH-EXIT rc=<rc>                         the watcher exited
 #   SGTEST FAIL <why>                                 init gave up
+#   SGTEST REPLY <n> <command> rc=<rc> <output>       clone mode: the answer to
+#                                                     command number n sent on
+#                                                     the command port (ttyS1)
 
 KERNEL_FORK_LINE = "random: crng reseeded due to virtual machine fork"
 KERNEL_APPEND = "console=ttyS0 panic=-1 quiet"
@@ -226,7 +240,8 @@ def guest_init():
     heartbeat_status = (f"say \"STATUSJSON $(timeout 5 {STATUS_JSON_CMD} 2>&1 | tr -d '\\n')\""
                         if VMCLOCK else ":")
     runtime_dir = os.path.dirname(SOCKET)
-    return init_prologue("tests/vm/vmtest.py") + f"""[ -e /sys/bus/acpi/devices/QEMUVGID:00 ] || say "WARN no QEMUVGID ACPI device"
+    return init_prologue("tests/vm/vmtest.py") + f"""case " $(cat /proc/cmdline) " in *" sgtest.mode=clone "*) . /sgtest-clone ;; esac
+[ -e /sys/bus/acpi/devices/QEMUVGID:00 ] || say "WARN no QEMUVGID ACPI device"
 
 for m in /lib/sgtest-modules/*.ko; do
     [ -e "$m" ] || continue
@@ -263,6 +278,37 @@ sleep 1
 say "STATUSJSON $({STATUS_JSON_CMD} 2>&1 | tr -d '\\n')"
 say "READY gen=$({GET_CMD} 2>&1 | head -n1) epoch=$(/sgtest-epoch)"
 while :; do sleep 3600; done
+"""
+
+
+def guest_clone():
+    """Clone mode (scenario n; sourced by /init): the daemon and nothing
+    else, so that every getrandom consumer in the guest is a command the
+    host sent, in the same order in every clone. Commands arrive on ttyS1
+    as `<n> <command>` lines; each answer is one REPLY line on the console.
+    Add a command here for another pair of clones."""
+    runtime_dir = os.path.dirname(SOCKET)
+    return f"""# Sourced by /init in clone mode (sgtest.mode=clone): never returns.
+mkdir -p {q(runtime_dir)}
+{CLONE_DAEMON_CMD} &
+i=0
+until [ -e {q(SOCKET)} ] && {GET_CMD} >/dev/null 2>&1; do
+    i=$((i + 1)); [ $i -le 600 ] || fail "daemon did not serve {SOCKET} within 60 s"
+    sleep 0.1
+done
+stty -F /dev/ttyS1 -echo 2>/dev/null
+say "READY gen=$({GET_CMD} 2>&1 | head -n1) epoch=$(/sgtest-epoch)"
+while read -r n cmd; do
+    case $cmd in
+        rng) out=$({RNG_TOOL} get 16 2>&1) ;;
+        reseed) out=$({RNG_TOOL} reseed 2>&1) ;;
+        bump) out=$({BUMP_CMD} 2>&1 </dev/null) ;;
+        status) out=$({STATUS_JSON_CMD} 2>&1 </dev/null | tr -d '\n') ;;
+        *) out="unknown command"; false ;;
+    esac
+    say "REPLY $n $cmd rc=$? $out"
+done </dev/ttyS1
+fail "the command port closed"
 """
 
 
@@ -332,6 +378,7 @@ def build_initramfs(path, busybox, binaries):
         with open(mod, "rb") as f:
             c.file(f"lib/sgtest-modules/{os.path.basename(mod)}", f.read(), 0o644)
     c.file("init", guest_init().encode())
+    c.file("sgtest-clone", guest_clone().encode(), 0o644)
     c.file("sgtest-report", guest_report().encode())
     c.file("sgtest-epoch", guest_epoch().encode())
     c.file("etc/passwd", b"root:x:0:0:root:/root:/bin/sh\n", 0o644)
@@ -396,7 +443,7 @@ class QMP:
 # ------------------------------------------------------------------- VMs
 
 LINE_RE = re.compile(
-    r"SGTEST (BOOT|READY|GEN|ALIVE|WATCH-EXIT|FAIL|WARN|STATUSJSON|MODULE|VMCLOCK)\b ?(.*)")
+    r"SGTEST (BOOT|READY|GEN|ALIVE|WATCH-EXIT|FAIL|WARN|STATUSJSON|MODULE|VMCLOCK|REPLY)\b ?(.*)")
 GEN_RE = re.compile(r"^(\S+) EPOCH (\S+)(?: STATUSGEN (\S+))?")
 HEX32 = re.compile(r"^[0-9a-fA-F]{32}$")
 
@@ -404,24 +451,36 @@ ALL_VMS = []
 
 
 class VM:
+    """A QEMU guest. `guid=None` is clone mode (scenario n): no vmgenid or
+    vmclock device, the guest runs /sgtest-clone, and `command` drives it
+    over a second serial port."""
+
     def __init__(self, h, name, guid, incoming=None):
         self.h, self.name, self.guid, self.incoming = h, name, guid, incoming
         self.serial = os.path.join(h.workdir, f"{name}.serial.log")
         self.stderr_path = os.path.join(h.workdir, f"{name}.qemu.log")
         self.qmp_path = os.path.join(h.workdir, f"{name}.qmp")
+        self.cmd_path = os.path.join(h.workdir, f"{name}.cmd")
+        self.cmd_sock = None
+        self.cmd_seq = 0
         self.proc = None
         self.qmp = None
 
     def cmdline(self):
+        clone_mode = self.guid is None
         cmd = QEMU_CMD + ["-accel", ACCEL, "-machine", "q35",
                "-cpu", "max", "-m", MEM_MB, "-nic", "none", "-display", "none",
                "-no-reboot",
                "-serial", f"file:{self.serial}",
                "-kernel", self.h.kernel, "-initrd", self.h.initrd,
-               "-append", KERNEL_APPEND,
-               "-device", f"vmgenid,id=vmgen0,guid={self.guid}",
+               "-append", KERNEL_APPEND + (" sgtest.mode=clone" if clone_mode else ""),
                "-qmp", f"unix:{self.qmp_path},server=on,wait=off"]
-        if VMCLOCK:
+        if clone_mode:
+            cmd += ["-chardev", f"socket,id=sgcmd,path={self.cmd_path},server=on,wait=off",
+                    "-serial", "chardev:sgcmd"]
+        else:
+            cmd += ["-device", f"vmgenid,id=vmgen0,guid={self.guid}"]
+        if VMCLOCK and not clone_mode:
             cmd += ["-device", "vmclock"]
         if self.incoming:
             cmd += ["-incoming", f"exec:cat {q(self.incoming)}"]
@@ -472,7 +531,27 @@ class VM:
         self.quit()
         return time.monotonic() - t0
 
+    def command(self, cmd, timeout=None):
+        """Clone mode: sends `cmd` on the command port and returns (rc,
+        output) from its REPLY line."""
+        timeout = timeout or GEN_TIMEOUT
+        if self.cmd_sock is None:
+            self.cmd_sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            self.cmd_sock.connect(self.cmd_path)
+        self.cmd_seq += 1
+        n = self.cmd_seq
+        self.cmd_sock.sendall(f"{n} {cmd}\n".encode())
+        rest = self.wait_for("REPLY", timeout, lambda r: r.split(" ", 1)[0] == str(n),
+                             f"SGTEST REPLY {n} {cmd}")
+        m = re.match(r"^\S+ (\S+) rc=(\d+) ?(.*)$", rest)
+        if not m or m.group(1) != cmd:
+            raise TestFailure(f"{self.name}: unparsable reply to {cmd!r}: {rest!r}")
+        return int(m.group(2)), m.group(3)
+
     def quit(self):
+        if self.cmd_sock is not None:
+            self.cmd_sock.close()
+            self.cmd_sock = None
         try:
             self.qmp.cmd("quit")
         except (TestFailure, OSError):
@@ -500,6 +579,10 @@ class VM:
         except FileNotFoundError:
             return []
         out = []
+        # A line still being written is not a line yet (QEMU writes the
+        # console as it comes; a long REPLY may be read half-written).
+        if not text.endswith("\n"):
+            text = text[:text.rfind("\n") + 1]
         for raw in text.splitlines():
             m = LINE_RE.search(raw)
             if m:
@@ -597,6 +680,11 @@ class Harness:
         self.busybox = os.environ.get("SYSGENID_VM_BUSYBOX", "/bin/busybox")
         self.binaries = {"sysgenidd": os.environ["SYSGENIDD"],
                          "sysgenidctl": os.environ["SYSGENIDCTL"]}
+        # Scenario (n)'s helper: SYSGENID_VM_RNG, else next to sysgenidctl.
+        rng = os.environ.get("SYSGENID_VM_RNG") or os.path.join(
+            os.path.dirname(os.environ["SYSGENIDCTL"]), RNG_TOOL)
+        if os.path.isfile(rng):
+            self.binaries[RNG_TOOL] = rng
         wd = os.environ.get("SYSGENID_VM_WORKDIR")
         if wd:
             os.makedirs(wd, exist_ok=True)
@@ -790,6 +878,79 @@ class Harness:
             vm.quit()
         return f"D epoch {eD} != E epoch {eE}"
 
+    def clone_pair(self, names, state, change):
+        """Restores two clones of `state` (clone mode: no vmgenid) at once;
+        in each, reads 16 bytes of getrandom (`before`), calls `change(vm)`
+        (which must make generation 1), then reads 16 bytes again
+        (`after`) and the status. Asserts that both reached generation 1
+        with different epochs and different `after` bytes. Returns one
+        summary line. `before` is reported, never asserted: equal bytes
+        show the clones shared one kernel random stream until the change
+        (a scheduled kernel reseed in between makes them differ anyway)."""
+        t = time.monotonic()
+        vms = [VM(self, name, None, incoming=state).start() for name in names]
+        for vm in vms:
+            vm.resume_after_incoming()
+        self.timed(f"restore {' + '.join(names)} (concurrently)", time.monotonic() - t)
+        got = {}
+        for vm in vms:
+            rc, before = vm.command("rng")
+            if rc != 0:
+                raise TestFailure(f"{vm.name}: `{RNG_TOOL} get 16` failed: {before}")
+            change(vm)
+            rc, after = vm.command("rng")
+            if rc != 0:
+                raise TestFailure(f"{vm.name}: `{RNG_TOOL} get 16` failed: {after}")
+            rc, out = vm.command("status")
+            try:
+                st = json.loads(out)
+            except ValueError:
+                raise TestFailure(f"{vm.name}: `{STATUS_JSON_CMD}` is not JSON: {out!r}") from None
+            if st.get("generation") != 1:
+                raise TestFailure(f"{vm.name}: expected generation 1 after the change, "
+                                  f"status says {st.get('generation')}\n" + vm.diagnostics())
+            got[vm.name] = (before, after, st.get("epoch"), st.get("last_change_rng"))
+            log(f"  {vm.name}: getrandom before {before}, after {after}; epoch {st.get('epoch')}; "
+                f"kernel RNG {st.get('last_change_rng')}")
+        (b1, a1, e1, _), (b2, a2, e2, _) = got[names[0]], got[names[1]]
+        shared = "shared one stream before the change" if b1 == b2 else \
+            "already differed before the change (a kernel reseed came first)"
+        if e1 == e2:
+            raise TestFailure(f"both clones drew the same epoch {e1} (getrandom before: {shared})")
+        if a1 == a2:
+            raise TestFailure(f"both clones' getrandom returned {a1} after the change "
+                              f"(and they {shared})")
+        for vm in vms:
+            vm.quit()
+        return f"epochs {e1} != {e2}; getrandom after {a1} != {a2}; before: {shared}"
+
+    def scenario_n(self):
+        """Clones without vmgenid: the guest forces a kernel reseed, the
+        host snapshots within seconds, and two clones each run a plain local
+        `sysgenidctl bump`."""
+        if RNG_TOOL not in self.binaries:
+            raise TestFailure(f"n: no {RNG_TOOL} binary (set SYSGENID_VM_RNG, or build it next "
+                              "to sysgenidctl: cargo build -p sysgenid-tests)")
+        vm = VM(self, "novmgenid", None).start()
+        rest = vm.wait_for("READY", BOOT_TIMEOUT)
+        self.timed("novmgenid: boot -> SGTEST READY", time.monotonic() - vm.t_start)
+        if field(rest, "gen") != "0":
+            raise TestFailure(f"n: expected generation 0 at start, READY says {rest!r}")
+        rc, out = vm.command("reseed")
+        if rc != 0:
+            raise TestFailure(f"n: the guest could not force a reseed: {out}")
+        state = self.state("SN")
+        self.timed("save SN right after the forced reseed", vm.save(state))
+
+        def local_bump(clone):
+            rc, out = clone.command("bump")
+            if rc != 0 or out.strip() != "1":
+                raise TestFailure(f"{clone.name}: `{BUMP_CMD}` exited {rc}: {out}\n"
+                                  + clone.diagnostics())
+
+        # The host channel's pair (`restored --clone`) goes next to this one.
+        return "local bump: " + self.clone_pair(("cloneP", "cloneQ"), state, local_bump)
+
     def scenario_d(self):
         vm = self.restore("sameA", self.state("S0"), self.guid["A"])
         t = time.monotonic()
@@ -828,10 +989,16 @@ class Harness:
             ("c", "two clones of S0 (GUIDs D, E) -> generation 1, different epochs",
              self.scenario_c, []),
             ("d", "restore S0 under the SAME GUID A -> no change", self.scenario_d, []),
+            ("n", "no vmgenid: reseed, snapshot, two clones each `bump` -> different epochs "
+             "and getrandom", self.scenario_n, []),
         ]
+        only = os.environ.get("SYSGENID_VM_SCENARIOS")
+        if only:
+            scenarios = [sc for sc in scenarios if sc[0] in only.split(",")]
         try:
             self.prepare()
-            self.boot()
+            if any(sc[0] != "n" for sc in scenarios):  # (n) boots its own guest
+                self.boot()
         except TestFailure as e:
             log(f"FAIL: {e}")
             first = str(e).splitlines()[0]

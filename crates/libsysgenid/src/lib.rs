@@ -102,7 +102,28 @@ pub struct sysgenid_status {
     pub participants: u32,
     /// The latest freeze's number (0: none yet).
     pub freeze: u32,
+    /// The kind of the last change: `SYSGENID_KIND_UNKNOWN`,
+    /// `SYSGENID_KIND_CLONE` or `SYSGENID_KIND_RESTORE` (unknown with a
+    /// daemon that predates kinds). Appended: callers built against an
+    /// older header pass a smaller `size` and never see it.
+    pub last_change_kind: u32,
+    /// 1 if the kernel's random number generator was reseeded before the
+    /// last change was published (by the kernel's own VM-fork reseed or
+    /// by the daemon), 0 if not or unknown (no change yet, an older
+    /// daemon); `sysgenidctl status` says why not.
+    pub kernel_reseeded: u32,
+    /// Bytes of host entropy mixed into the kernel's pool for the last
+    /// change (0: none).
+    pub entropy_mixed: u32,
 }
+
+/// `sysgenid_status.last_change_kind` and the `kind` of
+/// `sysgenid_trigger_update_details`: not said.
+pub const SYSGENID_KIND_UNKNOWN: u32 = 0;
+/// A clone: one of possibly several copies of a snapshot.
+pub const SYSGENID_KIND_CLONE: u32 = 1;
+/// A restore in place: the same machine put back in time.
+pub const SYSGENID_KIND_RESTORE: u32 = 2;
 
 /// The page word, as C sees it. cbindgen renames it to `volatile uint32_t`
 /// (see `cbindgen.toml`) and does not emit it: it only spells the
@@ -538,6 +559,97 @@ pub unsafe extern "C" fn sysgenid_trigger_update_flags(
     })
 }
 
+/// `sysgenid_trigger_update_flags` that also says what the change is, for
+/// hooks and watchers (`SYSGENID_KIND`), hands the daemon entropy to mix
+/// into the kernel's pool before it reseeds it and draws the new epoch,
+/// and names the hostname the hooks get (`SYSGENID_HOSTNAME`).
+///
+/// - `kind`: `SYSGENID_KIND_UNKNOWN`, `SYSGENID_KIND_CLONE` or
+///   `SYSGENID_KIND_RESTORE`;
+/// - `entropy`, `entropy_len`: NULL and 0, or 32 to 512 bytes (read, never
+///   kept: the library's copy is wiped once sent);
+/// - `hostname`: NULL, or a NUL-terminated valid hostname of at most 64
+///   bytes (letters, digits, hyphens, dots).
+///
+/// Returns what `sysgenid_trigger_update_flags` returns, and `-EINVAL`
+/// (nothing sent, nothing changes) for an unknown flag or kind, an entropy
+/// length outside 32..=512 (or a NULL `entropy` with a length), or an
+/// invalid hostname. A daemon that predates these details refuses them
+/// with `-EPROTO`, and nothing changes.
+///
+/// # Safety
+/// `w` must be NULL or a live watcher; `entropy` NULL or valid for reading
+/// `entropy_len` bytes; `hostname` NULL or a NUL-terminated string.
+#[no_mangle]
+pub unsafe extern "C" fn sysgenid_trigger_update_details(
+    w: *mut sysgenid_watcher,
+    min_generation: u32,
+    flags: u32,
+    kind: u32,
+    entropy: *const u8,
+    entropy_len: usize,
+    hostname: *const std::ffi::c_char,
+) -> c_int {
+    if flags & !SYSGENID_UPDATE_ALLOW_EXHAUSTION != 0 {
+        return -libc::EINVAL;
+    }
+    let allow = flags & SYSGENID_UPDATE_ALLOW_EXHAUSTION != 0;
+    guard(|| {
+        let Some(kind) = u8::try_from(kind)
+            .ok()
+            .and_then(sysgenid_client::ChangeKind::from_code)
+        else {
+            return -libc::EINVAL;
+        };
+        let entropy = match (entropy.is_null(), entropy_len) {
+            (true, 0) => None,
+            (true, _) => return -libc::EINVAL,
+            (false, len) if len > sysgenid_client::MAX_ENTROPY => return -libc::EINVAL,
+            (false, len) => {
+                // SAFETY: by the caller's contract `entropy` is valid for
+                // reading `len` bytes (at most MAX_ENTROPY, checked above).
+                let bytes = unsafe { std::slice::from_raw_parts(entropy, len) };
+                match sysgenid_client::Entropy::new(bytes.to_vec()) {
+                    Ok(e) => Some(e),
+                    Err(_) => return -libc::EINVAL,
+                }
+            }
+        };
+        let hostname = if hostname.is_null() {
+            None
+        } else {
+            // SAFETY: by the caller's contract a NUL-terminated string.
+            let name = unsafe { std::ffi::CStr::from_ptr(hostname) };
+            match name
+                .to_str()
+                .ok()
+                .and_then(|n| sysgenid_client::Hostname::new(n).ok())
+            {
+                Some(h) => Some(h),
+                None => return -libc::EINVAL,
+            }
+        };
+        let details = sysgenid_client::BumpDetails {
+            kind,
+            entropy,
+            hostname,
+        };
+        // SAFETY: by the caller's contract `w` is NULL or a live watcher.
+        let result = match unsafe { w.as_ref() } {
+            Some(w) => {
+                w.with(|watcher| watcher.trigger_update_with(min_generation, allow, details))
+            }
+            None => Control::connect(None)
+                .and_then(|mut c| c.bump_with(min_generation, allow, details))
+                .map_err(|e| match e {
+                    Error::Protocol(_) => -libc::EPROTO,
+                    e => neg(&e),
+                }),
+        };
+        result.map_or_else(|e| e, |_| 0)
+    })
+}
+
 /// Asks the daemon for its counters (generation, watchers, how many are
 /// still outdated) and copies the first `size` bytes of a
 /// `sysgenid_status` into `*out`; pass `sizeof(sysgenid_status)`.
@@ -589,6 +701,12 @@ pub unsafe extern "C" fn sysgenid_get_status(
             pending: report.pending,
             participants: report.participants,
             freeze: report.freeze,
+            last_change_kind: u32::from(report.last_change_kind.code()),
+            kernel_reseeded: u32::from(report.last_change_rng.as_ref().is_some_and(|r| r.reseeded)),
+            entropy_mixed: report
+                .last_change_rng
+                .as_ref()
+                .map_or(0, |r| r.entropy_mixed),
         };
         // SAFETY: `out` is valid for `size` bytes by contract.
         unsafe { copy_out(&status, out.cast::<u8>(), size) };

@@ -15,18 +15,12 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::{ErrorCode, StatusReport};
+use crate::{BumpDetails, ChangeKind, Entropy, ErrorCode, Hostname, StatusReport};
 
 /// The longest line either side sends or accepts, newline included. A
 /// request line longer than this is refused and its connection closed
 /// (the framing is lost).
 pub const HOST_MAX_LINE: usize = 4096;
-
-/// The least host entropy a `restored` may carry, in bytes.
-pub const HOST_MIN_ENTROPY: usize = 32;
-
-/// The most host entropy a `restored` may carry, in bytes.
-pub const HOST_MAX_ENTROPY: usize = 512;
 
 /// The vsock address of the host (`VMADDR_CID_HOST`): the only peer the
 /// guest's daemon serves.
@@ -56,9 +50,22 @@ pub enum RestoreKind {
 impl RestoreKind {
     /// The name on the wire (and in `SYSGENID_KIND`).
     pub fn name(self) -> &'static str {
+        self.change_kind().name()
+    }
+
+    /// The kind of change the daemon records (status, hooks).
+    pub fn change_kind(self) -> ChangeKind {
         match self {
-            RestoreKind::Restore => "restore",
-            RestoreKind::Clone => "clone",
+            RestoreKind::Restore => ChangeKind::Restore,
+            RestoreKind::Clone => ChangeKind::Clone,
+        }
+    }
+
+    /// Back from the recorded kind (`unknown` never comes from the host).
+    pub fn from_change_kind(kind: ChangeKind) -> RestoreKind {
+        match kind {
+            ChangeKind::Clone => RestoreKind::Clone,
+            ChangeKind::Restore | ChangeKind::Unknown => RestoreKind::Restore,
         }
     }
 }
@@ -82,8 +89,8 @@ pub enum HostRequest {
         /// Host entropy, 32 to 512 bytes, as standard base64.
         #[serde(default, skip_serializing_if = "Option::is_none")]
         entropy_base64: Option<String>,
-        /// A new host name for this guest (a clone's own name), set before
-        /// anyone hears of the change.
+        /// The host name this change gives the guest (a clone's own
+        /// name), handed to the hooks as `SYSGENID_HOSTNAME`.
         #[serde(default, skip_serializing_if = "Option::is_none")]
         hostname: Option<String>,
     },
@@ -129,7 +136,8 @@ pub enum HostDecodeError {
         /// What serde said.
         why: String,
     },
-    /// The entropy is not hex/base64, or not 32 to 512 bytes.
+    /// The entropy is not hex/base64, or not 32 to 512 bytes
+    /// (`crate::MIN_ENTROPY`, `crate::MAX_ENTROPY`).
     #[error("{0}")]
     BadEntropy(String),
     /// The host name is not a valid host name.
@@ -158,14 +166,7 @@ impl HostRequest {
                 op,
                 why: e.to_string(),
             })?;
-        request.entropy()?;
-        if let HostRequest::Restored {
-            hostname: Some(name),
-            ..
-        } = &request
-        {
-            check_hostname(name)?;
-        }
+        request.details()?;
         Ok(request)
     }
 
@@ -176,8 +177,35 @@ impl HostRequest {
         line
     }
 
-    /// The decoded entropy of a `restored` (`None`: none sent).
-    pub fn entropy(&self) -> Result<Option<Vec<u8>>, HostDecodeError> {
+    /// What a `restored` says of the change, checked: its kind, its
+    /// entropy (32 to 512 bytes) and its host name. Other requests: the
+    /// defaults.
+    pub fn details(&self) -> Result<BumpDetails, HostDecodeError> {
+        let HostRequest::Restored { kind, hostname, .. } = self else {
+            return Ok(BumpDetails::default());
+        };
+        let entropy = match self.entropy()? {
+            Some(bytes) => {
+                Some(Entropy::new(bytes).map_err(|e| HostDecodeError::BadEntropy(e.to_string()))?)
+            }
+            None => None,
+        };
+        let hostname = match hostname {
+            Some(name) => {
+                Some(Hostname::new(name).map_err(|e| HostDecodeError::BadHostname(e.to_string()))?)
+            }
+            None => None,
+        };
+        Ok(BumpDetails {
+            kind: kind.change_kind(),
+            entropy,
+            hostname,
+        })
+    }
+
+    /// The decoded entropy of a `restored` (`None`: none sent), unchecked
+    /// in length ([`details`](Self::details) checks it).
+    fn entropy(&self) -> Result<Option<Vec<u8>>, HostDecodeError> {
         let HostRequest::Restored {
             entropy_hex,
             entropy_base64,
@@ -207,32 +235,7 @@ impl HostRequest {
                     })?
             }
         };
-        if !(HOST_MIN_ENTROPY..=HOST_MAX_ENTROPY).contains(&bytes.len()) {
-            return Err(HostDecodeError::BadEntropy(format!(
-                "the entropy has {} bytes; it must have {HOST_MIN_ENTROPY} to {HOST_MAX_ENTROPY}",
-                bytes.len()
-            )));
-        }
         Ok(Some(bytes))
-    }
-}
-
-/// Checks a host name as `sethostname` and DNS would take it: 1 to 64
-/// bytes of letters, digits, `-` and `.`.
-pub fn check_hostname(name: &str) -> Result<(), HostDecodeError> {
-    let ok = !name.is_empty()
-        && name.len() <= 64
-        && name
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.')
-        && !name.starts_with(['-', '.']);
-    if ok {
-        Ok(())
-    } else {
-        Err(HostDecodeError::BadHostname(format!(
-            "host name {:?} is not 1 to 64 letters, digits, '-' and '.' (not starting with '-' or '.')",
-            clipped(name)
-        )))
     }
 }
 
@@ -272,7 +275,8 @@ pub struct RestoredReport {
     /// Why not, when it was not.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub kernel_reseed_error: Option<String>,
-    /// The host name set, if one was asked for and set.
+    /// The host name this change carries (hooks get it as
+    /// `SYSGENID_HOSTNAME`), if one was given.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub hostname: Option<String>,
 }
@@ -416,11 +420,15 @@ mod tests {
         assert!(HostRequest::decode(line("entropy_hex", "0".repeat(65)).as_bytes()).is_err());
         assert!(HostRequest::decode(line("entropy_hex", "zz".repeat(32)).as_bytes()).is_err());
         let r = HostRequest::decode(line("entropy_hex", "0f".repeat(32)).as_bytes()).unwrap();
-        assert_eq!(r.entropy().unwrap(), Some(vec![0x0f; 32]));
+        let d = r.details().unwrap();
+        assert_eq!(d.entropy.unwrap().bytes(), &[0x0f; 32][..]);
         // 33 bytes of 0xff in base64.
         let b64 = "/".repeat(44);
         let r = HostRequest::decode(line("entropy_base64", b64).as_bytes()).unwrap();
-        assert_eq!(r.entropy().unwrap(), Some(vec![0xff; 33]));
+        assert_eq!(
+            r.details().unwrap().entropy.unwrap().bytes(),
+            &[0xff; 33][..]
+        );
         assert!(HostRequest::decode(line("entropy_base64", "!!!!".into()).as_bytes()).is_err());
         let both = format!(
             r#"{{"op":"restored","entropy_hex":"{}","entropy_base64":"{}"}}"#,
@@ -431,11 +439,26 @@ mod tests {
     }
 
     #[test]
-    fn host_names_are_checked() {
-        assert!(check_hostname("vm-2.example").is_ok());
+    fn host_names_are_checked_and_kinds_map() {
+        let ok = br#"{"op":"restored","kind":"clone","hostname":"vm-2.example"}"#;
+        let d = HostRequest::decode(ok).unwrap().details().unwrap();
+        assert_eq!(d.kind, ChangeKind::Clone);
+        assert_eq!(d.hostname.unwrap().as_str(), "vm-2.example");
         for bad in ["", "-x", "a b", "a/b", &"x".repeat(65)] {
-            assert!(check_hostname(bad).is_err(), "{bad:?}");
+            let line = format!(r#"{{"op":"restored","hostname":"{bad}"}}"#);
+            assert!(
+                matches!(
+                    HostRequest::decode(line.as_bytes()),
+                    Err(HostDecodeError::BadHostname(_))
+                ),
+                "{bad:?}"
+            );
         }
+        let d = HostRequest::decode(br#"{"op":"restored"}"#)
+            .unwrap()
+            .details()
+            .unwrap();
+        assert_eq!(d.kind, ChangeKind::Restore);
     }
 
     #[test]

@@ -39,6 +39,12 @@
 
 use serde::{Deserialize, Serialize};
 
+mod details;
+pub use details::{
+    BumpDetails, ChangeKind, DetailError, Entropy, Hostname, RngStatus, MAX_ENTROPY, MAX_HOSTNAME,
+    MIN_ENTROPY,
+};
+
 pub mod host;
 
 /// The newest protocol version this crate speaks.
@@ -146,6 +152,11 @@ pub enum Request {
         /// end the mechanism for good). On the wire: an optional sixth
         /// byte, bit 0; absent means `false`, so older clients are unchanged.
         allow_exhaustion: bool,
+        /// The kind of change, host entropy and a hostname. On the wire:
+        /// flag bit 1, then the fields (see `docs/protocol.md`); sent only
+        /// when not the default, so a plain bump is the frame of earlier
+        /// releases.
+        details: BumpDetails,
     },
     /// Ask for a [`StatusReport`].
     Status,
@@ -369,6 +380,16 @@ pub struct StatusReport {
     /// daemons older than this field (clients must accept both).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_kernel_lag_us: Option<u64>,
+    /// The kind of the last change (`clone`, `restore`, `unknown`): what
+    /// its requester said, `unknown` for kernel signals and plain bumps,
+    /// and from daemons older than this field.
+    #[serde(default)]
+    pub last_change_kind: ChangeKind,
+    /// How the kernel's random number generator was renewed before the
+    /// last change was published; absent before any change this daemon
+    /// made, and from daemons older than this field.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_change_rng: Option<RngStatus>,
     /// Restore-signal sources.
     pub sources: Vec<SourceStatus>,
     /// The runtime directory.
@@ -525,6 +546,7 @@ fn check_frame(frame: &[u8]) -> Result<u8, DecodeError> {
 
 const HELLO_WATCHER: u8 = 1;
 const BUMP_ALLOW_EXHAUSTION: u8 = 1 << 0;
+const BUMP_DETAILS: u8 = 1 << 1;
 
 /// Whether the daemon judges the sender of a request of this kind (its
 /// first byte) for privilege: it then receives that frame with the
@@ -536,6 +558,47 @@ const HELLO_UNTRACKED: u8 = 1 << 0;
 const HELLO_HAS_ACKED: u8 = 1 << 1;
 const HELLO_LIFECYCLE: u8 = 1 << 2;
 
+/// The fields after a `Bump`'s flag byte when bit 1 is set: `u8 kind`,
+/// `u16 entropy length` (0, or 32 to 512) and the bytes, `u8 hostname
+/// length` (0 to 64) and the name. The frame ends there.
+fn decode_bump_details(frame: &[u8]) -> Result<BumpDetails, DecodeError> {
+    let short = DecodeError::Invalid("bump details cut short");
+    let kind = *frame.get(6).ok_or(short.clone())?;
+    let kind = ChangeKind::from_code(kind).ok_or(DecodeError::Invalid("unknown change kind"))?;
+    let len = frame.get(7..9).ok_or(short.clone())?;
+    let len = u16::from_le_bytes([len[0], len[1]]) as usize;
+    let entropy = frame.get(9..9 + len).ok_or(short.clone())?;
+    let entropy = match len {
+        0 => None,
+        _ => Some(
+            Entropy::new(entropy.to_vec())
+                .map_err(|_| DecodeError::Invalid("bump entropy must be 32 to 512 bytes"))?,
+        ),
+    };
+    let at = 9 + len;
+    let host_len = *frame.get(at).ok_or(short.clone())? as usize;
+    let host = frame.get(at + 1..at + 1 + host_len).ok_or(short)?;
+    if frame.len() != at + 1 + host_len {
+        return Err(DecodeError::Invalid("bytes after the bump details"));
+    }
+    let hostname = match host_len {
+        0 => None,
+        _ => Some(
+            std::str::from_utf8(host)
+                .ok()
+                .and_then(|h| Hostname::new(h).ok())
+                .ok_or(DecodeError::Invalid(
+                    "bump hostname is not a valid hostname",
+                ))?,
+        ),
+    };
+    Ok(BumpDetails {
+        kind,
+        entropy,
+        hostname,
+    })
+}
+
 impl Request {
     /// Encodes into a fresh frame.
     pub fn encode(&self) -> Vec<u8> {
@@ -544,8 +607,8 @@ impl Request {
             f.extend_from_slice(&v.to_le_bytes());
             f
         };
-        match *self {
-            Request::Hello { version, role } => {
+        match self {
+            &Request::Hello { version, role } => {
                 let mut f = vec![codes::HELLO];
                 f.extend_from_slice(&version.to_le_bytes());
                 let (kind, flags, acked) = match role {
@@ -573,22 +636,39 @@ impl Request {
                 f.extend_from_slice(&acked.to_le_bytes());
                 f
             }
-            Request::Ack { generation } => scalar(codes::ACK, generation),
-            Request::WaitWatchers { timeout_ms } => scalar(codes::WAIT_WATCHERS, timeout_ms),
+            &Request::Ack { generation } => scalar(codes::ACK, generation),
+            &Request::WaitWatchers { timeout_ms } => scalar(codes::WAIT_WATCHERS, timeout_ms),
             Request::Bump {
                 min_generation,
                 allow_exhaustion,
+                details,
             } => {
-                let mut f = scalar(codes::BUMP, min_generation);
-                if allow_exhaustion {
-                    f.push(BUMP_ALLOW_EXHAUSTION);
+                let mut f = scalar(codes::BUMP, *min_generation);
+                let mut flags = 0;
+                if *allow_exhaustion {
+                    flags |= BUMP_ALLOW_EXHAUSTION;
+                }
+                if !details.is_default() {
+                    flags |= BUMP_DETAILS;
+                }
+                if flags != 0 {
+                    f.push(flags);
+                }
+                if !details.is_default() {
+                    f.push(details.kind.code());
+                    let entropy = details.entropy.as_ref().map_or(&[][..], |e| e.bytes());
+                    f.extend_from_slice(&(entropy.len() as u16).to_le_bytes());
+                    f.extend_from_slice(entropy);
+                    let host = details.hostname.as_ref().map_or("", |h| h.as_str());
+                    f.push(host.len() as u8);
+                    f.extend_from_slice(host.as_bytes());
                 }
                 f
             }
             Request::Status => vec![codes::STATUS],
-            Request::Freeze { timeout_ms } => scalar(codes::FREEZE, timeout_ms),
+            &Request::Freeze { timeout_ms } => scalar(codes::FREEZE, timeout_ms),
             Request::Thaw => vec![codes::THAW],
-            Request::Confirm { freeze } => scalar(codes::CONFIRM, freeze),
+            &Request::Confirm { freeze } => scalar(codes::CONFIRM, freeze),
         }
     }
 
@@ -629,19 +709,23 @@ impl Request {
                 Ok(Request::Hello { version, role })
             }
             codes::BUMP => {
-                let flags = match frame.len() {
-                    6 => frame[5],
-                    _ => {
-                        expect_len(frame, 5)?;
-                        0
-                    }
-                };
-                if flags & !BUMP_ALLOW_EXHAUSTION != 0 {
+                if frame.len() < 5 {
+                    expect_len(frame, 5)?;
+                }
+                let flags = frame.get(5).copied().unwrap_or(0);
+                if flags & !(BUMP_ALLOW_EXHAUSTION | BUMP_DETAILS) != 0 {
                     return Err(DecodeError::Invalid("unknown bump flags"));
                 }
+                let details = if flags & BUMP_DETAILS != 0 {
+                    decode_bump_details(frame)?
+                } else {
+                    expect_len(frame, if frame.len() > 5 { 6 } else { 5 })?;
+                    BumpDetails::default()
+                };
                 Ok(Request::Bump {
                     min_generation: u32_at(frame, 1),
                     allow_exhaustion: flags & BUMP_ALLOW_EXHAUSTION != 0,
+                    details,
                 })
             }
             codes::ACK | codes::WAIT_WATCHERS | codes::FREEZE | codes::CONFIRM => {
@@ -711,11 +795,17 @@ impl Reply {
                         Some(h) => (Some(&mut h.dir), h.last_problem.as_mut()),
                         None => (None, None),
                     };
+                    let (rng_why, rng_entropy) = match short.last_change_rng.as_mut() {
+                        Some(r) => (r.not_reseeded_because.as_mut(), r.entropy_error.as_mut()),
+                        None => (None, None),
+                    };
                     for text in [&mut short.runtime_dir, &mut short.epoch]
                         .into_iter()
                         .chain(short.device.as_mut())
                         .chain(hooks_dir)
                         .chain(hooks_problem)
+                        .chain(rng_why)
+                        .chain(rng_entropy)
                     {
                         clip(text, limit.max(64));
                     }

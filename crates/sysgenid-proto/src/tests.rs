@@ -34,8 +34,29 @@ fn request() -> impl Strategy<Value = Request> {
             Request::Bump {
                 min_generation,
                 allow_exhaustion,
+                details: BumpDetails::default(),
             }
         }),
+        (
+            any::<u32>(),
+            any::<bool>(),
+            0u8..3,
+            proptest::option::of(32usize..=512),
+            proptest::option::of("[a-z0-9]{1,20}(\\.[a-z0-9]([a-z0-9-]{0,8}[a-z0-9])?){0,3}")
+        )
+            .prop_map(
+                |(min_generation, allow_exhaustion, kind, entropy, hostname)| {
+                    Request::Bump {
+                        min_generation,
+                        allow_exhaustion,
+                        details: BumpDetails {
+                            kind: ChangeKind::from_code(kind).unwrap(),
+                            entropy: entropy.map(|n| Entropy::new(vec![0xa5; n]).unwrap()),
+                            hostname: hostname.map(|h| Hostname::new(&h).unwrap()),
+                        },
+                    }
+                }
+            ),
         Just(Request::Status),
     ]
 }
@@ -283,22 +304,29 @@ fn bump_flag_byte_is_optional_and_checked() {
         Request::decode(&old_client),
         Ok(Request::Bump {
             min_generation: 10,
-            allow_exhaustion: false
+            allow_exhaustion: false,
+            details: BumpDetails::default(),
         })
     );
     let plain = Request::Bump {
         min_generation: 10,
         allow_exhaustion: false,
+        details: BumpDetails::default(),
     };
     assert_eq!(plain.encode(), old_client, "no flag byte unless set");
     let forced = Request::Bump {
         min_generation: u32::MAX,
         allow_exhaustion: true,
+        details: BumpDetails::default(),
     };
     assert_eq!(forced.encode(), [0x04, 0xff, 0xff, 0xff, 0xff, 1]);
     assert!(
-        Request::decode(&[0x04, 0, 0, 0, 0, 2]).is_err(),
+        Request::decode(&[0x04, 0, 0, 0, 0, 4]).is_err(),
         "unknown bump flag"
+    );
+    assert!(
+        Request::decode(&[0x04, 0, 0, 0, 0, 2]).is_err(),
+        "details flag without details"
     );
     assert!(Request::decode(&[0x04, 0, 0, 0, 0, 1, 0]).is_err());
     assert!(is_privileged_kind(forced.encode()[0]));
@@ -338,4 +366,119 @@ fn last_kernel_lag_us_is_optional_both_ways() {
     newer.pop();
     newer.extend_from_slice(br#","a_field_from_the_future":[1,2]}"#);
     assert!(matches!(Reply::decode(&newer).unwrap(), Reply::Status(_)));
+}
+
+#[test]
+fn bump_details_follow_flag_bit_1_and_are_checked() {
+    let details = BumpDetails {
+        kind: ChangeKind::Clone,
+        entropy: Some(Entropy::new(vec![7; 32]).unwrap()),
+        hostname: Some(Hostname::new("web-3.example").unwrap()),
+    };
+    let bump = Request::Bump {
+        min_generation: 5,
+        allow_exhaustion: false,
+        details: details.clone(),
+    };
+    let f = bump.encode();
+    // kind, u32, flags (bit 1), kind 1, u16 32, 32 bytes, u8 13, the name.
+    assert_eq!(f.len(), 5 + 1 + 1 + 2 + 32 + 1 + 13);
+    assert_eq!(&f[5..9], &[2, 1, 32, 0]);
+    assert_eq!(Request::decode(&f), Ok(bump));
+    // Only the kind: no entropy, no name.
+    let kind_only = Request::Bump {
+        min_generation: 0,
+        allow_exhaustion: true,
+        details: BumpDetails {
+            kind: ChangeKind::Restore,
+            ..BumpDetails::default()
+        },
+    };
+    assert_eq!(kind_only.encode(), [0x04, 0, 0, 0, 0, 3, 2, 0, 0, 0]);
+    assert_eq!(Request::decode(&kind_only.encode()), Ok(kind_only));
+    // Every malformed variant is refused.
+    let bad = |f: &[u8]| Request::decode(f).is_err();
+    assert!(bad(&[0x04, 0, 0, 0, 0, 2, 3, 0, 0, 0]), "unknown kind");
+    assert!(bad(&[0x04, 0, 0, 0, 0, 2, 1, 0, 0]), "cut short");
+    assert!(bad(&[0x04, 0, 0, 0, 0, 2, 1, 0, 0, 0, 9]), "trailing byte");
+    let mut short_entropy = vec![0x04, 0, 0, 0, 0, 2, 1, 31, 0];
+    short_entropy.extend([1; 31]);
+    short_entropy.push(0);
+    assert!(bad(&short_entropy), "31 bytes of entropy");
+    let mut long_entropy = vec![0x04, 0, 0, 0, 0, 2, 1, 0x01, 0x02];
+    long_entropy.extend([1; 513]);
+    long_entropy.push(0);
+    assert!(bad(&long_entropy), "513 bytes of entropy");
+    let mut bad_host = vec![0x04, 0, 0, 0, 0, 2, 1, 0, 0, 4];
+    bad_host.extend(b"a_b!");
+    assert!(bad(&bad_host), "not a hostname");
+    // The largest details fit a frame.
+    let largest = Request::Bump {
+        min_generation: 0,
+        allow_exhaustion: true,
+        details: BumpDetails {
+            kind: ChangeKind::Clone,
+            entropy: Some(Entropy::new(vec![1; MAX_ENTROPY]).unwrap()),
+            hostname: Some(
+                Hostname::new(&format!("{}.{}", "a".repeat(31), "b".repeat(32))).unwrap(),
+            ),
+        },
+    };
+    assert!(largest.encode().len() <= MAX_FRAME);
+    // Entropy never shows in a debug print.
+    assert!(!format!("{details:?}").contains("7, 7"));
+}
+
+#[test]
+fn hostnames_and_entropy_are_validated() {
+    for good in ["a", "web-3", "a.b.c", "x1.example.org", &"a".repeat(63)] {
+        assert!(Hostname::new(good).is_ok(), "{good}");
+    }
+    let long_label = "a".repeat(64);
+    let long_name = format!("{}.{}", "a".repeat(40), "b".repeat(24));
+    for bad in [
+        "",
+        ".",
+        "a.",
+        ".a",
+        "a..b",
+        "-a",
+        "a-",
+        "a_b",
+        "a b",
+        "é",
+        &long_label,
+        &long_name,
+    ] {
+        assert!(Hostname::new(bad).is_err(), "{bad}");
+    }
+    assert!(Entropy::new(vec![0; 31]).is_err());
+    assert!(Entropy::new(vec![0; 32]).is_ok());
+    assert!(Entropy::new(vec![0; 512]).is_ok());
+    assert_eq!(
+        Entropy::new(vec![0; 513]).unwrap_err().to_string(),
+        "entropy must be 32 to 512 bytes, and this is 513 bytes"
+    );
+    assert_eq!("clone".parse::<ChangeKind>(), Ok(ChangeKind::Clone));
+    assert!("fork".parse::<ChangeKind>().is_err());
+}
+
+#[test]
+fn kind_and_rng_status_are_optional_both_ways() {
+    let f = Reply::Status(StatusReport::default()).encode();
+    let text = String::from_utf8_lossy(&f);
+    assert!(text.contains("\"last_change_kind\":\"unknown\""));
+    assert!(!text.contains("last_change_rng"));
+    let report = StatusReport {
+        last_change_kind: ChangeKind::Clone,
+        last_change_rng: Some(RngStatus {
+            reseeded: false,
+            not_reseeded_because: Some("EPERM".into()),
+            entropy_mixed: 0,
+            ..RngStatus::default()
+        }),
+        ..StatusReport::default()
+    };
+    let f = Reply::Status(report.clone()).encode();
+    assert_eq!(Reply::decode(&f).unwrap(), Reply::Status(report));
 }

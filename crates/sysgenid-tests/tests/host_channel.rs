@@ -193,7 +193,7 @@ fn entropy_is_checked_on_the_host_before_anything_is_sent() {
             &target,
             &["restored", "--entropy-file", file.to_str().unwrap()],
         );
-        assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+        assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
         assert!(stderr(&out).contains("32 to 512"), "{}", stderr(&out));
     }
     assert_eq!(h.daemon.generation(), before);
@@ -247,7 +247,7 @@ fn bad_lines_get_clear_errors_change_nothing_and_the_connection_goes_on() {
         (
             r#"{"op":"restored","hostname":"a/b"}"#,
             "ProtocolViolation",
-            "host name",
+            "hostname",
         ),
     ];
     for (line, code, says) in cases {
@@ -458,6 +458,8 @@ fn a_restore_the_kernel_already_signalled_is_one_bump() {
     assert_eq!(reply["restored"]["kind"], "clone", "{reply}");
     let status = daemon.status();
     assert_eq!(status.generation, before + 1);
+    // The kernel's change was of unknown kind; the host says clone.
+    assert_eq!(status.last_change_kind, sysgenid::ChangeKind::Clone);
     assert!(
         status.last_change_sources.contains(&"host".to_string()),
         "{:?}",

@@ -31,7 +31,8 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use sysgenid_proto::host::{HostReply, HostRequest, HOST_MAX_LINE};
-pub use sysgenid_proto::host::{RestoreKind, RestoredReport, HOST_MIN_ENTROPY};
+pub use sysgenid_proto::host::{RestoreKind, RestoredReport};
+use sysgenid_proto::{Entropy, Hostname, MIN_ENTROPY};
 use sysgenid_proto::{ErrorReply, StatusReport};
 
 use crate::Error;
@@ -243,37 +244,31 @@ impl HostChannel {
     }
 
     /// Tells the guest it was restored (or cloned): it mixes `entropy`
-    /// (32 to 512 bytes; `None`: 32 bytes of this host's getrandom) into
-    /// its kernel, reseeds it, sets `hostname` if given, and bumps.
+    /// (`None`: 32 bytes of this host's getrandom) into its kernel,
+    /// reseeds it, and bumps (source `host`); `hostname` goes to its
+    /// hooks as `SYSGENID_HOSTNAME`. ([`Entropy`] and [`Hostname`] are
+    /// checked when made: bad input never leaves this host.)
     pub fn restored(
         &mut self,
         kind: RestoreKind,
-        entropy: Option<&[u8]>,
-        hostname: Option<&str>,
+        entropy: Option<&Entropy>,
+        hostname: Option<&Hostname>,
     ) -> Result<Restored, Error> {
-        let mut own = [0u8; HOST_MIN_ENTROPY];
-        let entropy = match entropy {
-            Some(bytes) => bytes,
+        let mut own = [0u8; MIN_ENTROPY];
+        let bytes = match entropy {
+            Some(entropy) => entropy.bytes(),
             None => {
                 rustix::rand::getrandom(&mut own, rustix::rand::GetRandomFlags::empty())
                     .map_err(|e| Error::Io(e.into()))?;
-                &own
+                &own[..]
             }
         };
         let request = HostRequest::Restored {
             kind,
-            entropy_hex: Some(sysgenid_proto::host::encode_hex(entropy)),
+            entropy_hex: Some(sysgenid_proto::host::encode_hex(bytes)),
             entropy_base64: None,
-            hostname: hostname.map(str::to_string),
+            hostname: hostname.map(|h| h.as_str().to_string()),
         };
-        // Checked here too, so bad input never leaves this host.
-        request
-            .entropy()
-            .map_err(|e| Error::Protocol(e.to_string()))?;
-        if let Some(name) = hostname {
-            sysgenid_proto::host::check_hostname(name)
-                .map_err(|e| Error::Protocol(e.to_string()))?;
-        }
         let reply = self.call(&request)?;
         Ok(Restored {
             generation: Self::generation(&reply)?,

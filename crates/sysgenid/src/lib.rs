@@ -56,8 +56,9 @@ pub use lifecycle::Event;
 use lifecycle::Freezes;
 use rustix::event::PollFlags;
 pub use sysgenid_proto::{
-    ErrorCode, HooksStatus, LifecycleState, SourceStatus, StatusReport, TrustStatus,
-    PROTOCOL_VERSION,
+    BumpDetails, ChangeKind, DetailError, Entropy, ErrorCode, HooksStatus, Hostname,
+    LifecycleState, RngStatus, SourceStatus, StatusReport, TrustStatus, MAX_ENTROPY, MAX_HOSTNAME,
+    MIN_ENTROPY, PROTOCOL_VERSION,
 };
 use sysgenid_proto::{Reply, Request, Role, MIN_PROTOCOL_VERSION, PAGE_NAME, SOCKET_NAME};
 
@@ -505,6 +506,7 @@ impl Watcher {
         self.request(&Request::Bump {
             min_generation,
             allow_exhaustion: false,
+            details: BumpDetails::default(),
         })
     }
 
@@ -518,6 +520,23 @@ impl Watcher {
         self.request(&Request::Bump {
             min_generation,
             allow_exhaustion: true,
+            details: BumpDetails::default(),
+        })
+    }
+
+    /// [`Watcher::trigger_update`] with the allow-exhaustion flag and the
+    /// change's [`BumpDetails`] (kind, host entropy, hostname), as
+    /// [`Control::bump_with`].
+    pub fn trigger_update_with(
+        &mut self,
+        min_generation: u32,
+        allow_exhaustion: bool,
+        details: BumpDetails,
+    ) -> Result<u32, Error> {
+        self.request(&Request::Bump {
+            min_generation,
+            allow_exhaustion,
+            details,
         })
     }
 
@@ -725,11 +744,39 @@ impl Control {
     }
 
     fn send_bump(&mut self, min_generation: u32, allow_exhaustion: bool) -> Result<u32, Error> {
+        self.bump_with(min_generation, allow_exhaustion, BumpDetails::default())
+    }
+
+    /// [`Control::bump`] that also says what kind of change this is, hands
+    /// the daemon entropy to mix into the kernel's pool before it reseeds
+    /// it and draws the epoch, and names the hostname the hooks get as
+    /// `SYSGENID_HOSTNAME` (see [`BumpDetails`]; [`Entropy`] and
+    /// [`Hostname`] check their limits when made). A daemon that predates
+    /// these details refuses them: [`Error::Protocol`] saying so, and
+    /// nothing changed.
+    pub fn bump_with(
+        &mut self,
+        min_generation: u32,
+        allow_exhaustion: bool,
+        details: BumpDetails,
+    ) -> Result<u32, Error> {
+        let detailed = !details.is_default();
         self.conn.send(&Request::Bump {
             min_generation,
             allow_exhaustion,
+            details,
         })?;
-        expect_done(self.conn.reply()?)
+        match expect_done(self.conn.reply()?) {
+            Err(Error::Refused {
+                code: ErrorCode::ProtocolViolation,
+                message,
+            }) if detailed && message.contains("unknown bump flags") => Err(Error::Protocol(
+                "this sysgenidd predates bumps with a kind, entropy or a hostname \
+                 (it refused them; nothing changed): upgrade the daemon, or bump without them"
+                    .into(),
+            )),
+            other => other,
+        }
     }
 
     /// Waits until no tracked watcher is outdated (never interrupted: this

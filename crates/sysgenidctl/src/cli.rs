@@ -5,6 +5,15 @@
 use std::path::PathBuf;
 
 use clap::{Parser, Subcommand};
+use sysgenid::{ChangeKind, Hostname};
+
+fn parse_kind(value: &str) -> Result<ChangeKind, String> {
+    value.parse()
+}
+
+fn parse_hostname(value: &str) -> Result<Hostname, String> {
+    Hostname::new(value).map_err(|e| e.to_string())
+}
 
 const AFTER_HELP: &str = "\
 Exit codes:
@@ -20,6 +29,7 @@ Examples:
   sysgenidctl get                       # print the generation
   sysgenidctl watch --exec ./reseed.sh  # run a command on every restore, then acknowledge
   sysgenidctl bump                      # as root: force a new generation (CRIU post-restore hook)
+  head -c 64 /dev/urandom | sysgenidctl bump --kind clone --entropy-file -   # a clone, with host entropy
   sysgenidctl wait-watchers --timeout-ms 5000   # wait until every tracked watcher caught up
   sysgenidctl freeze --timeout-ms 5000  # as root: quiesce every participant before a snapshot
   sysgenidctl thaw                      # as root: resume them
@@ -66,7 +76,10 @@ pub enum Cmd {
     /// Print the current generation.
     Get,
     /// Register a watcher; on each change print the new generation (one per
-    /// line), run CMD if given with SYSGENID_GENERATION set, then acknowledge.
+    /// line), run CMD if given with SYSGENID_GENERATION and SYSGENID_KIND
+    /// (clone, restore or unknown: the kind of that change, as status
+    /// reports it; unknown if another change came first) set, then
+    /// acknowledge.
     ///
     /// With --lifecycle, a snapshot-lifecycle participant: prints one line
     /// per event (`freeze`, `thaw`, or the new generation), runs CMD once
@@ -115,6 +128,25 @@ pub enum Cmd {
         /// mechanism for good if MIN is 4294967295).
         #[arg(long)]
         allow_exhaustion: bool,
+        /// Entropy to mix into the kernel's pool (credited) before the
+        /// daemon reseeds it and draws the new epoch: 32 to 512 bytes read
+        /// from FILE, `-` for stdin (for example 64 bytes of the host's own
+        /// getrandom, sent along by an orchestrator). Anything else is
+        /// refused (exit 2) and nothing changes.
+        #[arg(long, value_name = "FILE")]
+        entropy_file: Option<PathBuf>,
+        /// What this change is: `clone` (one of possibly several copies of
+        /// a snapshot: hooks renew machine identity), `restore` (the same
+        /// machine put back in time: identity is kept) or `unknown`.
+        /// Hooks and `watch --exec` get it as SYSGENID_KIND.
+        #[arg(long, default_value = "unknown", value_name = "clone|restore|unknown",
+              value_parser = parse_kind)]
+        kind: ChangeKind,
+        /// The hostname this change should give the machine, exported to
+        /// the hooks as SYSGENID_HOSTNAME for this change (a valid hostname
+        /// of at most 64 bytes).
+        #[arg(long, value_name = "NAME", value_parser = parse_hostname)]
+        hostname: Option<Hostname>,
     },
     /// Wait until no tracked watcher is outdated.
     WaitWatchers {
@@ -124,9 +156,9 @@ pub enum Cmd {
     },
     /// With --host-channel only: tell the guest it was restored (or, with
     /// --clone, cloned). Its daemon mixes the entropy into its kernel,
-    /// forces a reseed, sets the host name if given, and bumps the
-    /// generation (source `host`; one bump with a kernel signal for the
-    /// same restore). Prints the guest's new generation.
+    /// forces a reseed, and bumps the generation (source `host`; one bump
+    /// with a kernel signal for the same restore; hooks get SYSGENID_KIND
+    /// and SYSGENID_HOSTNAME). Prints the guest's new generation.
     Restored {
         /// This guest is one of possibly many clones of one snapshot.
         #[arg(long)]
@@ -135,9 +167,10 @@ pub enum Cmd {
         /// stdin). Default: 32 bytes of this host's getrandom.
         #[arg(long, value_name = "FILE")]
         entropy_file: Option<PathBuf>,
-        /// A new host name for the guest (a clone's own name).
-        #[arg(long, value_name = "NAME")]
-        hostname: Option<String>,
+        /// The host name this change gives the guest (a clone's own
+        /// name), for its hooks as SYSGENID_HOSTNAME.
+        #[arg(long, value_name = "NAME", value_parser = parse_hostname)]
+        hostname: Option<Hostname>,
     },
     /// Show the generation, watchers, sources and last change.
     Status {

@@ -9,7 +9,10 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::Parser;
-use sysgenid::{Control, Error, Event, LifecycleState, Watcher};
+use sysgenid::{
+    BumpDetails, ChangeKind, Control, Entropy, Error, Event, LifecycleState, Watcher, MAX_ENTROPY,
+    MIN_ENTROPY,
+};
 use sysgenidctl::cli::{Args, Cmd};
 
 /// Prints one line to stdout. When the reader went away (`sysgenidctl
@@ -61,40 +64,6 @@ fn usage(message: &str) -> ! {
         .exit()
 }
 
-/// `--entropy-file`: 32 to 512 bytes from a file or stdin (`-`).
-fn read_entropy(path: &std::path::Path) -> Result<Vec<u8>, Error> {
-    use std::io::Read;
-    use sysgenid::host_channel::HOST_MIN_ENTROPY;
-    const MAX: usize = 512;
-    let mut bytes = Vec::new();
-    let limit = MAX as u64 + 1;
-    if path == std::path::Path::new("-") {
-        std::io::stdin()
-            .lock()
-            .take(limit)
-            .read_to_end(&mut bytes)?;
-    } else {
-        std::fs::File::open(path)
-            .map_err(|e| {
-                Error::Io(std::io::Error::new(
-                    e.kind(),
-                    format!("cannot read {}: {e}", path.display()),
-                ))
-            })?
-            .take(limit)
-            .read_to_end(&mut bytes)?;
-    }
-    if !(HOST_MIN_ENTROPY..=MAX).contains(&bytes.len()) {
-        return Err(Error::Protocol(format!(
-            "{}: {}{} bytes of entropy; it must hold {HOST_MIN_ENTROPY} to {MAX} (nothing was sent)",
-            path.display(),
-            if bytes.len() > MAX { "more than " } else { "" },
-            bytes.len().min(MAX)
-        )));
-    }
-    Ok(bytes)
-}
-
 /// `--host-channel TARGET COMMAND`: the same commands, to a guest's daemon.
 fn host_channel(target: &sysgenid::host_channel::Target, command: &Cmd) -> Result<(), Error> {
     use sysgenid::host_channel::{HostChannel, RestoreKind};
@@ -103,7 +72,13 @@ fn host_channel(target: &sysgenid::host_channel::Target, command: &Cmd) -> Resul
         Cmd::Restored {
             entropy_file: Some(path),
             ..
-        } => Some(read_entropy(path)?),
+        } => match read_entropy(path) {
+            Ok(entropy) => Some(entropy),
+            Err(message) => {
+                eprintln!("sysgenidctl: --entropy-file {}: {message}", path.display());
+                std::process::exit(2);
+            }
+        },
         Cmd::Watch { .. } | Cmd::Bump { .. } => usage(
             "watch and bump are local commands; over --host-channel use restored, freeze, thaw, wait-watchers, status or get",
         ),
@@ -119,7 +94,7 @@ fn host_channel(target: &sysgenid::host_channel::Target, command: &Cmd) -> Resul
             } else {
                 RestoreKind::Restore
             };
-            let restored = guest.restored(kind, entropy.as_deref(), hostname.as_deref())?;
+            let restored = guest.restored(kind, entropy.as_ref(), hostname.as_ref())?;
             if let Some(why) = &restored.report.kernel_reseed_error {
                 eprintln!("sysgenidctl: warning: the guest's kernel was not fully reseeded: {why}");
             }
@@ -189,9 +164,11 @@ fn run(args: &Args) -> Result<(), Error> {
                 out.flush()?;
                 drop(out);
                 if let Some((program, rest)) = exec.split_first() {
+                    let kind = kind_of(&mut watcher, generation);
                     match std::process::Command::new(program)
                         .args(rest)
                         .env("SYSGENID_GENERATION", generation.to_string())
+                        .env("SYSGENID_KIND", kind.name())
                         .status()
                     {
                         Ok(status) if !status.success() => {
@@ -223,13 +200,27 @@ fn run(args: &Args) -> Result<(), Error> {
         Cmd::Bump {
             min,
             allow_exhaustion,
+            entropy_file,
+            kind,
+            hostname,
         } => {
-            let mut control = Control::connect(dir)?;
-            let generation = if *allow_exhaustion {
-                control.bump_allowing_exhaustion(*min)?
-            } else {
-                control.bump(*min)?
+            // Checked before connecting: bad input changes nothing.
+            let entropy = match entropy_file {
+                Some(path) => match read_entropy(path) {
+                    Ok(entropy) => Some(entropy),
+                    Err(message) => {
+                        eprintln!("sysgenidctl: --entropy-file {}: {message}", path.display());
+                        std::process::exit(2);
+                    }
+                },
+                None => None,
             };
+            let details = BumpDetails {
+                kind: *kind,
+                entropy,
+                hostname: hostname.clone(),
+            };
+            let generation = Control::connect(dir)?.bump_with(*min, *allow_exhaustion, details)?;
             out!("{generation}");
         }
         Cmd::WaitWatchers { timeout_ms } => {
@@ -279,6 +270,12 @@ fn watch_lifecycle(mut watcher: Watcher, count: Option<u64>, exec: &[String]) ->
                 .args(rest)
                 .env("SYSGENID_EVENT", event.name())
                 .env("SYSGENID_GENERATION", event.generation().to_string())
+                .envs(match event {
+                    Event::Change { generation } => {
+                        Some(("SYSGENID_KIND", kind_of(&mut watcher, generation).name()))
+                    }
+                    _ => None,
+                })
                 .status()
             {
                 Ok(status) if status.success() => true,
@@ -315,6 +312,37 @@ fn watch_lifecycle(mut watcher: Watcher, count: Option<u64>, exec: &[String]) ->
     Ok(())
 }
 
+/// The kind of the change to `generation`, as status reports it: the
+/// daemon keeps the kind of its last change only, so `unknown` when a
+/// newer change already came (the next read reports that one) or status
+/// fails.
+fn kind_of(watcher: &mut Watcher, generation: u32) -> ChangeKind {
+    match watcher.status() {
+        Ok(s) if s.generation == generation => s.last_change_kind,
+        _ => ChangeKind::Unknown,
+    }
+}
+
+/// Reads 32 to 512 bytes of entropy from `path` (`-`: stdin), never more
+/// than one byte past the limit.
+fn read_entropy(path: &std::path::Path) -> Result<Entropy, String> {
+    use std::io::Read;
+    let limit = MAX_ENTROPY as u64 + 1;
+    let mut bytes = zeroize::Zeroizing::new(Vec::with_capacity(MAX_ENTROPY + 1));
+    let read = if path.as_os_str() == "-" {
+        std::io::stdin().lock().take(limit).read_to_end(&mut bytes)
+    } else {
+        std::fs::File::open(path).and_then(|f| f.take(limit).read_to_end(&mut bytes))
+    };
+    read.map_err(|e| e.to_string())?;
+    if bytes.len() > MAX_ENTROPY {
+        return Err(format!(
+            "entropy must be {MIN_ENTROPY} to {MAX_ENTROPY} bytes, and this is more than {MAX_ENTROPY} bytes; nothing changed"
+        ));
+    }
+    Entropy::new(std::mem::take(&mut *bytes)).map_err(|e| format!("{e}; nothing changed"))
+}
+
 fn ago(unix_ms: Option<u64>) -> String {
     let Some(ms) = unix_ms else {
         return "never".into();
@@ -338,6 +366,25 @@ fn print_status(s: &sysgenid::StatusReport) {
             format!(" (by {})", s.last_change_sources.join(" + "))
         }
     );
+    out!("change kind:  {}", s.last_change_kind.name());
+    if let Some(rng) = &s.last_change_rng {
+        let mut line = match (&rng.by, &rng.not_reseeded_because) {
+            (Some(by), _) => format!("reseeded by {by}"),
+            (None, Some(why)) => format!("NOT reseeded: {why}"),
+            (None, None) => "NOT reseeded".to_string(),
+        };
+        if rng.entropy_mixed > 0 {
+            line.push_str(&format!(
+                "; {} bytes of host entropy mixed in",
+                rng.entropy_mixed
+            ));
+        } else if let Some(e) = &rng.entropy_error {
+            line.push_str(&format!("; host entropy NOT mixed in: {e}"));
+        } else {
+            line.push_str("; no host entropy");
+        }
+        out!("kernel RNG:   {line}");
+    }
     out!(
         "watchers:     {} ({} tracked, {} outdated, {} untracked outdated; counts are advisory)",
         s.watchers,

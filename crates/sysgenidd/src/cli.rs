@@ -90,6 +90,17 @@ pub struct Args {
     #[arg(long, default_value_t = 10_000, value_name = "MS")]
     pub hello_timeout_ms: u64,
 
+    /// When to force the kernel's CRNG to reseed (RNDRESEEDCRNG) before a
+    /// change is published, so clones of one snapshot stop sharing a
+    /// random stream: `auto`, for every change but those the kernel's own
+    /// VM-fork reseed covered (the vmfork source); `always`, for those
+    /// too; `never`, only to measure its cost (entropy sent with a bump is
+    /// still mixed in). Needs CAP_SYS_ADMIN; where the kernel refuses, the
+    /// change still happens and status says why.
+    #[arg(long, default_value = "auto", value_name = "auto|always|never",
+          value_parser = ["auto", "always", "never"])]
+    pub reseed: String,
+
     /// Continue from the generation shown in the page file when the saved
     /// state is missing or corrupt (the daemon refuses to start otherwise).
     #[arg(long)]

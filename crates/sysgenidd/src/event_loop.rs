@@ -64,7 +64,7 @@ use crate::service::{BumpError, Service};
 use crate::socket::{self, Context, FreezeOutcome, SocketFrontend};
 use crate::state::epoch_hex;
 use crate::watchers::{BumpCause, Limits, Watchers};
-use crate::work::{BumpRequest, HostRestore, Requester, WorkList};
+use crate::work::{BumpRequest, PrivilegedBump, Requester, WorkList};
 
 const WAKER: Token = Token(usize::MAX - 2);
 const SIGNALS: Token = Token(usize::MAX - 3);
@@ -191,6 +191,8 @@ fn status_report(
             .then_some(record.changed_unix_ns / 1_000_000),
         last_change_sources: service.last_change_sources().to_vec(),
         last_kernel_lag_us,
+        last_change_kind: service.last_change().map(|c| c.kind).unwrap_or_default(),
+        last_change_rng: service.last_change().map(|c| c.rng.clone()),
         sources: std::iter::once(watchers.manual_status().clone())
             .chain(sources.iter().cloned())
             .collect(),
@@ -600,6 +602,23 @@ impl EventLoop {
     }
 
     fn on_source_event(&mut self, ev: sysgenid_sources::SourceEvent) {
+        // Failures are logged where they happen.
+        let _ = self.restore_signal(ev, BumpRequest::default());
+    }
+
+    /// A restore signal, with what its sender said of the change (kernel
+    /// sources say nothing: [`BumpRequest::default`]). The first signal of
+    /// a restore bumps; another source's signal within the coalescing
+    /// window is the same restore: its entropy is still mixed in (and the
+    /// RNG reseeded again), and a kind the change did not have yet is
+    /// taken (the hooks then run again, with it), so a vmgenid-caused
+    /// change that the host then calls a clone is a clone. Returns the
+    /// generation and whether the signal was coalesced.
+    pub fn restore_signal(
+        &mut self,
+        ev: sysgenid_sources::SourceEvent,
+        request: BumpRequest,
+    ) -> Result<(Generation, bool), BumpError> {
         if let Some(s) = self.sources.iter_mut().find(|s| s.name == ev.source) {
             s.events += 1;
             s.last_event_unix_ms = Some(
@@ -614,41 +633,56 @@ impl EventLoop {
                 // No log line before the bump: until the page shows it,
                 // every program on this machine still believes it is
                 // unique. The bump's one line names the signal.
-                if let Err(e) = self.bump(0, BumpCause::Source(ev.source), Some(&ev)) {
+                let result = self.change(&request, BumpCause::Source(ev.source), Some(&ev));
+                if let Err(e) = &result {
                     tracing::error!(source = ev.source, "restore signal: {}", ev.detail);
                     tracing::error!(source = ev.source, "could not bump: {e}");
                 }
+                result.map(|generation| (generation, false))
             }
             sysgenid_sources::Offer::Merged => {
                 tracing::info!(
                     source = ev.source,
+                    kind = request.details.kind.name(),
                     "restore signal coalesced with the change just made: {}",
                     ev.detail
                 );
                 self.watchers.note_agreeing_source(ev.source);
+                if self.watchers.refine_last_change(&request) {
+                    tracing::info!(
+                        generation = self.watchers.generation(),
+                        kind = request.details.kind.name(),
+                        "the change is a {}: running the change hooks again with it",
+                        request.details.kind.name()
+                    );
+                    let before = self.watchers.generation().wrapping_sub(1);
+                    self.run_hooks(HookEvent::Change, Some(before));
+                }
+                Ok((self.watchers.generation(), true))
             }
         }
     }
 
     /// A privileged request checked by its frontend: bump (never coalesced:
     /// a manual bump is deliberate), then answer the requester.
-    fn privileged_bump(&mut self, request: BumpRequest) {
-        if let (Some(restore), Requester::Host(key)) = (&request.restore, request.requester) {
-            self.host_restored(key, restore.clone());
+    fn privileged_bump(&mut self, bump: PrivilegedBump) {
+        let PrivilegedBump { request, requester } = bump;
+        if let Requester::Host(key) = requester {
+            self.host_restored(key, request);
             return;
         }
         let result = match self
             .watchers
             .check_minimum(request.min, request.allow_exhaustion)
         {
-            Ok(()) => self.bump(request.min, BumpCause::Manual, None),
+            Ok(()) => self.change(&request, BumpCause::Manual, None),
             Err(e) => Err(e.into()),
         };
-        match request.requester {
+        match requester {
             Requester::Socket(key) => {
                 self.with_socket(|socket, cx| socket.answer_bump(key, &result, cx))
             }
-            // Host requests always carry a restore (above).
+            // A restore signal, answered by `host_restored` (above).
             Requester::Host(_) => {}
             Requester::Device(unique) => {
                 if let Err(e) = &result {
@@ -661,87 +695,55 @@ impl EventLoop {
         }
     }
 
-    /// The host's `restored`: set the host name and reseed the kernel
-    /// (with the host's entropy) before anyone hears of the change, then
-    /// bump as the `host` source, coalesced with a kernel signal for the
-    /// same restore; answer the host with what was done.
-    fn host_restored(&mut self, key: usize, restore: HostRestore) {
-        let HostRestore {
-            kind,
-            entropy,
-            hostname,
-        } = restore;
-        let mut report = sysgenid_proto::host::RestoredReport {
-            kind,
-            ..Default::default()
+    /// The host's `restored`: a restore signal from source `host`
+    /// carrying the kind, the host's entropy and the hostname. The kernel
+    /// RNG is renewed with the entropy before anyone hears of the change
+    /// (`change`), and a kernel signal for the same restore within the
+    /// coalescing window is the same change (`restore_signal`). The host
+    /// is answered with what was done.
+    fn host_restored(&mut self, key: usize, request: BumpRequest) {
+        let kind = request.details.kind;
+        let ev = sysgenid_sources::SourceEvent {
+            source: "host",
+            detail: format!("the host reports a {} over the host channel", kind.name()),
+            kernel_time_us: None,
         };
-        let mut problems = Vec::new();
-        if let Some(name) = &hostname {
-            match rustix::system::sethostname(name.as_bytes()) {
-                Ok(()) => report.hostname = Some(name.clone()),
-                Err(e) => problems.push(format!("cannot set the host name to {name:?}: {e}")),
-            }
-        }
-        let reseed = crate::kernel_rng::mix_and_reseed(entropy.as_deref());
-        report.entropy_bytes = reseed.mixed;
-        report.kernel_reseeded = reseed.reseeded;
-        report.kernel_reseed_error = reseed.error.clone();
-        let now = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_millis() as u64)
-            .unwrap_or(0);
-        if let Some(s) = self.sources.iter_mut().find(|s| s.name == "host") {
-            s.events += 1;
-            s.last_event_unix_ms = Some(now);
-        }
-        let result = match self.coalescer.offer("host", Instant::now()) {
-            sysgenid_sources::Offer::Bump => self.bump(0, BumpCause::Source("host"), None),
-            sysgenid_sources::Offer::Merged => {
-                report.coalesced = true;
-                self.watchers.note_agreeing_source("host");
-                Ok(self.watchers.generation())
-            }
+        let result = self.restore_signal(ev, request);
+        let last = self.watchers.service().last_change();
+        let rng = last.map(|c| c.rng.clone()).unwrap_or_default();
+        let report = sysgenid_proto::host::RestoredReport {
+            kind: sysgenid_proto::host::RestoreKind::from_change_kind(kind),
+            coalesced: matches!(result, Ok((_, true))),
+            entropy_bytes: rng.entropy_mixed as usize,
+            kernel_reseeded: rng.reseeded,
+            kernel_reseed_error: rng
+                .not_reseeded_because
+                .clone()
+                .or(rng.entropy_error.clone()),
+            hostname: last.and_then(|c| c.hostname.as_ref().map(|h| h.to_string())),
         };
-        if let Some(error) = &reseed.error {
-            problems.push(format!("the kernel was not fully reseeded: {error}"));
-        }
-        tracing::info!(
-            generation = self.watchers.generation(),
-            kind = kind.name(),
-            coalesced = report.coalesced,
-            entropy_bytes = report.entropy_bytes,
-            kernel_reseeded = report.kernel_reseeded,
-            "host channel: the host reports a {}{}",
-            kind.name(),
-            if problems.is_empty() {
-                String::new()
-            } else {
-                format!("; {}", problems.join("; "))
-            }
-        );
-        if !problems.is_empty() {
-            tracing::warn!("host channel: {}", problems.join("; "));
-        }
-        let reply = HostChannel::bump_reply(&result, report);
+        let reply = HostChannel::bump_reply(&result.map(|(generation, _)| generation), report);
         if let Some(host) = &mut self.host {
             host.answer_restored(key, reply);
         }
     }
 
-    /// Bumps and tells everyone: the page is published (and the state
-    /// saved) before the first watcher is told; barrier waits are settled
-    /// next, from the work list. `signal` is the source's event, if a
-    /// source caused it: when it carries the kernel's timestamp, the lag
-    /// from it to publication is logged and kept for status. One log line,
-    /// written after publication.
-    fn bump(
+    /// Makes a change and tells everyone: the kernel RNG is renewed, the
+    /// epoch drawn, the state saved and the page published (all in
+    /// `Service::bump`) before the first watcher is told; barrier waits are
+    /// settled next, from the work list. `signal` is the source's event, if
+    /// a source caused it: when it carries the kernel's timestamp, the lag
+    /// from it to publication is logged and kept for status. One log line
+    /// (two if the kernel RNG could not be reseeded), written after
+    /// publication. Every frontend's bump comes through here.
+    pub fn change(
         &mut self,
-        min: Generation,
+        request: &BumpRequest,
         cause: BumpCause,
         signal: Option<&sysgenid_sources::SourceEvent>,
     ) -> Result<Generation, BumpError> {
         let before = self.watchers.generation();
-        let bumped = self.watchers.bump(min, cause)?;
+        let bumped = self.watchers.bump(request, cause)?;
         // Clamped at 0: the printk clock and CLOCK_MONOTONIC may disagree
         // by a few microseconds.
         let lag_us = signal
@@ -757,28 +759,52 @@ impl EventLoop {
             rustix::thread::sched_yield();
         }
 
+        let last = self.watchers.service().last_change().cloned();
+        let kind = last.as_ref().map_or("unknown", |c| c.kind.name());
+        let rng = last.as_ref().map(|c| c.rng.clone()).unwrap_or_default();
+        let reseed = match (&rng.by, rng.entropy_mixed) {
+            (Some(by), 0) => format!("kernel RNG reseeded by {by}"),
+            (Some(by), n) => format!("kernel RNG reseeded by {by} with {n} bytes of host entropy"),
+            (None, _) => "kernel RNG NOT reseeded".to_string(),
+        };
         match (signal, lag_us) {
             (Some(signal), Some(lag_us)) => {
                 self.last_kernel_lag_us = Some(lag_us);
                 tracing::info!(
                     generation = bumped.generation,
                     source = cause.name(),
+                    kind,
                     kernel_record_to_page_us = lag_us,
-                    "generation changed: restore signal: {}",
+                    "generation changed ({reseed}): restore signal: {}",
                     signal.detail
                 );
             }
             (Some(signal), None) => tracing::info!(
                 generation = bumped.generation,
                 source = cause.name(),
-                "generation changed: restore signal: {}",
+                kind,
+                "generation changed ({reseed}): restore signal: {}",
                 signal.detail
             ),
             (None, _) => tracing::info!(
                 generation = bumped.generation,
                 source = cause.name(),
-                "generation changed"
+                kind,
+                "generation changed ({reseed})"
             ),
+        }
+        if let Some(why) = &rng.not_reseeded_because {
+            tracing::warn!(
+                generation = bumped.generation,
+                "the kernel RNG was not reseeded by sysgenidd before this change: {why}; \
+                 clones of one snapshot may share a random stream until the kernel reseeds by itself"
+            );
+        }
+        if let Some(why) = &rng.entropy_error {
+            tracing::warn!(
+                generation = bumped.generation,
+                "the entropy that came with this change was not mixed in: {why}"
+            );
         }
         crate::supervisor::status(&format!(
             "generation {}, last changed by {}",
@@ -817,11 +843,14 @@ impl EventLoop {
                 .collect();
             hooks.watchers.insert(ticket, held);
         }
+        let last = self.watchers.service().last_change();
         hooks.runner.submit(Job {
             ticket,
             event,
             generation: self.watchers.generation(),
             epoch: epoch_hex(&self.watchers.record().epoch),
+            kind: last.map(|c| c.kind).unwrap_or_default(),
+            hostname: last.and_then(|c| c.hostname.as_ref().map(|h| h.to_string())),
         });
     }
 

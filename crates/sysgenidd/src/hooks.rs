@@ -4,7 +4,9 @@
 //!
 //! Every executable regular file in the directory, in name order, runs as
 //! `HOOK freeze`, `HOOK thaw` or `HOOK change` with `SYSGENID_GENERATION`,
-//! `SYSGENID_EPOCH` (and `SYSGENID_EVENT`) in its environment, one at a time,
+//! `SYSGENID_EPOCH` (and `SYSGENID_EVENT`) in its environment, and for a
+//! change also `SYSGENID_KIND` (`clone`, `restore` or `unknown`) and, when
+//! the change carried one, `SYSGENID_HOSTNAME`; one at a time,
 //! each bounded by a timeout after which its process group is killed. The
 //! directory is read again for every event, so hooks can be added and removed
 //! while the daemon runs.
@@ -118,6 +120,10 @@ pub struct Job {
     pub generation: u32,
     /// `SYSGENID_EPOCH`, 32 hex digits.
     pub epoch: String,
+    /// `SYSGENID_KIND` (for `change`): the kind of the last change.
+    pub kind: sysgenid_proto::ChangeKind,
+    /// `SYSGENID_HOSTNAME` (for `change`), when the change carried one.
+    pub hostname: Option<String>,
 }
 
 /// How one hook ended.
@@ -327,7 +333,15 @@ impl Runner {
             Ok(fd) => std::process::Stdio::from(fd),
             Err(_) => std::process::Stdio::null(),
         };
-        let mut child = match std::process::Command::new(path)
+        let mut command = std::process::Command::new(path);
+        if job.event == HookEvent::Change {
+            command.env("SYSGENID_KIND", job.kind.name());
+            match &job.hostname {
+                Some(name) => command.env("SYSGENID_HOSTNAME", name),
+                None => command.env_remove("SYSGENID_HOSTNAME"),
+            };
+        }
+        let mut child = match command
             .arg(job.event.name())
             .env("SYSGENID_EVENT", job.event.name())
             .env("SYSGENID_GENERATION", job.generation.to_string())
@@ -691,7 +705,9 @@ mod tests {
         hook(
             dir.path(),
             "10-first",
-            &format!("echo \"first $1 $SYSGENID_GENERATION $SYSGENID_EPOCH\" >> {log_s}"),
+            &format!(
+                "echo \"first $1 $SYSGENID_GENERATION $SYSGENID_EPOCH $SYSGENID_KIND ${{SYSGENID_HOSTNAME-none}}\" >> {log_s}"
+            ),
             0o755,
         );
         hook(dir.path(), "20-fails", "exit 3", 0o755);
@@ -723,6 +739,8 @@ mod tests {
             event: HookEvent::Change,
             generation: 5,
             epoch: "ab".repeat(16),
+            kind: sysgenid_proto::ChangeKind::Clone,
+            hostname: Some("web-3".into()),
         });
         let finished = rx.recv_timeout(Duration::from_secs(20)).unwrap();
         assert_eq!(finished.job.ticket, 7);
@@ -738,7 +756,10 @@ mod tests {
         let text = std::fs::read_to_string(&log).unwrap();
         assert_eq!(
             text,
-            format!("first change 5 {}\nhang\nlast change\n", "ab".repeat(16))
+            format!(
+                "first change 5 {} clone web-3\nhang\nlast change\n",
+                "ab".repeat(16)
+            )
         );
         let mut hooks = hooks;
         hooks.record(&finished);

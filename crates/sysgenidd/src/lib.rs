@@ -19,8 +19,8 @@
 //! * [`peer`]: who is on the other end, and whether they may bump;
 //! * [`host_channel`]: the third frontend, for the hypervisor host over
 //!   vsock (`--host-channel`), one JSON line per request;
-//! * [`kernel_rng`]: mixing host entropy into the kernel and forcing its
-//!   reseed before a host-reported restore is published;
+//! * [`reseed`]: the kernel RNG renewed (host entropy, forced reseed)
+//!   before a change is published;
 //! * [`hooks`]: the hooks directory's runner, on a thread of its own;
 //! * [`supervisor`]: readiness and the watchdog for systemd;
 //! * [`ratelimit`]: rate-limited log lines for everything a peer can cause;
@@ -39,9 +39,9 @@ pub mod device;
 pub mod event_loop;
 pub mod hooks;
 pub mod host_channel;
-pub mod kernel_rng;
 pub mod peer;
 pub mod ratelimit;
+pub mod reseed;
 pub mod runtime_dir;
 pub mod service;
 pub mod socket;

@@ -83,7 +83,10 @@ fn run(args: Args) -> Result<(), String> {
     let dir_path = runtime_dir(&args)?;
     let dir = RuntimeDir::prepare(&dir_path).map_err(|e| e.to_string())?;
     let listener = dir.bind_socket().map_err(|e| e.to_string())?;
-    let service = Service::start(dir, args.recover).map_err(|e| e.to_string())?;
+    let mut service = Service::start(dir, args.recover).map_err(|e| e.to_string())?;
+    let reseed = sysgenidd::reseed::Policy::parse(&args.reseed)
+        .ok_or_else(|| format!("--reseed {}: expected auto, always or never", args.reseed))?;
+    service.set_reseed(reseed);
     let limits = Limits {
         max_watchers: args.max_watchers,
         max_watchers_per_uid: args.max_watchers_per_uid,

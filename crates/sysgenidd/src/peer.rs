@@ -332,6 +332,7 @@ mod tests {
         let bump = sysgenid_proto::Request::Bump {
             min_generation: 3,
             allow_exhaustion: false,
+            details: sysgenid_proto::BumpDetails::default(),
         }
         .encode();
         let status = sysgenid_proto::Request::Status.encode();

@@ -3,7 +3,8 @@
 //! order that makes crashes harmless.
 //!
 //! A bump is: compute the next generation (nothing changes if it would
-//! overflow) → draw a fresh epoch id from the kernel RNG → save the state
+//! overflow) → renew the kernel RNG (mix in the request's entropy, force a
+//! reseed: [`crate::reseed`]) → draw a fresh epoch id from it → save the state
 //! durably (if that fails, nothing changes) → publish the page → commit to
 //! the core. Only then does the server notify watchers. So a value is never
 //! visible (page, socket, device) before it would survive `kill -9`, and the
@@ -24,8 +25,11 @@ use sysgenid_page::{PageRecord, PageWriter};
 use sysgenid_core::{Barrier, Counts, Tracking, WatcherId};
 use sysgenid_page::PageError;
 
+use crate::reseed::{KernelRng, Policy};
 use crate::runtime_dir::{RuntimeDir, RuntimeDirError};
 use crate::state::{SavedState, StateError, StateFile};
+use crate::work::BumpRequest;
+use sysgenid_proto::{ChangeKind, Hostname, RngStatus};
 
 /// Why the daemon cannot start from what is on disk. Each message says what
 /// to do.
@@ -120,6 +124,20 @@ pub struct Service {
     record: PageRecord,
     started: Instant,
     last_change_sources: Vec<String>,
+    rng: KernelRng,
+    last_change: Option<LastChange>,
+}
+
+/// What status and the hooks know of the last change this daemon made
+/// (not saved: like its sources, it starts empty after a restart).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LastChange {
+    /// What the requester said it was.
+    pub kind: ChangeKind,
+    /// The hostname that came with it.
+    pub hostname: Option<Hostname>,
+    /// How the kernel RNG was renewed before it was published.
+    pub rng: RngStatus,
 }
 
 impl Service {
@@ -208,6 +226,8 @@ impl Service {
             record,
             started: Instant::now(),
             last_change_sources: Vec::new(),
+            rng: KernelRng::open(Policy::Auto),
+            last_change: None,
         };
         service.page.publish(&record);
         // No watcher yet; a count left by a killed predecessor is replaced
@@ -231,14 +251,26 @@ impl Service {
         &self.record
     }
 
+    /// Sets when the kernel RNG is reseeded (`--reseed`; default `auto`).
+    pub fn set_reseed(&mut self, policy: Policy) {
+        self.rng = KernelRng::open(policy);
+    }
+
     /// Bumps (see the module docs for the order). `source` names what
-    /// caused it, for status.
+    /// caused it, for status; `kernel_reseeded` says the kernel's own
+    /// VM-fork reseed already covered this change (the `vmfork` signal).
     pub(crate) fn bump(
         &mut self,
-        min_generation: Generation,
+        request: &BumpRequest,
         source: &str,
+        kernel_reseeded: bool,
     ) -> Result<Generation, BumpError> {
-        let next = self.core.next_generation(min_generation)?;
+        let next = self.core.next_generation(request.min)?;
+        // Before the epoch is drawn, so the epoch (and every later draw in
+        // this clone) comes from a renewed CRNG.
+        let rng = self
+            .rng
+            .renew(request.details.entropy.as_ref(), kernel_reseeded);
         let state = SavedState {
             generation: next,
             epoch: random_epoch().map_err(BumpError::Random)?,
@@ -258,7 +290,47 @@ impl Service {
             self.page.wake_outdated_waiters();
         }
         self.last_change_sources = vec![source.to_string()];
+        self.last_change = Some(LastChange {
+            kind: request.details.kind,
+            hostname: request.details.hostname.clone(),
+            rng,
+        });
         Ok(next)
+    }
+
+    /// Another signal for the change just made (coalesced) brought
+    /// details: its entropy is mixed in and the RNG reseeded again, and a
+    /// kind or hostname the change did not have yet is taken. True when
+    /// the kind became known (the hooks then run again with it).
+    pub(crate) fn refine_last_change(&mut self, request: &BumpRequest) -> bool {
+        let Some(last) = &mut self.last_change else {
+            return false;
+        };
+        if let Some(entropy) = &request.details.entropy {
+            let rng = self.rng.renew(Some(entropy), last.rng.reseeded);
+            last.rng.entropy_mixed += rng.entropy_mixed;
+            if rng.entropy_error.is_some() {
+                last.rng.entropy_error = rng.entropy_error;
+            }
+            if rng.by.as_deref() == Some("sysgenidd") {
+                last.rng.reseeded = true;
+                last.rng.by = rng.by;
+                last.rng.not_reseeded_because = None;
+            }
+        }
+        if last.hostname.is_none() {
+            last.hostname = request.details.hostname.clone();
+        }
+        if last.kind == ChangeKind::Unknown && request.details.kind != ChangeKind::Unknown {
+            last.kind = request.details.kind;
+            return true;
+        }
+        false
+    }
+
+    /// The last change this daemon made, if any.
+    pub fn last_change(&self) -> Option<&LastChange> {
+        self.last_change.as_ref()
     }
 
     /// Counts at this instant (advisory).

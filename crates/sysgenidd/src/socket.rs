@@ -71,7 +71,7 @@ use sysgenid_proto::{
 use crate::peer::{Peer, Sender};
 use crate::service::BumpError;
 use crate::watchers::{Bumped, Limits, Watchers};
-use crate::work::{BumpRequest, Pending, Requester, WorkList};
+use crate::work::{BumpRequest, Pending, PrivilegedBump, Requester, WorkList};
 
 /// The listener's token; connections use their slab key.
 pub const LISTENER: Token = Token(usize::MAX - 1);
@@ -647,8 +647,16 @@ impl SocketFrontend {
                 Request::Bump {
                     min_generation,
                     allow_exhaustion,
+                    details,
                 },
-            ) => self.on_bump(key, min_generation, allow_exhaustion, sender, cx),
+            ) => {
+                let request = BumpRequest {
+                    min: min_generation,
+                    allow_exhaustion,
+                    details,
+                };
+                self.on_bump(key, request, sender, cx)
+            }
             (true, Request::Status) => {
                 let report = (cx.status)(cx.watchers);
                 self.send_reply(key, Reply::Status(report), cx.watchers);
@@ -934,8 +942,7 @@ impl SocketFrontend {
     fn on_bump(
         &mut self,
         key: usize,
-        min: u32,
-        allow_exhaustion: bool,
+        request: BumpRequest,
         sender: Option<Sender>,
         cx: &mut Context<'_>,
     ) {
@@ -949,11 +956,9 @@ impl SocketFrontend {
         }
         // The loop bumps and fans out, then calls `answer_bump`.
         self.conns[key].busy = true;
-        cx.work.bump(BumpRequest {
-            min,
-            allow_exhaustion,
+        cx.work.bump(PrivilegedBump {
+            request,
             requester: Requester::Socket(key),
-            restore: None,
         });
     }
 

@@ -36,6 +36,7 @@ use sysgenid_proto::SourceStatus;
 
 use crate::service::{BumpError, Service};
 use crate::trust::TrustRule;
+use crate::work::BumpRequest;
 
 /// Limits on watchers and connections, to keep one user from exhausting
 /// the daemon.
@@ -108,6 +109,14 @@ impl BumpCause {
             BumpCause::Manual => "manual",
             BumpCause::Source(name) => name,
         }
+    }
+
+    /// Whether the kernel reseeded its CRNG itself before this signal:
+    /// the `vmfork` record is the kernel's report of exactly that
+    /// (`random: crng reseeded due to virtual machine fork`). No other
+    /// source is known to (`vmclock`'s driver does not reseed).
+    pub fn kernel_reseeded(self) -> bool {
+        self == BumpCause::Source("vmfork")
     }
 }
 
@@ -395,13 +404,25 @@ impl Watchers {
 
     /// Makes a bump durable and visible on the page (see [`Service::bump`]).
     /// Watchers are told by the event loop, which is the only caller.
-    pub(crate) fn bump(&mut self, min: Generation, cause: BumpCause) -> Result<Bumped, BumpError> {
+    pub(crate) fn bump(
+        &mut self,
+        request: &BumpRequest,
+        cause: BumpCause,
+    ) -> Result<Bumped, BumpError> {
         if cause == BumpCause::Manual {
             self.manual.events += 1;
             self.manual.last_event_unix_ms = Some(unix_ms_now());
         }
-        let generation = self.service.bump(min, cause.name())?;
+        let generation = self
+            .service
+            .bump(request, cause.name(), cause.kernel_reseeded())?;
         Ok(Bumped { generation })
+    }
+
+    /// A coalesced signal's details for the change just made (see
+    /// [`Service::refine_last_change`]).
+    pub(crate) fn refine_last_change(&mut self, request: &BumpRequest) -> bool {
+        self.service.refine_last_change(request)
     }
 
     /// Clean exit: tells barrier waiters on the page (see

@@ -21,6 +21,7 @@ use std::time::Instant;
 
 use sysgenid_core::lifecycle::Transition;
 use sysgenid_core::Generation;
+use sysgenid_proto::BumpDetails;
 
 /// Who asked for a privileged bump, to be answered once it is done.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -30,35 +31,35 @@ pub enum Requester {
     Socket(usize),
     /// A device `SYSGENID_FORCE_GEN_UPDATE`, by its FUSE `unique`.
     Device(u64),
-    /// A host channel connection's `restored`, by its key.
+    /// A host channel connection's `restored`, by its key: a restore
+    /// signal from the host (source `host`, coalesced with a kernel
+    /// signal for the same restore), not a manual bump.
     Host(usize),
 }
 
-/// What the host said with its `restored`: the loop reseeds the kernel
-/// with the entropy, sets the host name, then bumps with source `host`
-/// (coalesced with a kernel signal for the same restore).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct HostRestore {
-    /// Restore or clone.
-    pub kind: sysgenid_proto::host::RestoreKind,
-    /// Host entropy (32 to 512 bytes, checked by the frontend).
-    pub entropy: Option<Vec<u8>>,
-    /// A new host name (checked by the frontend).
-    pub hostname: Option<String>,
-}
-
-/// A privileged bump request, checked by its frontend.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// A change asked for: what every frontend (the socket, the device, a
+/// host channel) and every restore signal hands to the event loop, which
+/// makes it in one place (`EventLoop::change`: reseed → epoch → save →
+/// publish → tell everyone).
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct BumpRequest {
-    /// The minimum generation asked for.
+    /// The minimum generation asked for (0: just the next one).
     pub min: Generation,
     /// Whether a minimum that exhausts the counter was explicitly allowed
     /// (`sysgenid_core::Core::check_minimum`; never on the device).
     pub allow_exhaustion: bool,
+    /// The kind of change, host entropy to mix in before the reseed, and
+    /// the hostname for the hooks (`sysgenid_proto::BumpDetails`).
+    pub details: BumpDetails,
+}
+
+/// A privileged bump request, checked by its frontend, and who to answer.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PrivilegedBump {
+    /// What was asked for.
+    pub request: BumpRequest,
     /// Who to answer.
     pub requester: Requester,
-    /// Set for a host's `restored`: a restore signal, not a manual bump.
-    pub restore: Option<HostRestore>,
 }
 
 /// Work queued by handlers for the loop.
@@ -66,7 +67,7 @@ pub struct BumpRequest {
 pub struct WorkList {
     /// The barrier may have moved: re-evaluate every pending wait.
     settle: bool,
-    bumps: VecDeque<BumpRequest>,
+    bumps: VecDeque<PrivilegedBump>,
     /// Socket connections to read again (a wait or bump ended, or their
     /// per-turn frame budget ran out), in order.
     resume: VecDeque<usize>,
@@ -85,7 +86,7 @@ impl WorkList {
     }
 
     /// Queues a privileged bump.
-    pub fn bump(&mut self, request: BumpRequest) {
+    pub fn bump(&mut self, request: PrivilegedBump) {
         self.bumps.push_back(request);
     }
 
@@ -120,7 +121,7 @@ impl WorkList {
     }
 
     /// The next queued bump.
-    pub fn next_bump(&mut self) -> Option<BumpRequest> {
+    pub fn next_bump(&mut self) -> Option<PrivilegedBump> {
         self.bumps.pop_front()
     }
 
@@ -249,17 +250,16 @@ mod tests {
         let mut w = WorkList::default();
         w.settle();
         w.settle();
-        let a = BumpRequest {
-            min: 0,
-            allow_exhaustion: false,
+        let a = PrivilegedBump {
+            request: BumpRequest::default(),
             requester: Requester::Device(7),
-            restore: None,
         };
-        let b = BumpRequest {
-            min: 9,
-            allow_exhaustion: false,
+        let b = PrivilegedBump {
+            request: BumpRequest {
+                min: 9,
+                ..BumpRequest::default()
+            },
             requester: Requester::Socket(1),
-            restore: None,
         };
         w.bump(a.clone());
         w.bump(b.clone());

@@ -118,6 +118,42 @@ int main(int argc, char **argv)
 	CHECK("wait_watchers(NULL) ignores untracked", sysgenid_wait_watchers(NULL, 2000), 0);
 	CHECK("wait_watchers(w) ignores untracked", sysgenid_wait_watchers(w, 2000), 0);
 
+	{
+		/* What the change is, host entropy and a hostname. */
+		static unsigned char ent[600];
+		uint32_t before = *g1;
+		int root = geteuid() == 0;
+
+		memset(ent, 0x5a, sizeof(ent));
+		CHECK("details: unknown kind -> -EINVAL",
+		      sysgenid_trigger_update_details(w, 0, 0, 3, NULL, 0, NULL), -EINVAL);
+		CHECK("details: unknown flag -> -EINVAL",
+		      sysgenid_trigger_update_details(w, 0, 2, 0, NULL, 0, NULL), -EINVAL);
+		CHECK("details: 31 bytes of entropy -> -EINVAL",
+		      sysgenid_trigger_update_details(w, 0, 0, SYSGENID_KIND_CLONE, ent, 31, NULL), -EINVAL);
+		CHECK("details: 513 bytes of entropy -> -EINVAL",
+		      sysgenid_trigger_update_details(w, 0, 0, SYSGENID_KIND_CLONE, ent, 513, NULL), -EINVAL);
+		CHECK("details: NULL entropy with a length -> -EINVAL",
+		      sysgenid_trigger_update_details(w, 0, 0, SYSGENID_KIND_CLONE, NULL, 32, NULL), -EINVAL);
+		CHECK("details: invalid hostname -> -EINVAL",
+		      sysgenid_trigger_update_details(w, 0, 0, SYSGENID_KIND_CLONE, NULL, 0, "a_b"), -EINVAL);
+		CHECK("details: refusals changed nothing", *g1, before);
+		CHECK("details: clone, 64 bytes, hostname",
+		      sysgenid_trigger_update_details(w, 0, 0, SYSGENID_KIND_CLONE, ent, 64, "web-3"), 0);
+		CHECK("details: moved", *g1, before + 1);
+		CHECK("details: status", sysgenid_get_status(NULL, &st, sizeof(st)), 0);
+		CHECK("details: status kind clone", st.last_change_kind, SYSGENID_KIND_CLONE);
+		CHECK("details: status entropy mixed (root daemon)", st.entropy_mixed, root ? 64 : 0);
+		CHECK("details: status kernel reseeded (root daemon)", st.kernel_reseeded, root);
+		CHECK("details(NULL): restore, 512 bytes",
+		      sysgenid_trigger_update_details(NULL, 0, 0, SYSGENID_KIND_RESTORE, ent, 512, NULL), 0);
+		CHECK("details: status", sysgenid_get_status(NULL, &st, sizeof(st)), 0);
+		CHECK("details: status kind restore", st.last_change_kind, SYSGENID_KIND_RESTORE);
+		CHECK("details: read", sysgenid_read(w, &gen), 0);
+		CHECK("details: ack", sysgenid_ack(w, gen), 0);
+		CHECK("details: ack nb", sysgenid_ack(nb, gen), 0);
+	}
+
 	CHECK("trigger_update(w, min)", sysgenid_trigger_update(w, 1000), 0);
 	CHECK("min honoured", *g1, 1000);
 	CHECK("exhausting minimum -> -EOVERFLOW", sysgenid_trigger_update(w, UINT32_MAX), -EOVERFLOW);

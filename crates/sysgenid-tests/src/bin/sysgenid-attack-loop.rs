@@ -317,6 +317,7 @@ fn logflood(path: &Path, threads: usize) {
                 let bump = Request::Bump {
                     min_generation: 0,
                     allow_exhaustion: false,
+                    details: Default::default(),
                 }
                 .encode();
                 let mut buf = [0u8; MAX_FRAME];

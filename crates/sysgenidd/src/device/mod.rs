@@ -55,7 +55,7 @@ use sysgenid_page::{PageRecord, PageWriter};
 use crate::runtime_dir::RuntimeDir;
 use crate::service::BumpError;
 use crate::watchers::Watchers;
-use crate::work::{BumpRequest, Pending, Requester, WorkList};
+use crate::work::{BumpRequest, Pending, PrivilegedBump, Requester, WorkList};
 pub use access::WriteAccess;
 use fuse::{opcode, Channel, InHeader, Op, Request};
 
@@ -713,11 +713,12 @@ impl Device {
                     // The loop bumps, fans out, then calls `answer_bump`.
                     // The seed's ioctl has no flag: an exhausting minimum
                     // is refused (EOVERFLOW).
-                    work.bump(BumpRequest {
-                        min,
-                        allow_exhaustion: false,
+                    work.bump(PrivilegedBump {
+                        request: BumpRequest {
+                            min,
+                            ..BumpRequest::default()
+                        },
                         requester: Requester::Device(unique),
-                        restore: None,
                     });
                 } else {
                     ch.error(unique, libc::EINVAL);

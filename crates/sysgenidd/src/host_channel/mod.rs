@@ -30,9 +30,11 @@
 //! # Who decides what
 //! Like the socket, this module changes watchers only through
 //! [`Watchers`] and leaves consequences to the loop through the
-//! [`WorkList`]: a `restored` becomes a [`BumpRequest`] carrying a
-//! [`HostRestore`] that the loop turns into a reseed and a `host`-sourced
-//! bump (coalesced with a kernel signal for the same restore); a freeze's
+//! [`crate::work::WorkList`]: a `restored` becomes a [`PrivilegedBump`] from
+//! [`Requester::Host`], whose [`BumpRequest`] carries the kind, entropy and
+//! host name; the loop makes it a restore signal of source `host` (the
+//! kernel RNG renewed before the change is published, coalesced with a
+//! kernel signal for the same restore); a freeze's
 //! outcome and a barrier wait's end come back from the loop. Replies reuse
 //! the socket's error codes and texts ([`crate::socket::bump_reply`],
 //! [`crate::socket::freeze_outcome_reply`]).
@@ -55,7 +57,7 @@ use sysgenid_proto::{ErrorCode, Reply, DEFAULT_FREEZE_TIMEOUT_MS};
 
 use crate::ratelimit::Kind;
 use crate::socket::{Context, FreezeOutcome};
-use crate::work::{BumpRequest, HostRestore, Pending, Requester};
+use crate::work::{BumpRequest, Pending, PrivilegedBump, Requester};
 pub use listen::{Listen, PeerAddr};
 
 /// The listener's token.
@@ -432,20 +434,23 @@ impl HostChannel {
             HostRequest::Freeze { timeout_ms } => self.on_freeze(key, timeout_ms, cx),
             HostRequest::WaitWatchers { timeout_ms } => self.on_wait(key, timeout_ms, cx),
             request @ HostRequest::Restored { .. } => {
-                let entropy = request.entropy().ok().flatten();
-                let HostRequest::Restored { kind, hostname, .. } = request else {
-                    unreachable!("matched above")
+                // Checked by `decode`; checked again rather than assumed.
+                let details = match request.details() {
+                    Ok(details) => details,
+                    Err(e) => {
+                        let reply =
+                            HostReply::error(ErrorCode::ProtocolViolation, 0, e.to_string());
+                        self.send(key, &reply);
+                        return;
+                    }
                 };
                 self.conns[key].busy = true;
-                cx.work.bump(BumpRequest {
-                    min: 0,
-                    allow_exhaustion: false,
+                cx.work.bump(PrivilegedBump {
+                    request: BumpRequest {
+                        details,
+                        ..BumpRequest::default()
+                    },
                     requester: Requester::Host(key),
-                    restore: Some(HostRestore {
-                        kind,
-                        entropy,
-                        hostname,
-                    }),
                 });
             }
         }
