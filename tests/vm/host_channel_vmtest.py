@@ -45,6 +45,10 @@ MODULE_ROOTS = ["virtio_ring", "virtio", "virtio_pci", "vsock",
                 "vmw_vsock_virtio_transport_common", "vmw_vsock_virtio_transport",
                 "vsock_loopback"]
 LIFE_WATCH_CMD = "sysgenidctl watch --lifecycle --exec /sgtest-life"
+# `sysgenid-rng reseed` forces a kernel CRNG reseed (RNDRESEEDCRNG);
+# `sysgenid-rng get 16` prints 16 bytes of getrandom in hex
+# (crates/sysgenid-tests, built next to sysgenidctl).
+RNG_TOOL = "sysgenid-rng"
 
 LINE_RE = re.compile(r"SGTEST (BOOT|MODULES|LOOPBACK|READY|LIFE-EXIT|LIFE|ALIVE|FAIL)(?: (.*))?$")
 
@@ -78,10 +82,15 @@ while :; do sleep 3600; done
 
 
 def guest_life():
-    return """#!/bin/sh
-# One console line per lifecycle event, with 16 bytes of getrandom.
-r=$(head -c 16 /dev/urandom | od -An -tx1 | tr -d ' \\n')
-echo "SGTEST LIFE ${SYSGENID_EVENT:-unset} gen=${SYSGENID_GENERATION:-unset} rand=$r" >/dev/console
+    return f"""#!/bin/sh
+# One console line per lifecycle event, with 16 bytes of getrandom. On a
+# freeze it first forces a kernel CRNG reseed: the snapshot that follows
+# within seconds holds a freshly reseeded generator, so only a reseed after
+# the restore can make the clones' streams differ (issue 17's setting).
+reseed=
+if [ "$SYSGENID_EVENT" = freeze ]; then {RNG_TOOL} reseed >/dev/null 2>&1; reseed=" reseed=$?"; fi
+r=$({RNG_TOOL} get 16 2>&1)
+echo "SGTEST LIFE ${{SYSGENID_EVENT:-unset}} gen=${{SYSGENID_GENERATION:-unset}} rand=$r$reseed" >/dev/console
 """
 
 
@@ -250,7 +259,9 @@ class Harness:
         self.cache = os.environ.get("SYSGENID_VSOCK_CACHE", "/var/cache/sysgenid-vsock")
         self.backend = os.environ["SYSGENID_VSOCK_BACKEND"]
         self.ctl = os.environ["SYSGENIDCTL"]
-        self.binaries = {"sysgenidd": os.environ["SYSGENIDD"], "sysgenidctl": self.ctl}
+        rng = os.environ.get("SYSGENID_VM_RNG") or os.path.join(os.path.dirname(self.ctl), RNG_TOOL)
+        self.binaries = {"sysgenidd": os.environ["SYSGENIDD"], "sysgenidctl": self.ctl,
+                         RNG_TOOL: rng}
         wd = os.environ.get("SYSGENID_VM_WORKDIR")
         # Removed after a pass unless given or SYSGENID_VM_KEEP=1 (~150 MB
         # of state); always kept after a failure.
@@ -313,7 +324,9 @@ class Harness:
     def scenario_freeze_snapshot(self):
         vm = self.vm
         self.expect(vm, vm.ctl("freeze", "--timeout-ms", "30000"), 0, "freeze")
-        vm.wait_for("LIFE", 30, lambda r: r.startswith("freeze"), "participant freeze")
+        frz = vm.wait_for("LIFE", 30, lambda r: r.startswith("freeze"), "participant freeze")
+        if field(frz, "reseed") != "0":
+            raise TestFailure(f"the guest could not force a kernel reseed before the snapshot: {frz!r}")
         if self.status(vm).get("state") != "frozen":
             raise TestFailure("not frozen after freeze")
         self.state = os.path.join(self.workdir, "S.state")
