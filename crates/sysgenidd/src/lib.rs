@@ -9,6 +9,8 @@
 //!   per-uid accounting and the `manual` source's statistics;
 //! * [`work`]: the work list and the requests pending with a deadline,
 //!   which both frontends fill and the loop drains;
+//! * [`requests`]: the decisions the socket and the host channel share
+//!   (freeze, thaw, barrier waits, bump and freeze replies);
 //! * [`socket`]: the socket frontend (accept, frames, outboxes);
 //! * [`device`]: `/dev/sysgenid`, the seed's device ABI served through
 //!   FUSE, its handles watchers in the same core;
@@ -41,6 +43,7 @@ pub mod hooks;
 pub mod host_channel;
 pub mod peer;
 pub mod ratelimit;
+pub mod requests;
 pub mod reseed;
 pub mod runtime_dir;
 pub mod service;

@@ -35,9 +35,10 @@
 //! host name; the loop makes it a restore signal of source `host` (the
 //! kernel RNG renewed before the change is published, coalesced with a
 //! kernel signal for the same restore); a freeze's
-//! outcome and a barrier wait's end come back from the loop. Replies reuse
-//! the socket's error codes and texts ([`crate::socket::bump_reply`],
-//! [`crate::socket::freeze_outcome_reply`]).
+//! outcome and a barrier wait's end come back from the loop. Freeze, thaw,
+//! waits and the replies are decided in [`crate::requests`], shared with
+//! the socket; this module is the transport (lines, the CID check, the
+//! per-connection bounds) and converts each reply to a JSON line.
 
 pub mod listen;
 
@@ -48,15 +49,15 @@ use std::time::{Duration, Instant};
 use mio::unix::SourceFd;
 use mio::{Interest, Registry, Token};
 use slab::Slab;
-use sysgenid_core::lifecycle::{FreezeId, LifecycleError, Transition};
-use sysgenid_core::Barrier;
+use sysgenid_core::lifecycle::FreezeId;
 use sysgenid_proto::host::{
     HostReply, HostRequest, RestoredReport, HOST_MAX_LINE, VMADDR_CID_HOST,
 };
-use sysgenid_proto::{ErrorCode, Reply, DEFAULT_FREEZE_TIMEOUT_MS};
+use sysgenid_proto::{ErrorCode, Reply};
 
 use crate::ratelimit::Kind;
-use crate::socket::{Context, FreezeOutcome};
+use crate::requests::{self, FreezeOutcome, Started};
+use crate::socket::Context;
 use crate::work::{BumpRequest, Pending, PrivilegedBump, Requester};
 pub use listen::{Listen, PeerAddr};
 
@@ -428,8 +429,8 @@ impl HostChannel {
                 self.send(key, &reply);
             }
             HostRequest::Thaw {} => {
-                cx.work.transition(cx.watchers.thaw());
-                self.send(key, &HostReply::done(cx.watchers.generation()));
+                let reply = requests::thaw(cx.watchers, cx.work);
+                self.send(key, &from_reply(reply));
             }
             HostRequest::Freeze { timeout_ms } => self.on_freeze(key, timeout_ms, cx),
             HostRequest::WaitWatchers { timeout_ms } => self.on_wait(key, timeout_ms, cx),
@@ -457,51 +458,25 @@ impl HostChannel {
     }
 
     fn on_freeze(&mut self, key: usize, timeout_ms: u32, cx: &mut Context<'_>) {
-        let timeout_ms = match timeout_ms {
-            0 => DEFAULT_FREEZE_TIMEOUT_MS,
-            ms => ms,
-        };
-        match cx
-            .watchers
-            .freeze(Duration::from_millis(u64::from(timeout_ms)))
-        {
-            Ok(transitions) if transitions.is_empty() => {
-                self.send(key, &HostReply::done(cx.watchers.generation()))
-            }
-            Ok(transitions) => {
+        match requests::freeze(cx.watchers, cx.work, timeout_ms) {
+            Started::Freezing(id) => {
                 self.conns[key].busy = true;
-                for t in &transitions {
-                    if let Transition::FreezeStarted { id } = t {
-                        self.freezers.push((*id, key));
-                    }
-                }
-                cx.work.transition(transitions);
+                self.freezers.push((id, key));
             }
-            Err(LifecycleError::Busy { id, pending }) => self.send(
-                key,
-                &HostReply::error(
-                    ErrorCode::Busy,
-                    pending,
-                    format!("freeze {id} is already in progress ({pending} participant(s) still to confirm); wait for it or thaw"),
-                ),
-            ),
-            Err(e) => self.send(key, &HostReply::error(ErrorCode::Internal, 0, e.to_string())),
+            Started::Answer(reply) => self.send(key, &from_reply(reply)),
+            Started::Waiting { .. } => unreachable!("a freeze is never a barrier wait"),
         }
     }
 
     fn on_wait(&mut self, key: usize, timeout_ms: u32, cx: &mut Context<'_>) {
-        match cx.watchers.barrier(None) {
-            Ok(Barrier::Pending { .. }) => {
-                let deadline = (timeout_ms > 0)
-                    .then(|| Instant::now() + Duration::from_millis(u64::from(timeout_ms)));
+        // The host has no watcher of its own: it waits for everyone.
+        match requests::wait(cx.watchers, None, timeout_ms) {
+            Started::Waiting { deadline } => {
                 self.conns[key].busy = true;
                 self.waits.add(key, deadline);
             }
-            Ok(_) => self.send(key, &HostReply::done(cx.watchers.generation())),
-            Err(e) => self.send(
-                key,
-                &HostReply::error(ErrorCode::Internal, 0, e.to_string()),
-            ),
+            Started::Answer(reply) => self.send(key, &from_reply(reply)),
+            Started::Freezing(_) => unreachable!("a wait never freezes"),
         }
     }
 
@@ -515,7 +490,7 @@ impl HostChannel {
         result: &Result<sysgenid_core::Generation, crate::service::BumpError>,
         report: RestoredReport,
     ) -> HostReply {
-        let mut reply = from_reply(crate::socket::bump_reply(result));
+        let mut reply = from_reply(requests::bump_reply(result));
         if reply.ok {
             reply.restored = Some(report);
         }
@@ -528,7 +503,7 @@ impl HostChannel {
             return;
         };
         let (_, key) = self.freezers.remove(i);
-        let reply = from_reply(crate::socket::freeze_outcome_reply(
+        let reply = from_reply(requests::freeze_outcome_reply(
             outcome,
             cx.watchers.generation(),
         ));
@@ -538,30 +513,17 @@ impl HostChannel {
     /// Answers every wait whose barrier is no longer pending.
     pub fn settle(&mut self, cx: &mut Context<'_>) {
         let watchers = &*cx.watchers;
-        let done = self.waits.settle(|_| match watchers.barrier(None) {
-            Ok(Barrier::Pending { .. }) => None,
-            Ok(_) => Some(HostReply::done(watchers.generation())),
-            Err(e) => Some(HostReply::error(ErrorCode::Internal, 0, e.to_string())),
-        });
+        let done = self.waits.settle(|_| requests::wait_answer(watchers, None));
         for (key, reply) in done {
-            self.unbusy(key, &reply);
+            self.unbusy(key, &from_reply(reply));
         }
     }
 
     /// Ends waits past their deadline, and closes idle connections.
     pub fn expire(&mut self, now: Instant, cx: &mut Context<'_>) {
         for key in self.waits.expire(now) {
-            let outdated = cx.watchers.counts().outdated;
-            self.unbusy(
-                key,
-                &HostReply::error(
-                    ErrorCode::TimedOut,
-                    outdated,
-                    format!(
-                        "timed out with {outdated} tracked watcher(s) (or hooks) still outdated"
-                    ),
-                ),
-            );
+            let reply = requests::wait_timed_out(cx.watchers);
+            self.unbusy(key, &from_reply(reply));
         }
         let idle: Vec<(usize, bool, bool)> = self
             .conns
