@@ -56,6 +56,9 @@ pub enum FreezeOutcome {
 
 /// What a request that may wait turned into.
 #[derive(Debug, Clone, PartialEq, Eq)]
+// Built and consumed at once by the frontend (like `Reply` itself, whose
+// status variant makes it large): boxing would buy nothing.
+#[allow(clippy::large_enum_variant)]
 pub enum Started {
     /// Answered at once.
     Answer(Reply),
