@@ -87,6 +87,11 @@ pub(crate) struct Args {
     #[arg(long, value_name = "N")]
     pub(crate) wake_rounds: Option<usize>,
 
+    /// The restore window's checkers (scenario 7; default all): how the
+    /// program checking the page uses its CPU while it waits.
+    #[arg(long, value_delimiter = ',', value_name = "KIND,...")]
+    pub(crate) checkers: Option<Vec<scenario::window::Checker>>,
+
     /// Only these scenarios (comma-separated numbers 1..7; default all).
     #[arg(long, value_delimiter = ',', value_name = "N,...")]
     pub(crate) only: Option<Vec<u32>>,
@@ -187,6 +192,7 @@ fn run(ctx: &mut Ctx, nofile: u64) -> Result<(), String> {
     if ctx.wants(2) {
         eprintln!("(2) one waiter");
         scenario::one_waiter::run(ctx, &daemon, &mut control)?;
+        scenario::bump_path::run(ctx)?;
     }
     if ctx.wants(3) || ctx.wants(6) {
         scenario::fanout::run(ctx, &daemon, &mut control, idle_rss, nofile)?;

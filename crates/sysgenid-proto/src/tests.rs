@@ -111,6 +111,20 @@ proptest! {
         let _ = Request::decode(&bytes);
         let _ = Reply::decode(&bytes);
     }
+
+    #[test]
+    fn arbitrary_bump_details_never_panic(
+        flags in 0u8..4,
+        tail in proptest::collection::vec(any::<u8>(), 0..700),
+    ) {
+        let mut frame = vec![0x04, 1, 0, 0, 0, flags];
+        frame.extend(tail);
+        if let Ok(Request::Bump { details, .. }) = Request::decode(&frame) {
+            // Whatever decodes is within the limits.
+            prop_assert!(details.entropy.as_ref().is_none_or(|e| (32..=512).contains(&e.bytes().len())));
+            prop_assert!(details.hostname.as_ref().is_none_or(|h| h.as_str().len() <= 64));
+        }
+    }
 }
 
 #[test]

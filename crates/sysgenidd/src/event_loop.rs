@@ -20,8 +20,8 @@
 //!    accept a bounded number of new connections if the listener was
 //!    ready or is queued on the work list (its budget ran out last turn).
 //! 4. Process the work list until it is empty: each privileged bump is made
-//!    durable and then fanned out (`EventLoop::bump`: device mirror and
-//!    readers first, then one `Changed` per socket watcher), then pending
+//!    durable and then fanned out (`EventLoop::bump`: one `Changed` per
+//!    socket watcher first, then the device mirror and readers), then pending
 //!    barrier waits on both frontends are settled. Nothing here calls back
 //!    into frame reading: a connection whose wait ends is queued for step 3
 //!    of the next turn.
@@ -619,6 +619,9 @@ impl EventLoop {
         ev: sysgenid_sources::SourceEvent,
         request: BumpRequest,
     ) -> Result<(Generation, bool), BumpError> {
+        let result = self.offer_signal(&ev, &request);
+        // The source's statistics after the bump: nothing but the bump
+        // comes between the signal and the page.
         if let Some(s) = self.sources.iter_mut().find(|s| s.name == ev.source) {
             s.events += 1;
             s.last_event_unix_ms = Some(
@@ -628,12 +631,22 @@ impl EventLoop {
                     .unwrap_or(0),
             );
         }
+        result
+    }
+
+    /// Bumps for a restore signal, or merges it into the change just made;
+    /// the generation and whether it was merged.
+    fn offer_signal(
+        &mut self,
+        ev: &sysgenid_sources::SourceEvent,
+        request: &BumpRequest,
+    ) -> Result<(Generation, bool), BumpError> {
         match self.coalescer.offer(ev.source, Instant::now()) {
             sysgenid_sources::Offer::Bump => {
                 // No log line before the bump: until the page shows it,
                 // every program on this machine still believes it is
                 // unique. The bump's one line names the signal.
-                let result = self.change(&request, BumpCause::Source(ev.source), Some(&ev));
+                let result = self.change(request, BumpCause::Source(ev.source), Some(ev));
                 if let Err(e) = &result {
                     tracing::error!(source = ev.source, "restore signal: {}", ev.detail);
                     tracing::error!(source = ev.source, "could not bump: {e}");
@@ -648,7 +661,7 @@ impl EventLoop {
                     ev.detail
                 );
                 self.watchers.note_agreeing_source(ev.source);
-                if self.watchers.refine_last_change(&request) {
+                if self.watchers.refine_last_change(request) {
                     tracing::info!(
                         generation = self.watchers.generation(),
                         kind = request.details.kind.name(),
@@ -730,12 +743,14 @@ impl EventLoop {
 
     /// Makes a change and tells everyone: the kernel RNG is renewed, the
     /// epoch drawn, the state saved and the page published (all in
-    /// `Service::bump`) before the first watcher is told; barrier waits are
+    /// `Service::bump`) before the first watcher is told (socket watchers
+    /// right after publication, before the log line); barrier waits are
     /// settled next, from the work list. `signal` is the source's event, if
     /// a source caused it: when it carries the kernel's timestamp, the lag
     /// from it to publication is logged and kept for status. One log line
     /// (two if the kernel RNG could not be reseeded), written after
-    /// publication. Every frontend's bump comes through here.
+    /// publication; its fields name the kind and how the kernel RNG was
+    /// renewed (`kernel_rng`). Every frontend's bump comes through here.
     pub fn change(
         &mut self,
         request: &BumpRequest,
@@ -758,14 +773,18 @@ impl EventLoop {
             // ~3x a pipe wake without, ~2x with). Manual bumps do not yield.
             rustix::thread::sched_yield();
         }
+        // The socket watchers first: nothing they can do with the frame is
+        // read before this turn ends, and the log line below costs a few
+        // microseconds that were on every watcher's path.
+        self.socket.on_bump_committed(&bumped);
 
         let last = self.watchers.service().last_change().cloned();
         let kind = last.as_ref().map_or("unknown", |c| c.kind.name());
         let rng = last.as_ref().map(|c| c.rng.clone()).unwrap_or_default();
         let reseed = match (&rng.by, rng.entropy_mixed) {
-            (Some(by), 0) => format!("kernel RNG reseeded by {by}"),
-            (Some(by), n) => format!("kernel RNG reseeded by {by} with {n} bytes of host entropy"),
-            (None, _) => "kernel RNG NOT reseeded".to_string(),
+            (Some(by), 0) => format!("reseeded by {by}"),
+            (Some(by), n) => format!("reseeded by {by} with {n} bytes of host entropy"),
+            (None, _) => "NOT reseeded".to_string(),
         };
         match (signal, lag_us) {
             (Some(signal), Some(lag_us)) => {
@@ -773,9 +792,10 @@ impl EventLoop {
                 tracing::info!(
                     generation = bumped.generation,
                     source = cause.name(),
-                    kind,
                     kernel_record_to_page_us = lag_us,
-                    "generation changed ({reseed}): restore signal: {}",
+                    kind,
+                    kernel_rng = %reseed,
+                    "generation changed: restore signal: {}",
                     signal.detail
                 );
             }
@@ -783,14 +803,16 @@ impl EventLoop {
                 generation = bumped.generation,
                 source = cause.name(),
                 kind,
-                "generation changed ({reseed}): restore signal: {}",
+                kernel_rng = %reseed,
+                "generation changed: restore signal: {}",
                 signal.detail
             ),
             (None, _) => tracing::info!(
                 generation = bumped.generation,
                 source = cause.name(),
                 kind,
-                "generation changed ({reseed})"
+                kernel_rng = %reseed,
+                "generation changed"
             ),
         }
         if let Some(why) = &rng.not_reseeded_because {
@@ -819,7 +841,6 @@ impl EventLoop {
         if let Some(device) = &mut self.device {
             device.on_bump(&self.watchers);
         }
-        self.socket.on_bump_committed(&bumped);
         self.work.settle();
         Ok(bumped.generation)
     }

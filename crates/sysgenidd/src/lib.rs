@@ -25,6 +25,7 @@
 //!   before a change is published;
 //! * [`hooks`]: the hooks directory's runner, on a thread of its own;
 //! * [`supervisor`]: readiness and the watchdog for systemd;
+//! * [`sched`]: the loop thread's short scheduler slice (restore window);
 //! * [`ratelimit`]: rate-limited log lines for everything a peer can cause;
 //! * [`trust`]: who holds the lifecycle (`--lifecycle-group`);
 //! * restore-signal sources come from the `sysgenid-sources` crate and run
@@ -47,6 +48,7 @@ pub mod ratelimit;
 pub mod requests;
 pub mod reseed;
 pub mod runtime_dir;
+pub mod sched;
 pub mod service;
 pub mod socket;
 pub mod state;

@@ -215,20 +215,29 @@ fn run(args: Args) -> Result<(), String> {
     };
     tracing::info!("lifecycle held by: {trust_description}");
     tracing::info!(
-        "sysgenidd {} ready: runtime dir {}, generation {}, epoch {}, device: {}, hooks: {}, sources: {}",
+        "sysgenidd {} ready: runtime dir {}, generation {}, epoch {}, device: {}, hooks: {}, sources: {}, kernel RNG reseed before a change: {}",
         env!("CARGO_PKG_VERSION"),
         dir_path.display(),
         record.generation,
         sysgenidd::state::epoch_hex(&record.epoch),
         device,
         hooks_description,
-        sources
+        sources,
+        args.reseed
     );
     supervisor::ready(&format!(
         "generation {}, serving {}; sources: {sources}",
         record.generation,
         dir_path.display()
     ));
+    // On this thread only: the threads started above keep the default.
+    match sysgenidd::sched::short_slice() {
+        sysgenidd::sched::Outcome::Applied => tracing::debug!(
+            "event loop thread: {} µs scheduler slice",
+            sysgenidd::sched::SLICE_NS / 1000
+        ),
+        other => tracing::debug!("event loop thread: default scheduler slice ({other:?})"),
+    }
     let result = server.run().map_err(|e| format!("event loop failed: {e}"));
     supervisor::stopping();
     result

@@ -14,7 +14,8 @@
 //!    `CAP_CHECKPOINT_RESTORE` (`capget`);
 //! 2. it is in the daemon's user namespace;
 //! 3. its real and effective uid both equal the uid recorded with the
-//!    request;
+//!    request (read through its pidfd, `PIDFD_GET_INFO`, where the kernel
+//!    has it: Linux 6.13+; else from `/proc/<pid>/status`);
 //! 4. its pidfd still names a process (thread, on the device) that has not
 //!    exited.
 //!
@@ -35,7 +36,7 @@
 //!
 //! # References
 //! `unix(7)`, `capget(2)`, `user_namespaces(7)`, `pidfd_open(2)`,
-//! `proc_pid_status(5)`.
+//! `proc_pid_status(5)`, `PIDFD_GET_INFO` in `<linux/pidfd.h>`.
 
 mod scm;
 
@@ -239,8 +240,14 @@ pub fn privileged(sender: Option<&Sender>) -> Result<(), Refusal> {
     if own_user_ns().is_none() || user_ns(pid) != own_user_ns() {
         return Err(Refusal::OtherUserNamespace);
     }
-    // 3. Identity.
-    if current_uids(pid) != Some((sender.uid, sender.uid)) {
+    // 3. Identity: from the pidfd where the kernel can say (one ioctl),
+    // else from /proc (open, read ~1.5 KiB of formatted text, close).
+    let uids = match pidfd_uids(pidfd.as_fd()) {
+        Ok(uids) => Some(uids),
+        Err(Errno::SRCH) => return Err(Refusal::Exited),
+        Err(_) => current_uids(pid),
+    };
+    if uids != Some((sender.uid, sender.uid)) {
         return Err(Refusal::IdentityChanged);
     }
     // 4. Liveness.
@@ -258,8 +265,56 @@ pub fn process_may_bump(tid: u32, uid: u32) -> bool {
 
 /// Developer mode: an unprivileged daemon trusts its own uid.
 fn same_uid_as_unprivileged_daemon(uid: u32) -> bool {
-    let daemon_euid = rustix::process::geteuid();
+    // The daemon never changes its uids: read once, not on every bump.
+    static EUID: std::sync::OnceLock<rustix::process::Uid> = std::sync::OnceLock::new();
+    let daemon_euid = *EUID.get_or_init(rustix::process::geteuid);
     !daemon_euid.is_root() && uid == daemon_euid.as_raw()
+}
+
+/// `struct pidfd_info` of `<linux/pidfd.h>`, its first version (64 bytes,
+/// Linux 6.13): what `PIDFD_GET_INFO` fills.
+#[repr(C)]
+#[derive(Default)]
+struct PidfdInfo {
+    mask: u64,
+    cgroupid: u64,
+    pid: u32,
+    tgid: u32,
+    ppid: u32,
+    ruid: u32,
+    rgid: u32,
+    euid: u32,
+    egid: u32,
+    suid: u32,
+    sgid: u32,
+    fsuid: u32,
+    fsgid: u32,
+    spare: u32,
+}
+
+/// `PIDFD_INFO_CREDS`: the uids and gids are filled.
+const PIDFD_INFO_CREDS: u64 = 1 << 1;
+/// `PIDFD_GET_INFO` = `_IOWR(0xFF, 11, struct pidfd_info)` at 64 bytes.
+const PIDFD_GET_INFO: libc::c_ulong = (3 << 30) | (64 << 16) | (0xFF << 8) | 11;
+
+/// Real and effective uid of the pidfd's process now, as seen from our user
+/// namespace (`PIDFD_GET_INFO`, Linux 6.13+). `SRCH` once it has been
+/// reaped; `NOTTY`/`INVAL` where the kernel has no such ioctl.
+fn pidfd_uids(pidfd: BorrowedFd<'_>) -> Result<(u32, u32), Errno> {
+    let mut info = PidfdInfo {
+        mask: PIDFD_INFO_CREDS,
+        ..PidfdInfo::default()
+    };
+    // SAFETY: PIDFD_GET_INFO writes at most the 64 bytes its number
+    // encodes into `info`, a repr(C) struct of exactly that size we own.
+    let rc = unsafe { libc::ioctl(pidfd.as_raw_fd(), PIDFD_GET_INFO, &mut info) };
+    if rc != 0 {
+        return Err(Errno::from_io_error(&std::io::Error::last_os_error()).unwrap_or(Errno::IO));
+    }
+    if info.mask & PIDFD_INFO_CREDS == 0 {
+        return Err(Errno::INVAL);
+    }
+    Ok((info.ruid, info.euid))
 }
 
 /// Whether the process behind `pidfd` has not exited (a pidfd polls
@@ -389,6 +444,27 @@ mod tests {
             "no credentials are taken for other frames"
         );
         assert_eq!(open_fds(), before);
+    }
+
+    #[test]
+    fn the_pidfd_names_the_uids_proc_shows_and_says_when_its_process_was_reaped() {
+        let me = me();
+        let pidfd = me.pidfd.as_ref().unwrap();
+        let pid = Pid::from_raw(me.pid).unwrap();
+        match pidfd_uids(pidfd.as_fd()) {
+            Ok(uids) => assert_eq!(Some(uids), current_uids(pid)),
+            // A kernel before 6.13: the /proc read is used instead.
+            Err(e) => assert!(matches!(e, Errno::NOTTY | Errno::INVAL), "{e}"),
+        }
+        // A child that exits and is reaped: its pidfd says so.
+        let child = std::process::Command::new("true").spawn().unwrap();
+        let child_pid = Pid::from_raw(child.id() as i32).unwrap();
+        let child_fd = rustix::process::pidfd_open(child_pid, PidfdFlags::empty()).unwrap();
+        let mut child = child;
+        child.wait().unwrap();
+        if pidfd_uids(pidfd.as_fd()).is_ok() {
+            assert_eq!(pidfd_uids(child_fd.as_fd()), Err(Errno::SRCH));
+        }
     }
 
     #[test]

@@ -423,3 +423,73 @@ impl Service {
         self.started.elapsed()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use sysgenid_proto::{BumpDetails, Entropy};
+
+    fn service() -> (tempfile::TempDir, Service) {
+        let parent = tempfile::tempdir().unwrap();
+        let dir = RuntimeDir::prepare(&parent.path().join("run")).unwrap();
+        let mut service = Service::start(dir, false).unwrap();
+        service.set_reseed(Policy::Never);
+        (parent, service)
+    }
+
+    #[test]
+    fn a_bump_records_its_kind_and_a_coalesced_signal_refines_an_unknown_one() {
+        let (_dir, mut s) = service();
+        assert!(s.last_change().is_none());
+        let clone = BumpRequest {
+            details: BumpDetails {
+                kind: ChangeKind::Clone,
+                hostname: Some(Hostname::new("web-3").unwrap()),
+                ..BumpDetails::default()
+            },
+            ..BumpRequest::default()
+        };
+        // A vmgenid signal: unknown kind, the kernel reseeded itself.
+        s.bump(&BumpRequest::default(), "vmfork", true).unwrap();
+        let last = s.last_change().unwrap();
+        assert_eq!(last.kind, ChangeKind::Unknown);
+        assert_eq!(last.rng.by.as_deref(), Some("kernel"));
+        // The host says, within the window, that it was a clone.
+        assert!(s.refine_last_change(&clone), "the kind became known");
+        let last = s.last_change().unwrap();
+        assert_eq!(last.kind, ChangeKind::Clone);
+        assert_eq!(last.hostname.as_ref().unwrap().as_str(), "web-3");
+        // A known kind is kept.
+        let restore = BumpRequest {
+            details: BumpDetails {
+                kind: ChangeKind::Restore,
+                ..BumpDetails::default()
+            },
+            ..BumpRequest::default()
+        };
+        assert!(!s.refine_last_change(&restore));
+        assert_eq!(s.last_change().unwrap().kind, ChangeKind::Clone);
+        // A manual bump that says nothing is unknown and not reseeded
+        // (--reseed never here), with the reason.
+        s.bump(&BumpRequest::default(), "manual", false).unwrap();
+        let last = s.last_change().unwrap();
+        assert_eq!(last.kind, ChangeKind::Unknown);
+        assert!(!last.rng.reseeded);
+        assert!(last.hostname.is_none(), "a hostname is that change's only");
+        // Entropy that comes with a refinement is counted (or its refusal
+        // kept) either way.
+        let with_entropy = BumpRequest {
+            details: BumpDetails {
+                entropy: Some(Entropy::new(vec![1; 32]).unwrap()),
+                ..BumpDetails::default()
+            },
+            ..BumpRequest::default()
+        };
+        s.refine_last_change(&with_entropy);
+        let rng = &s.last_change().unwrap().rng;
+        assert!(
+            rng.entropy_mixed == 32 || rng.entropy_error.is_some(),
+            "{rng:?}"
+        );
+    }
+}

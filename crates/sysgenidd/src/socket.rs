@@ -311,7 +311,7 @@ impl SocketFrontend {
             .encode(),
             refusal_per_uid: error(
                 ErrorCode::TooManyWatchers,
-                limits.max_connections_per_uid,
+                0,
                 format!(
                     "this uid already has {} connections, the per-user limit (--max-connections-per-uid)",
                     limits.max_connections_per_uid

@@ -2,6 +2,7 @@
 //! baseline and writes rows into the table.
 
 pub(crate) mod barrier;
+pub(crate) mod bump_path;
 pub(crate) mod device;
 pub(crate) mod fanout;
 pub(crate) mod memory;

@@ -25,7 +25,14 @@ pub(crate) fn run(
     // Round trips of the daemon itself, before any watcher exists.
     let k = if ctx.quick() { 50 } else { 300 };
     let echo = Echo::new();
+    // A second daemon that never reseeds the kernel RNG: the bump round
+    // trip with and without RNDRESEEDCRNG, interleaved in the same run.
+    let mut extra = ctx.args.daemon_args.clone();
+    extra.extend(["--reseed".into(), "never".into()]);
+    let (plain, _) = Daemon::start(&ctx.bin, &ctx.tmp, &extra, false)?;
+    let mut plain_control = plain.control();
     let (mut bump_rtt, mut status_rtt, mut sock_rtt) = (Vec::new(), Vec::new(), Vec::new());
+    let mut plain_rtt = Vec::new();
     for _ in 0..k {
         std::thread::sleep(Duration::from_micros(1000));
         let t = now_ns();
@@ -33,15 +40,34 @@ pub(crate) fn run(
         bump_rtt.push((now_ns() - t) as f64);
         std::thread::sleep(Duration::from_micros(1000));
         let t = now_ns();
+        plain_control
+            .bump(0)
+            .map_err(|e| format!("bump (--reseed never): {e}"))?;
+        plain_rtt.push((now_ns() - t) as f64);
+        std::thread::sleep(Duration::from_micros(1000));
+        let t = now_ns();
         control.status().map_err(|e| format!("status: {e}"))?;
         status_rtt.push((now_ns() - t) as f64);
         std::thread::sleep(Duration::from_micros(1000));
         sock_rtt.push(echo.rtt());
     }
-    let (bump_rtt, status_rtt, sock_rtt) = (
+    drop(plain_control);
+    drop(plain);
+    let reseeded = control
+        .status()
+        .ok()
+        .and_then(|s| s.last_change_rng)
+        .map_or("unknown".to_string(), |r| {
+            match (r.by, r.not_reseeded_because) {
+                (Some(by), _) => format!("reseeded by {by}"),
+                (None, why) => format!("not reseeded: {}", why.unwrap_or_default()),
+            }
+        });
+    let (bump_rtt, status_rtt, sock_rtt, plain_rtt) = (
         stats(&mut bump_rtt),
         stats(&mut status_rtt),
         stats(&mut sock_rtt),
+        stats(&mut plain_rtt),
     );
     let mechs = [Mech::Sysgenid, Mech::Eventfd, Mech::Unix, Mech::Futex];
     let mut groups = mechs
@@ -71,9 +97,9 @@ pub(crate) fn run(
         Some(3.0),
     )
     .why(format!(
-        "request → the daemon's bump starts {} (one hop plus the request's checks), bump start → \
-         the watcher returns {} (state save, page, Changed frame: the second hop); the bump round trip \
-         alone, no watcher, is {}",
+        "request → the daemon's bump starts {} (one hop, the daemon's wake-up, the request's checks \
+         and epoch draw: the daemon's own calls are the `split` rows), bump start → the watcher returns {} \
+         (state save, page, Changed frame: the second hop); the bump round trip alone, no watcher, is {}",
         fmt((ours.p50 - internal.p50).max(0.0), Unit::Ns),
         fmt(internal.p50, Unit::Ns),
         fmt(bump_rtt.p50, Unit::Ns)
@@ -141,6 +167,20 @@ pub(crate) fn run(
         Unit::Ns,
         None,
     );
+    t.ratio(
+        "2",
+        "`Control::bump` round trip with the kernel RNG reseed (default `--reseed auto`), p50",
+        bump_rtt.p50,
+        "the same against a daemon with `--reseed never`, p50",
+        plain_rtt.p50,
+        Unit::Ns,
+        None,
+    )
+    .why(format!(
+        "the added cost of RNDRESEEDCRNG before the epoch draw (this daemon's last change: {reseeded}); p99 {} vs {}",
+        fmt(bump_rtt.p99, Unit::Ns),
+        fmt(plain_rtt.p99, Unit::Ns)
+    ));
     t.ratio(
         "2",
         "diagnostic: `Control::status` round trip, p50",
