@@ -370,8 +370,15 @@ class Harness:
             st = self.status(vm)
             if st.get("state") != "running" or st.get("last_change_sources") != ["host"]:
                 raise TestFailure(f"{vm.name}: after restored: {st}")
+            rng = st.get("last_change_rng") or {}
+            if (st.get("last_change_kind") != "clone" or not rng.get("reseeded")
+                    or rng.get("entropy_mixed", 0) < 32):
+                raise TestFailure(f"{vm.name}: the change is not a clone with the kernel reseeded "
+                                  f"and host entropy mixed in: kind {st.get('last_change_kind')}, "
+                                  f"rng {rng}")
             out.append((vm.name, st["epoch"], field(change, "rand")))
             log(f"  {vm.name}: generation {st['generation']}, epoch {st['epoch']}, "
+                f"kind {st['last_change_kind']}, rng {rng}, "
                 f"getrandom after the change {field(change, 'rand')}")
         (_, e1, r1), (_, e2, r2) = out
         if e1 == e2 or self.epoch0 in (e1, e2):
