@@ -474,6 +474,11 @@ pub struct HooksStatus {
     pub refused: u64,
     /// The latest failure, timeout or refusal, for humans.
     pub last_problem: Option<String>,
+    /// The hooks whose latest `change` run failed or timed out, each with
+    /// why: each holds the change unacknowledged (a tracked watcher still
+    /// outdated) until the next change's run. Absent from older daemons.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub holding: Vec<String>,
 }
 
 /// A frame that could not be decoded.
@@ -791,9 +796,16 @@ impl Reply {
                         clip(&mut src.detail, limit);
                     }
                     let hooks = short.hooks.as_mut();
-                    let (hooks_dir, hooks_problem) = match hooks {
-                        Some(h) => (Some(&mut h.dir), h.last_problem.as_mut()),
-                        None => (None, None),
+                    let (hooks_dir, hooks_problem, hooks_holding) = match hooks {
+                        Some(h) => {
+                            h.holding.truncate(16);
+                            (
+                                Some(&mut h.dir),
+                                h.last_problem.as_mut(),
+                                Some(&mut h.holding),
+                            )
+                        }
+                        None => (None, None, None),
                     };
                     let (rng_why, rng_entropy) = match short.last_change_rng.as_mut() {
                         Some(r) => (r.not_reseeded_because.as_mut(), r.entropy_error.as_mut()),
@@ -804,6 +816,7 @@ impl Reply {
                         .chain(short.device.as_mut())
                         .chain(hooks_dir)
                         .chain(hooks_problem)
+                        .chain(hooks_holding.into_iter().flatten())
                         .chain(rng_why)
                         .chain(rng_entropy)
                     {

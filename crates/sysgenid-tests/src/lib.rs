@@ -145,8 +145,16 @@ impl Daemon {
     /// Starts with extra flags (`--source LIST` replaces the default
     /// `--source none`).
     pub fn start_with(dir: &Path, extra: &[&str]) -> Daemon {
+        Daemon::start_with_env(dir, extra, &[])
+    }
+
+    /// Starts with extra flags and extra environment variables (which the
+    /// daemon's hooks inherit).
+    pub fn start_with_env(dir: &Path, extra: &[&str], env: &[(&str, &str)]) -> Daemon {
         let extra: Vec<String> = extra.iter().map(|s| s.to_string()).collect();
-        let child = Daemon::spawn(dir, &extra);
+        let mut child = Daemon::spawn_command(dir, &extra);
+        child.envs(env.iter().copied());
+        let child = child.spawn().expect("spawn sysgenidd");
         let mut d = Daemon {
             child,
             dir: dir.to_path_buf(),
@@ -158,6 +166,12 @@ impl Daemon {
     }
 
     fn spawn(dir: &Path, extra: &[String]) -> Child {
+        Daemon::spawn_command(dir, extra)
+            .spawn()
+            .expect("spawn sysgenidd")
+    }
+
+    fn spawn_command(dir: &Path, extra: &[String]) -> Command {
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
@@ -195,8 +209,8 @@ impl Daemon {
             } else {
                 &["--lifecycle-group", "none"]
             };
-        Command::new(bin("sysgenidd"))
-            .arg("--runtime-dir")
+        let mut c = Command::new(bin("sysgenidd"));
+        c.arg("--runtime-dir")
             .arg(dir)
             .args(default_sources)
             .args(device_default)
@@ -205,9 +219,8 @@ impl Daemon {
             .args(extra)
             .env("RUST_LOG", "debug")
             .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .expect("spawn sysgenidd")
+            .stderr(log);
+        c
     }
 
     fn wait_ready(&mut self) {

@@ -387,14 +387,26 @@ fn hooks_run_in_order_with_timeouts_and_unsafe_ones_are_refused() {
     d.ctl(&["thaw"]);
     assert!(wait_until(LONG, || read_log().contains("last thaw")));
 
-    // A change counts the hooks as tracked watchers.
+    // A change counts the hooks as tracked watchers; the one killed at
+    // its timeout failed to renew, so it holds the change unacknowledged
+    // and wait-watchers, timing out, names it.
     d.ctl(&["bump"]);
-    let out = d.ctl(&["wait-watchers", "--timeout-ms", "20000"]);
-    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    let out = d.ctl(&["wait-watchers", "--timeout-ms", "5000"]);
+    assert_eq!(out.status.code(), Some(3), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("20-hangs (timed out and killed)"),
+        "{}",
+        stderr(&out)
+    );
     assert!(
         read_log().ends_with("first change 1 32\nlast change\n"),
-        "wait-watchers returned before the hooks finished: {}",
+        "the other hooks ran: {}",
         read_log()
+    );
+    assert_eq!(
+        d.status().outdated,
+        1,
+        "only the failed hook holds the change"
     );
     assert!(!read_log().contains("evil"), "unsafe hooks never run");
     let status = d.status();

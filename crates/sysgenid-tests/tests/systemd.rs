@@ -5,7 +5,11 @@
 //! install, READY with a STATUS line, the watchdog, every uid reaching the
 //! system daemon, root bumps and nobody cannot, the generation across
 //! restart / SIGKILL / upgrade, the device and its group, the journal, the
-//! files, the `systemd-analyze security` exposure, and a clean removal.
+//! files, the `systemd-analyze security` exposure, clone identity (the
+//! shipped hooks enabled with `sysgenidctl hooks enable`: a clone gets a
+//! new machine-id, SSH host keys that sshd serves and its hostname, a
+//! restore keeps them, a failing hook holds the change and `wait-watchers`
+//! names it), and a clean removal.
 //! No mock of systemd or dpkg.
 //!
 //! Needs root; skips with a visible message otherwise. Runs alone (see

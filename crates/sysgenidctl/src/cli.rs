@@ -35,6 +35,7 @@ Examples:
   sysgenidctl thaw                      # as root: resume them
   sysgenidctl watch --lifecycle --exec ./quiesce.sh   # a participant: SYSGENID_EVENT=freeze|thaw|change
   sysgenidctl status --json
+  sysgenidctl hooks enable machine-id   # as root: a clone gets a new /etc/machine-id
 
 From the hypervisor host, to a guest whose sysgenidd runs with
 --host-channel vsock:1024 (exit codes as above):
@@ -177,5 +178,57 @@ pub enum Cmd {
         /// Machine-readable JSON.
         #[arg(long)]
         json: bool,
+    },
+    /// List the shipped hooks (machine-id, ssh-host-keys, hostname, network,
+    /// clock) and the enabled ones; enable or disable a shipped hook (as
+    /// root).
+    ///
+    /// A shipped hook is turned on by a symlink in the daemon's hooks
+    /// directory named with its order (10-machine-id, 20-ssh-host-keys,
+    /// 30-hostname, 40-network, 50-clock: hooks run in name order, and
+    /// the machine-id comes first because others derive from it). The
+    /// daemon reads the directory again at every event, so a hook enabled
+    /// or disabled here counts from the next one. Exit 1 on an error
+    /// (nothing changed), 4 when enable or disable is not run as root.
+    Hooks {
+        /// What to do (default: list).
+        #[command(subcommand)]
+        action: Option<HooksAction>,
+        /// Where the package installs its hooks.
+        #[arg(
+            long,
+            global = true,
+            default_value = "/usr/share/sysgenid/hooks",
+            value_name = "DIR"
+        )]
+        shipped_dir: PathBuf,
+        /// The daemon's hooks directory (sysgenidd --hooks-dir).
+        #[arg(
+            long,
+            global = true,
+            default_value = "/etc/sysgenid/hooks.d",
+            value_name = "DIR"
+        )]
+        hooks_dir: PathBuf,
+    },
+}
+
+/// `sysgenidctl hooks` subcommands.
+#[derive(Subcommand, Debug)]
+pub enum HooksAction {
+    /// List the shipped hooks, whether each is enabled (and as which link),
+    /// and the other hooks in the hooks directory.
+    List,
+    /// Link a shipped hook into the hooks directory (as root). Enabling one
+    /// that is enabled changes nothing.
+    Enable {
+        /// The shipped hook's name (as `list` shows it).
+        name: String,
+    },
+    /// Remove the links to a shipped hook from the hooks directory (as
+    /// root). Disabling one that is not enabled changes nothing.
+    Disable {
+        /// The shipped hook's name (as `list` shows it).
+        name: String,
     },
 }

@@ -5,6 +5,7 @@
 #![forbid(unsafe_code)]
 
 use std::io::Write;
+use std::path::Path;
 use std::process::ExitCode;
 use std::time::Duration;
 
@@ -13,7 +14,7 @@ use sysgenid::{
     BumpDetails, ChangeKind, Control, Entropy, Error, Event, LifecycleState, Watcher, MAX_ENTROPY,
     MIN_ENTROPY,
 };
-use sysgenidctl::cli::{Args, Cmd};
+use sysgenidctl::cli::{Args, Cmd, HooksAction};
 
 /// Prints one line to stdout. When the reader went away (`sysgenidctl
 /// status | head -1`, a closed pipe from `watch`) the program ends quietly
@@ -39,6 +40,17 @@ fn print_line(line: std::fmt::Arguments<'_>) {
 
 fn main() -> ExitCode {
     let args = Args::parse();
+    if let Cmd::Hooks {
+        action,
+        shipped_dir,
+        hooks_dir,
+    } = &args.command
+    {
+        if args.host_channel.is_some() {
+            usage("hooks is a local command; over --host-channel use restored, freeze, thaw, wait-watchers, status or get");
+        }
+        return hooks(action.as_ref(), shipped_dir, hooks_dir);
+    }
     let result = match &args.host_channel {
         Some(target) => host_channel(target, &args.command),
         None => run(&args),
@@ -79,8 +91,8 @@ fn host_channel(target: &sysgenid::host_channel::Target, command: &Cmd) -> Resul
                 std::process::exit(2);
             }
         },
-        Cmd::Watch { .. } | Cmd::Bump { .. } => usage(
-            "watch and bump are local commands; over --host-channel use restored, freeze, thaw, wait-watchers, status or get",
+        Cmd::Watch { .. } | Cmd::Bump { .. } | Cmd::Hooks { .. } => usage(
+            "watch, bump and hooks are local commands; over --host-channel use restored, freeze, thaw, wait-watchers, status or get",
         ),
         _ => None,
     };
@@ -125,7 +137,7 @@ fn host_channel(target: &sysgenid::host_channel::Target, command: &Cmd) -> Resul
                 print_status(&s);
             }
         }
-        Cmd::Watch { .. } | Cmd::Bump { .. } => unreachable!("refused above"),
+        Cmd::Watch { .. } | Cmd::Bump { .. } | Cmd::Hooks { .. } => unreachable!("refused above"),
     }
     Ok(())
 }
@@ -227,6 +239,8 @@ fn run(args: &Args) -> Result<(), Error> {
             let timeout = (*timeout_ms > 0).then(|| Duration::from_millis(u64::from(*timeout_ms)));
             Control::connect(dir)?.wait_watchers(timeout)?;
         }
+        // Handled before any connection (see `hooks`).
+        Cmd::Hooks { .. } => {}
         Cmd::Status { json } => {
             let s = Control::connect(dir)?.status()?;
             if *json {
@@ -240,6 +254,86 @@ fn run(args: &Args) -> Result<(), Error> {
         }
     }
     Ok(())
+}
+
+/// `sysgenidctl hooks`: list (anyone), enable and disable (root).
+fn hooks(action: Option<&HooksAction>, shipped_dir: &Path, hooks_dir: &Path) -> ExitCode {
+    use sysgenidctl::hooks::{self, Enabled};
+    let fail = |e: hooks::HooksError| {
+        eprintln!("sysgenidctl hooks: {e}");
+        ExitCode::from(1)
+    };
+    let change = match action {
+        None | Some(HooksAction::List) => None,
+        Some(HooksAction::Enable { name }) => Some(("enable", name)),
+        Some(HooksAction::Disable { name }) => Some(("disable", name)),
+    };
+    let Some((verb, name)) = change else {
+        let listing = match hooks::list(shipped_dir, hooks_dir) {
+            Ok(listing) => listing,
+            Err(e) => return fail(e),
+        };
+        out!("shipped in {}:", shipped_dir.display());
+        if listing.shipped.is_empty() {
+            out!("  (none)");
+        }
+        for s in &listing.shipped {
+            let state = if s.enabled_as.is_empty() {
+                "disabled".to_string()
+            } else {
+                format!("enabled as {}", s.enabled_as.join(", "))
+            };
+            out!("  {:<16} {state}", s.name);
+        }
+        if !listing.hooks_dir_exists {
+            out!("{} does not exist: no hook runs", hooks_dir.display());
+        } else if !listing.others.is_empty() {
+            out!("other hooks in {}:", hooks_dir.display());
+            for other in &listing.others {
+                out!("  {other}");
+            }
+        }
+        return ExitCode::SUCCESS;
+    };
+    if !rustix::process::geteuid().is_root() {
+        eprintln!(
+            "sysgenidctl hooks {verb}: permission denied: only root may {verb} hooks (they run as root from {})",
+            hooks_dir.display()
+        );
+        return ExitCode::from(4);
+    }
+    if verb == "enable" {
+        match hooks::enable(shipped_dir, hooks_dir, name) {
+            Ok(Enabled::Linked {
+                link,
+                target,
+                created_dir,
+            }) => {
+                out!("enabled {name}: {} -> {}", link.display(), target.display());
+                if created_dir {
+                    out!(
+                        "created {}: sysgenidd looks for its hooks directory when it starts; restart it (systemctl restart sysgenidd)",
+                        hooks_dir.display()
+                    );
+                }
+            }
+            Ok(Enabled::Already(links)) => {
+                out!("{name} is already enabled as {}", links.join(", "))
+            }
+            Err(e) => return fail(e),
+        }
+    } else {
+        match hooks::disable(shipped_dir, hooks_dir, name) {
+            Ok(links) if links.is_empty() => out!("{name} is not enabled: nothing to do"),
+            Ok(links) => out!(
+                "disabled {name}: removed {} from {}",
+                links.join(", "),
+                hooks_dir.display()
+            ),
+            Err(e) => return fail(e),
+        }
+    }
+    ExitCode::SUCCESS
 }
 
 /// `watch --lifecycle`: one line per event, CMD once per event, confirm or
@@ -440,6 +534,12 @@ fn print_status(s: &sysgenid::StatusReport) {
                 .map(|p| format!("; latest: {p}"))
                 .unwrap_or_default()
         );
+        if !h.holding.is_empty() {
+            out!(
+                "              failed the latest change, holding it unacknowledged: {}",
+                h.holding.join(", ")
+            );
+        }
     }
     out!("uptime:       {:.1} s", s.uptime_ms as f64 / 1000.0);
     out!("runtime dir:  {}", s.runtime_dir);

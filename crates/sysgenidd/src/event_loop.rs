@@ -40,7 +40,8 @@
 //! a job to the hooks runner, the outcome to the orchestrator waiting for
 //! its freeze. The hooks directory counts as one participant for a freeze
 //! (confirmed when every hook exited) and as one tracked watcher per hook
-//! for a change (released when the change's hooks exited). The device's
+//! for a change (released when the change's hooks exited; a hook that
+//! failed keeps its own until the next change's run). The device's
 //! watchers are plain watchers: they count for the thaw after a restore,
 //! never for a freeze.
 
@@ -157,6 +158,9 @@ struct HooksState {
     participant: ParticipantId,
     /// The tracked watchers each change job holds, by ticket.
     watchers: HashMap<u64, Vec<WatcherId>>,
+    /// One watcher per hook whose latest change run failed: the change
+    /// stays unacknowledged until the next change's run finishes.
+    failed: Vec<WatcherId>,
     next_ticket: u64,
 }
 
@@ -285,6 +289,7 @@ impl EventLoop {
             runner,
             participant,
             watchers: HashMap::new(),
+            failed: Vec::new(),
             next_ticket: 0,
         });
     }
@@ -855,7 +860,7 @@ impl EventLoop {
         let ticket = hooks.next_ticket;
         hooks.next_ticket += 1;
         if let Some(before) = acked_before {
-            let held: Vec<WatcherId> = (0..hooks.runner.known())
+            let held: Vec<WatcherId> = (0..hooks.runner.rescan())
                 .filter_map(|_| {
                     self.watchers
                         .admit(0, Tracking::Tracked, Some(before), true)
@@ -889,11 +894,17 @@ impl EventLoop {
                 self.work.transition(transition);
             }
             HookEvent::Change => {
-                for id in hooks
+                // A failed hook did not renew what it should have: the
+                // change stays unacknowledged (wait-watchers names it)
+                // until the next change's run, which replaces this one's.
+                let mut held = hooks
                     .watchers
                     .remove(&finished.job.ticket)
-                    .unwrap_or_default()
-                {
+                    .unwrap_or_default();
+                let keep = finished.failed().len().min(held.len());
+                let released =
+                    std::mem::replace(&mut hooks.failed, held.split_off(held.len() - keep));
+                for id in released.into_iter().chain(held) {
                     self.watchers.release(id, 0);
                 }
                 self.work.settle();

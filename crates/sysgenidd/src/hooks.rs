@@ -15,8 +15,14 @@
 //! could have written, a directory others can write into, a directory that
 //! others could swap for another (an ancestor they own or can write
 //! without the sticky bit, or the directory replaced by a symlink), or a
-//! symlink that leads out of the directory or through a directory others
-//! can write is refused and logged, never run. Names
+//! symlink that leads through a directory others can write is refused and
+//! logged, never run. A symlink out of the directory is how a shipped hook
+//! (`/usr/share/sysgenid/hooks/NAME`, see `sysgenidctl hooks enable`) is
+//! turned on: it runs when every directory down to its target is root's
+//! alone (not even a sticky shared directory such as `/tmp` will do), and
+//! it is the target's canonical path that runs, so no link on the way can
+//! be swapped after the check. A hook whose `change` run fails holds the
+//! change unacknowledged (see `event_loop`). Names
 //! starting with `.` and package-manager leftovers (`~`, `.dpkg-*`,
 //! `.rpm*`) are skipped, as `run-parts` does.
 //!
@@ -161,6 +167,23 @@ pub struct Finished {
     pub dir_problem: Option<String>,
 }
 
+impl Finished {
+    /// The hooks that ran and failed, timed out or could not start, each
+    /// with why: for a `change`, those holding it unacknowledged.
+    pub fn failed(&self) -> Vec<String> {
+        self.results
+            .iter()
+            .filter_map(|r| match &r.outcome {
+                Outcome::Failed(why) | Outcome::NotStarted(why) => {
+                    Some(format!("{} ({why})", r.name))
+                }
+                Outcome::TimedOut => Some(format!("{} (timed out and killed)", r.name)),
+                Outcome::Succeeded | Outcome::Refused(_) => None,
+            })
+            .collect()
+    }
+}
+
 /// The loop's handle on the runner.
 pub struct Hooks {
     dir: PathBuf,
@@ -230,18 +253,33 @@ impl Hooks {
         }
     }
 
-    /// Hooks found at the latest scan: what a change counts as tracked
-    /// watchers until its run finishes.
+    /// Hooks found at the latest scan.
     pub fn known(&self) -> u32 {
         self.known.load(Ordering::Relaxed)
     }
 
-    /// Takes a finished job into the status counters.
+    /// Reads the directory now and returns how many hooks it holds: what a
+    /// change counts as tracked watchers until its run finishes. Counted
+    /// at the change, not taken from the previous event's scan, so that a
+    /// hook enabled since (`sysgenidctl hooks enable`) is waited for by
+    /// the very next change. A directory read and a few `stat`s.
+    pub fn rescan(&self) -> u32 {
+        let n = scan(&self.dir).0.len() as u32;
+        self.known.store(n, Ordering::Relaxed);
+        n
+    }
+
+    /// Takes a finished job into the status counters. After a `change`
+    /// run, the hooks that failed (or timed out) are the ones now holding
+    /// the change unacknowledged, until the next change's run.
     pub fn record(&mut self, finished: &Finished) {
         let s = &mut self.status;
         s.hooks = self.known.load(Ordering::Relaxed);
         if let Some(problem) = &finished.dir_problem {
             s.last_problem = Some(problem.clone());
+        }
+        if finished.job.event == HookEvent::Change {
+            s.holding = finished.failed();
         }
         for r in &finished.results {
             let problem = match &r.outcome {
@@ -485,6 +523,26 @@ fn path_unsafe_because(dir: &Path) -> Option<String> {
     None
 }
 
+/// Why a hook linked from outside the hooks directory (a shipped hook in
+/// `/usr/share/sysgenid/hooks`, enabled by a symlink) could have been
+/// written or swapped by someone untrusted, if it could: every directory
+/// from the root down to the (canonical) target must be owned by root (or
+/// the daemon's user) and writable by no one else, the sticky bit not
+/// excepted (a program root keeps in a shared directory such as `/tmp` is
+/// not one it installed). The file itself is checked like any hook.
+fn outside_target_unsafe_because(target: &Path) -> Option<String> {
+    for ancestor in target.ancestors().skip(1) {
+        let meta = match std::fs::metadata(ancestor) {
+            Ok(meta) => meta,
+            Err(e) => return Some(format!("under {}, unreadable: {e}", ancestor.display())),
+        };
+        if let Some(why) = unsafe_because(&meta) {
+            return Some(format!("under {}, which is {why}", ancestor.display()));
+        }
+    }
+    None
+}
+
 /// The hooks to run, in name order, plus one result per refused file and
 /// a problem with the directory itself (then nothing runs).
 fn scan(dir: &Path) -> (Vec<(String, PathBuf)>, Vec<HookResult>, Option<String>) {
@@ -547,45 +605,48 @@ fn scan(dir: &Path) -> (Vec<(String, PathBuf)>, Vec<HookResult>, Option<String>)
             continue;
         };
         let (path, meta) = if link_meta.file_type().is_symlink() {
-            match std::fs::canonicalize(&path) {
-                Ok(target) if target.starts_with(dir) => {
-                    // The directories between the hooks directory and the
-                    // target must be as safe as the directory itself.
-                    let between = target
-                        .ancestors()
-                        .skip(1)
-                        .take_while(|a| *a != dir)
-                        .find_map(|a| {
-                            std::fs::metadata(a)
-                                .ok()
-                                .and_then(|m| unsafe_because(&m))
-                                .map(|why| format!("{} ({why})", a.display()))
-                        });
-                    if let Some(why) = between {
-                        refused.push(HookResult {
-                            name: text,
-                            outcome: Outcome::Refused(format!(
-                                "a symlink into an unsafe directory: {why}"
-                            )),
-                        });
-                        continue;
-                    }
-                    match std::fs::metadata(&target) {
-                        Ok(meta) => (target, meta),
-                        Err(_) => continue,
-                    }
-                }
-                Ok(target) => {
-                    refused.push(HookResult {
-                        name: text,
-                        outcome: Outcome::Refused(format!(
-                            "a symlink out of the directory (to {})",
-                            target.display()
-                        )),
-                    });
-                    continue;
-                }
-                // A dangling link is not a hook.
+            // A dangling link is not a hook.
+            let Ok(target) = std::fs::canonicalize(&path) else {
+                continue;
+            };
+            // The canonical path is what runs, so no link along the way
+            // can be swapped after this check; what must be safe is every
+            // directory on that path.
+            let why = if target.starts_with(dir) {
+                // The directories between the hooks directory and the
+                // target must be as safe as the directory itself.
+                target
+                    .ancestors()
+                    .skip(1)
+                    .take_while(|a| *a != dir)
+                    .find_map(|a| {
+                        std::fs::metadata(a)
+                            .ok()
+                            .and_then(|m| unsafe_because(&m))
+                            .map(|why| {
+                                format!(
+                                    "a symlink into an unsafe directory: {} ({why})",
+                                    a.display()
+                                )
+                            })
+                    })
+            } else {
+                outside_target_unsafe_because(&target).map(|why| {
+                    format!(
+                        "a symlink out of the directory (to {}), {why}",
+                        target.display()
+                    )
+                })
+            };
+            if let Some(why) = why {
+                refused.push(HookResult {
+                    name: text,
+                    outcome: Outcome::Refused(why),
+                });
+                continue;
+            }
+            match std::fs::metadata(&target) {
+                Ok(meta) => (target, meta),
                 Err(_) => continue,
             }
         } else {
@@ -668,6 +729,44 @@ mod tests {
             matches!(&refused[0].outcome, Outcome::Refused(why) if why.contains("spool")),
             "{refused:?}"
         );
+    }
+
+    #[test]
+    fn a_link_out_runs_its_target_only_when_every_directory_down_to_it_is_roots_alone() {
+        let dir = private_dir();
+        let d = std::fs::canonicalize(dir.path()).unwrap();
+        // A program root installed (as a shipped hook is, in
+        // /usr/share/sysgenid/hooks): every directory on its path is root's.
+        let installed = std::fs::canonicalize("/bin/true").unwrap();
+        symlink("/bin/true", d.join("10-installed")).unwrap();
+        // A root-owned program in a root-owned directory, under the sticky,
+        // world-writable /tmp: not one root installed.
+        let shared = private_dir();
+        let in_tmp = hook(shared.path(), "x", "true", 0o755);
+        symlink(&in_tmp, d.join("20-under-tmp")).unwrap();
+        // A root-owned directory others may write.
+        let open = private_dir();
+        let open_target = hook(open.path(), "y", "true", 0o755);
+        std::fs::set_permissions(open.path(), std::fs::Permissions::from_mode(0o775)).unwrap();
+        symlink(&open_target, d.join("30-group-writable-dir")).unwrap();
+        let (hooks, refused, problem) = scan(&d);
+        assert_eq!(problem, None);
+        assert_eq!(hooks, [("10-installed".to_string(), installed)]);
+        let refused: Vec<(&str, &Outcome)> = refused
+            .iter()
+            .map(|r| (r.name.as_str(), &r.outcome))
+            .collect();
+        assert!(
+            matches!(refused[0], ("20-under-tmp", Outcome::Refused(why))
+                if why.contains("a symlink out of the directory") && why.contains("writable by everyone")),
+            "{refused:?}"
+        );
+        assert!(
+            matches!(refused[1], ("30-group-writable-dir", Outcome::Refused(why))
+                if why.contains("writable by its group")),
+            "{refused:?}"
+        );
+        assert_eq!(refused.len(), 2);
     }
 
     #[test]
@@ -766,6 +865,14 @@ mod tests {
         let s = hooks.status();
         assert_eq!((s.runs, s.failures, s.timeouts, s.refused), (4, 1, 1, 0));
         assert!(s.last_problem.unwrap().contains("30-hangs"));
+        assert_eq!(
+            s.holding,
+            [
+                "20-fails (exit status: 3)",
+                "30-hangs (timed out and killed)"
+            ],
+            "the hooks holding the change"
+        );
     }
 
     #[test]

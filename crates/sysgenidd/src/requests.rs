@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 
 use sysgenid_core::lifecycle::{AbortReason, FreezeId, LifecycleError, Transition};
 use sysgenid_core::{Barrier, CoreError, Generation, WatcherId};
-use sysgenid_proto::{ErrorCode, ErrorReply, Reply, DEFAULT_FREEZE_TIMEOUT_MS};
+use sysgenid_proto::{ErrorCode, ErrorReply, Reply, StatusReport, DEFAULT_FREEZE_TIMEOUT_MS};
 
 use crate::service::BumpError;
 use crate::watchers::Watchers;
@@ -138,14 +138,24 @@ pub fn wait_answer(watchers: &Watchers, caller: Option<WatcherId>) -> Option<Rep
     }
 }
 
-/// The answer to a wait whose deadline passed.
-pub fn wait_timed_out(watchers: &Watchers) -> Reply {
+/// The answer to a wait whose deadline passed; `status` builds the status
+/// report, whose hooks section names the hooks holding the change.
+pub fn wait_timed_out(watchers: &Watchers, status: &dyn Fn(&Watchers) -> StatusReport) -> Reply {
     let outdated = watchers.counts().outdated;
-    error(
-        ErrorCode::TimedOut,
-        outdated,
-        format!("timed out with {outdated} tracked watcher(s) still outdated"),
-    )
+    let mut message = format!("timed out with {outdated} tracked watcher(s) still outdated");
+    // Name the hooks holding the change: the orchestrator's one clue to
+    // what did not renew.
+    let holding = status(watchers)
+        .hooks
+        .map(|h| h.holding)
+        .unwrap_or_default();
+    if !holding.is_empty() {
+        message.push_str(&format!(
+            ", among them the hooks whose change run failed: {}",
+            holding.join(", ")
+        ));
+    }
+    error(ErrorCode::TimedOut, outdated, message)
 }
 
 /// The reply to a privileged bump.

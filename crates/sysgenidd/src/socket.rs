@@ -898,7 +898,7 @@ impl SocketFrontend {
     /// Ends waits whose deadline passed with `TimedOut`.
     pub fn expire(&mut self, now: Instant, cx: &mut Context<'_>) {
         for key in self.waits.expire(now) {
-            let reply = requests::wait_timed_out(cx.watchers);
+            let reply = requests::wait_timed_out(cx.watchers, cx.status);
             self.end_wait(key, reply, cx);
         }
         self.expire_silent_connections(now, cx.watchers.limits().hello_timeout);

@@ -522,7 +522,7 @@ impl HostChannel {
     /// Ends waits past their deadline, and closes idle connections.
     pub fn expire(&mut self, now: Instant, cx: &mut Context<'_>) {
         for key in self.waits.expire(now) {
-            let reply = requests::wait_timed_out(cx.watchers);
+            let reply = requests::wait_timed_out(cx.watchers, cx.status);
             self.unbusy(key, &from_reply(reply));
         }
         let idle: Vec<(usize, bool, bool)> = self
