@@ -181,19 +181,21 @@ def _closure(index, roots):
     return [(n, blobs[n]) for n in order]
 
 
-def kernel_modules(cache, kernel):
-    """The modules MODULE_ROOTS need for KERNEL (a bzImage), dependencies
-    first, as (name, bytes). From $SYSGENID_VM_MODULES_DIR (a lib/modules/<release>
-    tree) if set, else from Debian's linux-image-<release> package, whose
-    module tree is cached under CACHE/modules/<release> (only the modules
-    used here are kept)."""
+def kernel_modules(cache, kernel, roots=None):
+    """The modules ROOTS (default MODULE_ROOTS) need for KERNEL (a bzImage),
+    dependencies first, as (name, bytes). From $SYSGENID_VM_MODULES_DIR (a
+    lib/modules/<release> tree) if set, else from Debian's
+    linux-image-<release> package, whose module tree is cached under
+    CACHE/modules/<release> (only the modules used here are kept; give
+    another CACHE for another set of roots)."""
+    roots = roots or MODULE_ROOTS
     release = kernel_release(kernel)
     given = os.environ.get("SYSGENID_VM_MODULES_DIR")
     if given:
-        return release, _closure(_module_index(given), MODULE_ROOTS)
+        return release, _closure(_module_index(given), roots)
     keep = os.path.join(cache, "modules", release)
     done = os.path.join(keep, "COMPLETE")
-    stamp = " ".join(MODULE_ROOTS) + "\n"
+    stamp = " ".join(roots) + "\n"
     try:
         with open(done) as f:
             fresh = f.read() == stamp
@@ -215,7 +217,7 @@ def kernel_modules(cache, kernel):
             tree = os.path.join(dl, "x", "lib", "modules", release)
             if not os.path.isdir(tree):
                 tree = os.path.join(dl, "x", "usr", "lib", "modules", release)
-            needed = _closure(_module_index(tree), MODULE_ROOTS)
+            needed = _closure(_module_index(tree), roots)
             shutil.rmtree(keep, ignore_errors=True)
             os.makedirs(keep)
             for name, data in needed:
@@ -225,4 +227,4 @@ def kernel_modules(cache, kernel):
                 f.write(stamp)
         finally:
             shutil.rmtree(dl, ignore_errors=True)
-    return release, _closure(_module_index(keep), MODULE_ROOTS)
+    return release, _closure(_module_index(keep), roots)

@@ -9,6 +9,9 @@
 #   ... tests/vm/run.sh --lifecycle  # the freeze/thaw proof with the QEMU guest
 #                                    # agent instead (lifecycle_vmtest.py, stable
 #                                    # lane only; tests/vm/LIFECYCLE.md)
+#   ... tests/vm/run.sh --host-channel  # the host channel on a real virtio-vsock
+#                                    # device (vhost-device-vsock, hybrid vsock
+#                                    # socket; host_channel_vmtest.py, stable lane)
 #
 # This script prepares the host (packages, cached Debian kernels, a cached
 # chroot with the development suite's QEMU) and hands over to vmtest.py,
@@ -21,7 +24,7 @@ CACHE=${SYSGENID_VM_CACHE:-/var/cache/sysgenid-vm}
 
 usage() {
     cat <<EOF
-usage: SYSGENIDD=BIN SYSGENIDCTL=BIN $0 [--keep] [--lifecycle]
+usage: SYSGENIDD=BIN SYSGENIDCTL=BIN $0 [--keep] [--lifecycle|--host-channel]
        $0 --self-test [--keep] [--lifecycle]
 
   --self-test  use the shell stand-ins in tests/vm/fake-sysgenid/ (tests the
@@ -29,6 +32,11 @@ usage: SYSGENIDD=BIN SYSGENIDCTL=BIN $0 [--keep] [--lifecycle]
   --keep       keep the work directory (serial logs, states) even on success
   --lifecycle  run the snapshot-lifecycle proof with the QEMU guest agent
                (lifecycle_vmtest.py, stable kernel and host QEMU) instead
+  --host-channel
+               run the host-channel proof on a vhost-user vsock device
+               (host_channel_vmtest.py, stable kernel and host QEMU; builds
+               vhost-device-vsock with cargo install into
+               $SYSGENID_VSOCK_CACHE, default /var/cache/sysgenid-vsock)
 
 environment: SYSGENIDD, SYSGENIDCTL, SYSGENID_VM_LANES (stable,newest),
              SYSGENID_VM_NEWEST_SUITE (sid), SYSGENID_VM_CACHE, SYSGENID_VM_KERNEL,
@@ -40,11 +48,13 @@ EOF
 
 SELF_TEST=0
 LIFECYCLE=0
+HOST_CHANNEL=0
 while [ $# -gt 0 ]; do
     case $1 in
         --self-test) SELF_TEST=1 ;;
         --keep) export SYSGENID_VM_KEEP=1 ;;
         --lifecycle) LIFECYCLE=1 ;;
+        --host-channel) HOST_CHANNEL=1 ;;
         -h|--help) usage; exit 0 ;;
         *) echo "run.sh: unknown argument: $1" >&2; usage >&2; exit 2 ;;
     esac
@@ -261,6 +271,20 @@ export SYSGENID_VM_BUSYBOX=$BUSYBOX
 if [ "$LIFECYCLE" = 1 ]; then
     stable_kernel
     SYSGENID_VM_KERNEL=$KERNEL SYSGENID_VM_CACHE=$CACHE exec python3 "$HERE/lifecycle_vmtest.py"
+fi
+if [ "$HOST_CHANNEL" = 1 ]; then
+    [ "$SELF_TEST" = 0 ] || die "--host-channel needs the real binaries"
+    stable_kernel
+    VSOCK_CACHE=${SYSGENID_VSOCK_CACHE:-/var/cache/sysgenid-vsock}
+    BACKEND=$VSOCK_CACHE/bin/vhost-device-vsock
+    if [ ! -x "$BACKEND" ]; then
+        command -v cargo >/dev/null 2>&1 || die "cargo is needed to build vhost-device-vsock"
+        log "cargo install vhost-device-vsock into $VSOCK_CACHE (cached for later runs)"
+        cargo install --locked --root "$VSOCK_CACHE" vhost-device-vsock >"$VSOCK_CACHE.install.log" 2>&1 ||
+            die "cargo install vhost-device-vsock failed, see $VSOCK_CACHE.install.log"
+    fi
+    SYSGENID_VM_KERNEL=$KERNEL SYSGENID_VSOCK_CACHE=$VSOCK_CACHE SYSGENID_VSOCK_BACKEND=$BACKEND \
+        exec python3 "$HERE/host_channel_vmtest.py"
 fi
 rc=0
 verdicts=()

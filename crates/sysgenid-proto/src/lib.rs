@@ -45,6 +45,8 @@ pub use details::{
     MIN_ENTROPY,
 };
 
+pub mod host;
+
 /// The newest protocol version this crate speaks.
 pub const PROTOCOL_VERSION: u16 = 2;
 

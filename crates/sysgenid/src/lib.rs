@@ -18,6 +18,8 @@
 //! * [`SnapSafe<T>`]: a value rebuilt on first use after a restore (one
 //!   load per use); `rand_core` feature: [`SnapSafeRng`], any seedable RNG
 //!   reseeded from the OS after a restore.
+//! * [`host_channel`]: the hypervisor host's side of a guest daemon's
+//!   vsock host channel (restored, freeze, thaw, wait-watchers, status).
 //! * The snapshot lifecycle: a watcher opened with
 //!   [`lifecycle(true)`](WatcherBuilder::lifecycle) is a participant that
 //!   [`read_event`](Watcher::read_event) tells to freeze, thaw, or renew,
@@ -38,6 +40,7 @@
 pub mod asyncio;
 mod barrier;
 mod conn;
+pub mod host_channel;
 mod lifecycle;
 #[cfg(feature = "rand_core")]
 mod rng;
@@ -155,6 +158,14 @@ pub enum Error {
         /// The daemon's message.
         message: String,
     },
+    /// A guest's host channel could not be reached (`host_channel`).
+    #[error("cannot reach the guest's host channel at {target}: {source}")]
+    HostUnreachable {
+        /// The target tried (`vsock:CID:PORT`, `uds:PATH:PORT`).
+        target: String,
+        /// Why.
+        source: std::io::Error,
+    },
     /// The daemon closed the connection (it stopped or restarted).
     #[error("sysgenidd closed the connection (stopped or restarting)")]
     Disconnected,
@@ -221,6 +232,9 @@ impl Error {
             Error::VersionMismatch { .. } => ErrorCode::VersionMismatch.errno(),
             Error::Refused { code, .. } => code.errno(),
             Error::Disconnected => libc_errno::ECONNRESET,
+            Error::HostUnreachable { source, .. } => {
+                source.raw_os_error().unwrap_or(libc_errno::ECONNREFUSED)
+            }
             Error::Protocol(_) => ErrorCode::ProtocolViolation.errno(),
             Error::Io(e) => e.raw_os_error().unwrap_or(libc_errno::EIO),
         }
@@ -233,6 +247,7 @@ mod libc_errno {
     pub const EIO: i32 = 5;
     pub const EAGAIN: i32 = 11;
     pub const ECONNRESET: i32 = 104;
+    pub const ECONNREFUSED: i32 = 111;
 }
 
 fn expect_done(reply: Reply) -> Result<u32, Error> {

@@ -36,7 +36,13 @@ Examples:
   sysgenidctl watch --lifecycle --exec ./quiesce.sh   # a participant: SYSGENID_EVENT=freeze|thaw|change
   sysgenidctl status --json
   sysgenidctl hooks enable machine-id   # as root: a clone gets a new /etc/machine-id
-  CRIU: action-script /usr/libexec/sysgenid/criu-action   # runs `sysgenidctl criu-hook`";
+  CRIU: action-script /usr/libexec/sysgenid/criu-action   # runs `sysgenidctl criu-hook`
+
+From the hypervisor host, to a guest whose sysgenidd runs with
+--host-channel vsock:1024 (exit codes as above):
+  sysgenidctl --host-channel vsock:3:1024 freeze --timeout-ms 5000
+  sysgenidctl --host-channel uds:/run/fc/v.sock:1024 restored --clone
+  sysgenidctl --host-channel uds:/run/fc/v.sock:1024 wait-watchers --timeout-ms 5000";
 
 /// Watch and control the system generation (sysgenidd).
 ///
@@ -53,6 +59,15 @@ pub struct Args {
     /// the caller.
     #[arg(long, global = true, env = "SYSGENID_RUNTIME_DIR", value_name = "DIR")]
     pub runtime_dir: Option<PathBuf>,
+
+    /// Talk to a guest's daemon from the hypervisor host instead of the
+    /// local daemon: `vsock:CID:PORT` (host kernel vsock, QEMU
+    /// vhost-vsock) or `uds:PATH:PORT` (the hybrid vsock Unix socket of
+    /// Firecracker, Cloud Hypervisor or vhost-device-vsock). The guest's
+    /// sysgenidd must run with --host-channel vsock:PORT. Commands:
+    /// restored, freeze, thaw, wait-watchers, status, get.
+    #[arg(long, global = true, value_name = "TARGET")]
+    pub host_channel: Option<sysgenid::host_channel::Target>,
 
     #[command(subcommand)]
     pub command: Cmd,
@@ -140,6 +155,24 @@ pub enum Cmd {
         /// Give up after MS milliseconds (exit 3); 0 waits forever.
         #[arg(long, default_value_t = 0, value_name = "MS")]
         timeout_ms: u32,
+    },
+    /// With --host-channel only: tell the guest it was restored (or, with
+    /// --clone, cloned). Its daemon mixes the entropy into its kernel,
+    /// forces a reseed, and bumps the generation (source `host`; one bump
+    /// with a kernel signal for the same restore; hooks get SYSGENID_KIND
+    /// and SYSGENID_HOSTNAME). Prints the guest's new generation.
+    Restored {
+        /// This guest is one of possibly many clones of one snapshot.
+        #[arg(long)]
+        clone: bool,
+        /// Host entropy for the guest's kernel, 32 to 512 bytes (`-`:
+        /// stdin). Default: 32 bytes of this host's getrandom.
+        #[arg(long, value_name = "FILE")]
+        entropy_file: Option<PathBuf>,
+        /// The host name this change gives the guest (a clone's own
+        /// name), for its hooks as SYSGENID_HOSTNAME.
+        #[arg(long, value_name = "NAME", value_parser = parse_hostname)]
+        hostname: Option<Hostname>,
     },
     /// Show the generation, watchers, sources and last change.
     Status {

@@ -48,6 +48,9 @@ fn main() -> ExitCode {
         hooks_dir,
     } = &args.command
     {
+        if args.host_channel.is_some() {
+            usage("hooks is a local command; over --host-channel use restored, freeze, thaw, wait-watchers, status or get");
+        }
         return hooks(action.as_ref(), shipped_dir, hooks_dir);
     }
     if let Cmd::CriuHook {
@@ -57,6 +60,9 @@ fn main() -> ExitCode {
         deadline_ms,
     } = &args.command
     {
+        if args.host_channel.is_some() {
+            usage("criu-hook is a local command (CRIU's action script on this machine); over --host-channel use restored, freeze, thaw, wait-watchers, status or get");
+        }
         return match (inside, &args.runtime_dir) {
             (None, _) => criu_hook::run(),
             (Some(step), Some(dir)) => criu_hook::inside(
@@ -72,7 +78,11 @@ fn main() -> ExitCode {
             }
         };
     }
-    match run(&args) {
+    let result = match &args.host_channel {
+        Some(target) => host_channel(target, &args.command),
+        None => run(&args),
+    };
+    match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("sysgenidctl: {e}");
@@ -81,9 +91,88 @@ fn main() -> ExitCode {
     }
 }
 
+/// A usage error (exit 2), as clap reports its own.
+fn usage(message: &str) -> ! {
+    use clap::CommandFactory;
+    Args::command()
+        .error(clap::error::ErrorKind::ArgumentConflict, message)
+        .exit()
+}
+
+/// `--host-channel TARGET COMMAND`: the same commands, to a guest's daemon.
+fn host_channel(target: &sysgenid::host_channel::Target, command: &Cmd) -> Result<(), Error> {
+    use sysgenid::host_channel::{HostChannel, RestoreKind};
+    // Checked before connecting: bad input never reaches the guest.
+    let entropy = match command {
+        Cmd::Restored {
+            entropy_file: Some(path),
+            ..
+        } => match read_entropy(path) {
+            Ok(entropy) => Some(entropy),
+            Err(message) => {
+                eprintln!("sysgenidctl: --entropy-file {}: {message}", path.display());
+                std::process::exit(2);
+            }
+        },
+        Cmd::Watch { .. } | Cmd::Bump { .. } | Cmd::Hooks { .. } | Cmd::CriuHook { .. } => usage(
+            "watch, bump, hooks and criu-hook are local commands; over --host-channel use restored, freeze, thaw, wait-watchers, status or get",
+        ),
+        _ => None,
+    };
+    let mut guest = HostChannel::connect(target)?;
+    match command {
+        Cmd::Restored {
+            clone, hostname, ..
+        } => {
+            let kind = if *clone {
+                RestoreKind::Clone
+            } else {
+                RestoreKind::Restore
+            };
+            let restored = guest.restored(kind, entropy.as_ref(), hostname.as_ref())?;
+            if let Some(why) = &restored.report.kernel_reseed_error {
+                eprintln!("sysgenidctl: warning: the guest's kernel was not fully reseeded: {why}");
+            }
+            out!("{}", restored.generation);
+        }
+        Cmd::Get => out!("{}", guest.get()?),
+        Cmd::Freeze { timeout_ms } => {
+            let timeout = timeout_ms
+                .filter(|&ms| ms > 0)
+                .map(|ms| Duration::from_millis(u64::from(ms)));
+            guest.freeze(timeout)?;
+        }
+        Cmd::Thaw => {
+            guest.thaw()?;
+        }
+        Cmd::WaitWatchers { timeout_ms } => {
+            let timeout = (*timeout_ms > 0).then(|| Duration::from_millis(u64::from(*timeout_ms)));
+            guest.wait_watchers(timeout)?;
+        }
+        Cmd::Status { json } => {
+            let s = guest.status()?;
+            if *json {
+                out!(
+                    "{}",
+                    serde_json::to_string_pretty(&s).map_err(|e| Error::Protocol(e.to_string()))?
+                );
+            } else {
+                print_status(&s);
+            }
+        }
+        Cmd::Watch { .. } | Cmd::Bump { .. } | Cmd::Hooks { .. } | Cmd::CriuHook { .. } => {
+            unreachable!("refused above")
+        }
+    }
+    Ok(())
+}
+
 fn run(args: &Args) -> Result<(), Error> {
     let dir = args.runtime_dir.as_deref();
     match &args.command {
+        Cmd::Restored { .. } => usage(
+            "restored is the hypervisor host's command: give --host-channel TARGET (in the guest itself, use bump)",
+        ),
         Cmd::Get => {
             let control = Control::connect(dir)?;
             out!("{}", control.generation_at_connect());

@@ -156,4 +156,21 @@ pub struct Args {
     #[arg(long, default_value = "auto", value_name = "auto|manual",
           value_parser = ["auto", "manual"])]
     pub restore_thaw: String,
+
+    /// Serve the hypervisor host over vsock on PORT (off by default): one
+    /// JSON request per line (docs/protocol.md, "The host channel"). Only
+    /// the host (CID 2) is served; any other peer, such as a local process
+    /// through vsock loopback, is refused and logged. The host may report a
+    /// restore or clone (with entropy), freeze, thaw, wait for the
+    /// watchers and read status: what a privileged local orchestrator may.
+    /// `test-unix:PATH` serves the same protocol on a Unix socket whose
+    /// every peer counts as the host: for tests only, never in production.
+    #[arg(long, value_name = "vsock:PORT")]
+    pub host_channel: Option<crate::host_channel::Listen>,
+
+    /// A host channel connection with no request in progress that sends
+    /// nothing (or reads nothing) for this long is closed.
+    #[arg(long, default_value_t = crate::host_channel::DEFAULT_IDLE_MS, value_name = "MS",
+          value_parser = clap::value_parser!(u64).range(1..))]
+    pub host_channel_idle_ms: u64,
 }

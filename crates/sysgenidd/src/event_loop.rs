@@ -60,6 +60,7 @@ use sysgenid_sources::{PollSource, Readiness};
 
 use crate::device::{Device, DeviceRequest, Forward, Readiness as DeviceReadiness};
 use crate::hooks::{Finished, HookEvent, Hooks, Job};
+use crate::host_channel::{self, HostChannel};
 use crate::service::{BumpError, Service};
 use crate::socket::{self, Context, FreezeOutcome, SocketFrontend};
 use crate::state::epoch_hex;
@@ -125,6 +126,8 @@ pub struct EventLoop {
     socket: SocketFrontend,
     /// The FUSE device frontend, when serving one.
     device: Option<Device>,
+    /// The host channel frontend, when `--host-channel` is on.
+    host: Option<HostChannel>,
     work: WorkList,
     /// Status lines of the restore-signal sources (the `manual` one is
     /// kept by [`Watchers`]).
@@ -254,6 +257,7 @@ impl EventLoop {
             watchers: Watchers::new(service, limits),
             socket,
             device: None,
+            host: None,
             work: WorkList::default(),
             sources: Vec::new(),
             coalescer,
@@ -375,6 +379,26 @@ impl EventLoop {
         Ok(())
     }
 
+    /// Serves the host channel from now on (see `host_channel`); its
+    /// restores count as the `host` source in status.
+    pub fn attach_host_channel(
+        &mut self,
+        listen: host_channel::Listen,
+        idle: Duration,
+    ) -> io::Result<()> {
+        let host = HostChannel::new(listen, idle, self.poll.registry().try_clone()?)?;
+        tracing::info!("host channel: listening on {}", host.describe());
+        self.sources.push(SourceStatus {
+            name: "host".into(),
+            active: true,
+            detail: format!("host channel on {}", host.describe()),
+            events: 0,
+            last_event_unix_ms: None,
+        });
+        self.host = Some(host);
+        Ok(())
+    }
+
     /// Reads and answers the device's queued requests.
     fn on_device_readable(&mut self) {
         let Some(device) = &mut self.device else {
@@ -401,6 +425,7 @@ impl EventLoop {
             let timeout = if self.work.has_resumed()
                 || !self.poll_sources_more.is_empty()
                 || self.device_more
+                || self.host.as_ref().is_some_and(HostChannel::has_ready)
             {
                 Some(Duration::ZERO)
             } else {
@@ -426,6 +451,17 @@ impl EventLoop {
                     WAKER => self.drain_commands(),
                     SIGNALS => self.shutting_down = true,
                     DEVICE => self.on_device_readable(),
+                    host_channel::LISTENER => {
+                        if let Some(host) = &mut self.host {
+                            host.accept_all();
+                        }
+                    }
+                    token if HostChannel::key_of(token).is_some() => {
+                        let key = HostChannel::key_of(token).expect("checked");
+                        let writable = event.is_writable();
+                        let hung_up = event.is_write_closed() || event.is_error();
+                        self.with_host(|host, cx| host.on_event(key, writable, hung_up, cx));
+                    }
                     Token(t) if t <= POLL_SOURCES && POLL_SOURCES - t < MAX_POLL_SOURCES => {
                         self.on_poll_source(POLL_SOURCES - t)
                     }
@@ -446,18 +482,23 @@ impl EventLoop {
                 // Once per turn, a bounded number (`socket::ACCEPTS_PER_TURN`).
                 self.socket.accept_all(&self.watchers, &mut self.work);
             }
+            self.with_host(|host, cx| host.run_ready(cx));
             self.process_work();
             let now = Instant::now();
             if let Some(device) = &mut self.device {
                 device.expire(now);
             }
             self.with_socket(|socket, cx| socket.expire(now, cx));
+            self.with_host(|host, cx| host.expire(now, cx));
             let transition = self.watchers.lifecycle_tick(now);
             self.work.transition(transition);
             self.watchdog.tick(now);
             crate::ratelimit::flush();
             self.process_work();
             self.socket.reap(&mut self.watchers, &mut self.work);
+            if let Some(host) = &mut self.host {
+                host.reap(&mut self.watchers, &mut self.work);
+            }
             self.process_work();
         }
         self.shutdown();
@@ -479,6 +520,24 @@ impl EventLoop {
         f(&mut self.socket, &mut cx);
     }
 
+    /// Runs `f` on the host channel, if on, with the context it may touch.
+    fn with_host(&mut self, f: impl FnOnce(&mut HostChannel, &mut Context<'_>)) {
+        let Some(host) = &mut self.host else {
+            return;
+        };
+        let sources = &self.sources;
+        let device = self.device.as_ref();
+        let lag = self.last_kernel_lag_us;
+        let hooks = self.hooks.as_ref().map(|h| &h.runner);
+        let status = |w: &Watchers| status_report(w, sources, device, lag, hooks);
+        let mut cx = Context {
+            watchers: &mut self.watchers,
+            work: &mut self.work,
+            status: &status,
+        };
+        f(host, &mut cx);
+    }
+
     /// Processes queued bumps and settles until nothing is left. Each step
     /// may queue more (a bump queues a settle), never recurse.
     fn process_work(&mut self) {
@@ -492,6 +551,7 @@ impl EventLoop {
                     device.settle(&self.watchers);
                 }
                 self.with_socket(|socket, cx| socket.settle(cx));
+                self.with_host(|host, cx| host.settle(cx));
                 let transition = self.watchers.caught_up();
                 self.work.transition(transition);
                 continue;
@@ -510,6 +570,9 @@ impl EventLoop {
             "shutting down; the saved generation is kept for the next start"
         );
         self.socket.shutdown(&self.watchers);
+        if let Some(host) = &mut self.host {
+            host.shutdown();
+        }
         self.watchers.stopping();
         self.watchers.service().dir().remove_socket();
         if let Some(device) = &mut self.device {
@@ -524,6 +587,7 @@ impl EventLoop {
             .chain(self.device.as_ref().and_then(|d| d.next_deadline()))
             .chain(self.watchers.lifecycle_deadline())
             .chain(self.watchdog.deadline())
+            .chain(self.host.as_ref().and_then(HostChannel::next_deadline))
             .min()
     }
 
@@ -543,7 +607,8 @@ impl EventLoop {
     }
 
     fn on_source_event(&mut self, ev: sysgenid_sources::SourceEvent) {
-        self.restore_signal(ev, BumpRequest::default());
+        // Failures are logged where they happen.
+        let _ = self.restore_signal(ev, BumpRequest::default());
     }
 
     /// A restore signal, with what its sender said of the change (kernel
@@ -552,9 +617,14 @@ impl EventLoop {
     /// window is the same restore: its entropy is still mixed in (and the
     /// RNG reseeded again), and a kind the change did not have yet is
     /// taken (the hooks then run again, with it), so a vmgenid-caused
-    /// change that the host then calls a clone is a clone.
-    pub fn restore_signal(&mut self, ev: sysgenid_sources::SourceEvent, request: BumpRequest) {
-        self.offer_signal(&ev, &request);
+    /// change that the host then calls a clone is a clone. Returns the
+    /// generation and whether the signal was coalesced.
+    pub fn restore_signal(
+        &mut self,
+        ev: sysgenid_sources::SourceEvent,
+        request: BumpRequest,
+    ) -> Result<(Generation, bool), BumpError> {
+        let result = self.offer_signal(&ev, &request);
         // The source's statistics after the bump: nothing but the bump
         // comes between the signal and the page.
         if let Some(s) = self.sources.iter_mut().find(|s| s.name == ev.source) {
@@ -566,19 +636,27 @@ impl EventLoop {
                     .unwrap_or(0),
             );
         }
+        result
     }
 
-    /// Bumps for a restore signal, or merges it into the change just made.
-    fn offer_signal(&mut self, ev: &sysgenid_sources::SourceEvent, request: &BumpRequest) {
+    /// Bumps for a restore signal, or merges it into the change just made;
+    /// the generation and whether it was merged.
+    fn offer_signal(
+        &mut self,
+        ev: &sysgenid_sources::SourceEvent,
+        request: &BumpRequest,
+    ) -> Result<(Generation, bool), BumpError> {
         match self.coalescer.offer(ev.source, Instant::now()) {
             sysgenid_sources::Offer::Bump => {
                 // No log line before the bump: until the page shows it,
                 // every program on this machine still believes it is
                 // unique. The bump's one line names the signal.
-                if let Err(e) = self.change(request, BumpCause::Source(ev.source), Some(ev)) {
+                let result = self.change(request, BumpCause::Source(ev.source), Some(ev));
+                if let Err(e) = &result {
                     tracing::error!(source = ev.source, "restore signal: {}", ev.detail);
                     tracing::error!(source = ev.source, "could not bump: {e}");
                 }
+                result.map(|generation| (generation, false))
             }
             sysgenid_sources::Offer::Merged => {
                 tracing::info!(
@@ -598,6 +676,7 @@ impl EventLoop {
                     let before = self.watchers.generation().wrapping_sub(1);
                     self.run_hooks(HookEvent::Change, Some(before));
                 }
+                Ok((self.watchers.generation(), true))
             }
         }
     }
@@ -606,6 +685,10 @@ impl EventLoop {
     /// a manual bump is deliberate), then answer the requester.
     fn privileged_bump(&mut self, bump: PrivilegedBump) {
         let PrivilegedBump { request, requester } = bump;
+        if let Requester::Host(key) = requester {
+            self.host_restored(key, request);
+            return;
+        }
         let result = match self
             .watchers
             .check_minimum(request.min, request.allow_exhaustion)
@@ -617,6 +700,8 @@ impl EventLoop {
             Requester::Socket(key) => {
                 self.with_socket(|socket, cx| socket.answer_bump(key, &result, cx))
             }
+            // A restore signal, answered by `host_restored` (above).
+            Requester::Host(_) => {}
             Requester::Device(unique) => {
                 if let Err(e) = &result {
                     tracing::error!("forced update on the device failed: {e}");
@@ -625,6 +710,39 @@ impl EventLoop {
                     device.answer_bump(unique, &result);
                 }
             }
+        }
+    }
+
+    /// The host's `restored`: a restore signal from source `host`
+    /// carrying the kind, the host's entropy and the hostname. The kernel
+    /// RNG is renewed with the entropy before anyone hears of the change
+    /// (`change`), and a kernel signal for the same restore within the
+    /// coalescing window is the same change (`restore_signal`). The host
+    /// is answered with what was done.
+    fn host_restored(&mut self, key: usize, request: BumpRequest) {
+        let kind = request.details.kind;
+        let ev = sysgenid_sources::SourceEvent {
+            source: "host",
+            detail: format!("the host reports a {} over the host channel", kind.name()),
+            kernel_time_us: None,
+        };
+        let result = self.restore_signal(ev, request);
+        let last = self.watchers.service().last_change();
+        let rng = last.map(|c| c.rng.clone()).unwrap_or_default();
+        let report = sysgenid_proto::host::RestoredReport {
+            kind: sysgenid_proto::host::RestoreKind::from_change_kind(kind),
+            coalesced: matches!(result, Ok((_, true))),
+            entropy_bytes: rng.entropy_mixed as usize,
+            kernel_reseeded: rng.reseeded,
+            kernel_reseed_error: rng
+                .not_reseeded_because
+                .clone()
+                .or(rng.entropy_error.clone()),
+            hostname: last.and_then(|c| c.hostname.as_ref().map(|h| h.to_string())),
+        };
+        let reply = HostChannel::bump_reply(&result.map(|(generation, _)| generation), report);
+        if let Some(host) = &mut self.host {
+            host.answer_restored(key, reply);
         }
     }
 
@@ -820,6 +938,7 @@ impl EventLoop {
             Transition::Frozen { id } => {
                 tracing::info!(freeze = id, "frozen");
                 self.with_socket(|socket, cx| socket.answer_freeze(id, FreezeOutcome::Frozen, cx));
+                self.with_host(|host, cx| host.answer_freeze(id, FreezeOutcome::Frozen, cx));
             }
             Transition::Aborted {
                 id,
@@ -837,9 +956,9 @@ impl EventLoop {
                     pending,
                     "freeze aborted because {why}, with {pending} participant(s) or hooks not confirmed; thawing everyone"
                 );
-                self.with_socket(|socket, cx| {
-                    socket.answer_freeze(id, FreezeOutcome::Aborted { pending, reason }, cx)
-                });
+                let outcome = FreezeOutcome::Aborted { pending, reason };
+                self.with_socket(|socket, cx| socket.answer_freeze(id, outcome, cx));
+                self.with_host(|host, cx| host.answer_freeze(id, outcome, cx));
                 self.thaw_everyone(id, generation);
             }
             Transition::Thawed { id, reason } => {

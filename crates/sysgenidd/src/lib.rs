@@ -8,15 +8,19 @@
 //! * [`watchers`]: the one owner of the service, the watcher limits, the
 //!   per-uid accounting and the `manual` source's statistics;
 //! * [`work`]: the work list and the requests pending with a deadline,
-//!   which both frontends fill and the loop drains;
+//!   which the frontends fill and the loop drains;
+//! * [`requests`]: the decisions the socket and the host channel share
+//!   (freeze, thaw, barrier waits, bump and freeze replies);
 //! * [`socket`]: the socket frontend (accept, frames, outboxes);
 //! * [`device`]: `/dev/sysgenid`, the seed's device ABI served through
 //!   FUSE, its handles watchers in the same core;
 //! * [`event_loop`]: the single-threaded loop that owns the watchers and
-//!   both frontends, drives them and fans a bump out to both;
+//!   the frontends, drives them and fans a bump out to them;
 //! * [`runtime_dir`]: where the socket, page, state and lock live, created
 //!   without following anyone's symlinks;
 //! * [`peer`]: who is on the other end, and whether they may bump;
+//! * [`host_channel`]: the third frontend, for the hypervisor host over
+//!   vsock (`--host-channel`), one JSON line per request;
 //! * [`reseed`]: the kernel RNG renewed (host entropy, forced reseed)
 //!   before a change is published;
 //! * [`hooks`]: the hooks directory's runner, on a thread of its own;
@@ -32,16 +36,19 @@
 //! May depend on: `sysgenid-core`, `sysgenid-proto`, `sysgenid-page`,
 //! `sysgenid-sources`. Nothing depends on it but its binary and the man
 //! page generator (`sysgenid-packaging`, through [`cli`]). Inside, the
-//! frontends (`socket`, `device`) depend on `watchers` and `work` only;
-//! `event_loop` is the one module that uses both frontends.
+//! frontends (`socket`, `device`, `host_channel`) depend on `watchers`,
+//! `work` and `requests` only (the host channel also on the socket's
+//! `Context`); `event_loop` is the one module that uses every frontend.
 
 pub mod cli;
 pub mod container;
 pub mod device;
 pub mod event_loop;
 pub mod hooks;
+pub mod host_channel;
 pub mod peer;
 pub mod ratelimit;
+pub mod requests;
 pub mod reseed;
 pub mod runtime_dir;
 pub mod sched;

@@ -216,6 +216,19 @@ fn run(args: Args) -> Result<(), String> {
         }
     };
 
+    if let Some(listen) = args.host_channel.clone() {
+        server
+            .attach_host_channel(listen, Duration::from_millis(args.host_channel_idle_ms))
+            .map_err(|e| {
+                format!(
+                    "cannot serve the host channel ({}): {e}",
+                    args.host_channel
+                        .as_ref()
+                        .map_or(String::new(), |l| format!("{l:?}"))
+                )
+            })?;
+    }
+
     let record = server.service().record();
     let sources = if in_container.is_some() {
         "none in a container (restores from the CRIU action script)".to_string()

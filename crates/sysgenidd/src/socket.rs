@@ -61,14 +61,15 @@ use mio::unix::SourceFd;
 use mio::{Interest, Registry, Token};
 use rustix::net::{RecvFlags, SendFlags, SocketFlags};
 use slab::Slab;
-use sysgenid_core::lifecycle::{AbortReason, FreezeId, LifecycleError, ParticipantId, Transition};
-use sysgenid_core::{Barrier, CoreError, Generation, Tracking, WatcherId};
+use sysgenid_core::lifecycle::{FreezeId, LifecycleError, ParticipantId};
+use sysgenid_core::{CoreError, Generation, Tracking, WatcherId};
 use sysgenid_proto::{
-    ErrorCode, ErrorReply, Reply, Request, Role, StatusReport, DEFAULT_FREEZE_TIMEOUT_MS,
-    LIFECYCLE_VERSION, MAX_FRAME, MIN_PROTOCOL_VERSION, PROTOCOL_VERSION,
+    ErrorCode, Reply, Request, Role, StatusReport, LIFECYCLE_VERSION, MAX_FRAME,
+    MIN_PROTOCOL_VERSION, PROTOCOL_VERSION,
 };
 
 use crate::peer::{Peer, Sender};
+use crate::requests::{self, error, Started};
 use crate::service::BumpError;
 use crate::watchers::{Bumped, Limits, Watchers};
 use crate::work::{BumpRequest, Pending, PrivilegedBump, Requester, WorkList};
@@ -178,19 +179,7 @@ pub struct SocketFrontend {
     accept_starved: bool,
 }
 
-/// How a freeze request ended, for [`SocketFrontend::answer_freeze`].
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum FreezeOutcome {
-    /// Every tracked participant and the hooks confirmed.
-    Frozen,
-    /// Aborted; everyone was thawed.
-    Aborted {
-        /// Tracked participants (and hooks) that had not confirmed.
-        pending: u32,
-        /// Why.
-        reason: AbortReason,
-    },
-}
+pub use crate::requests::FreezeOutcome;
 
 /// Bytes waiting in outboxes, in total and per uid, against their limits.
 struct QueueBudget {
@@ -250,22 +239,6 @@ fn return_free_memory() {
     unsafe {
         libc::malloc_trim(0);
     }
-}
-
-fn error(code: ErrorCode, value: u32, message: impl Into<String>) -> Reply {
-    Reply::Error(ErrorReply {
-        code,
-        value,
-        message: message.into(),
-    })
-}
-
-fn interrupted(generation: u32) -> Reply {
-    error(
-        ErrorCode::Interrupted,
-        generation,
-        format!("interrupted: this watcher is outdated; handle generation {generation}, acknowledge it and retry"),
-    )
 }
 
 /// What one receive call got.
@@ -713,42 +686,14 @@ impl SocketFrontend {
         if !self.check_privilege(key, "freezing", sender.as_ref(), cx.watchers) {
             return;
         }
-        let timeout_ms = match timeout_ms {
-            0 => DEFAULT_FREEZE_TIMEOUT_MS,
-            ms => ms,
-        };
-        match cx
-            .watchers
-            .freeze(Duration::from_millis(u64::from(timeout_ms)))
-        {
-            Ok(transitions) if transitions.is_empty() => {
-                let generation = cx.watchers.generation();
-                self.send_reply(key, Reply::Done { generation }, cx.watchers);
-            }
-            Ok(transitions) => {
+        match requests::freeze(cx.watchers, cx.work, timeout_ms) {
+            Started::Freezing(id) => {
                 // Answered by the loop with the freeze's outcome.
                 self.conns[key].busy = true;
-                for t in &transitions {
-                    if let Transition::FreezeStarted { id } = t {
-                        self.freezers.push((*id, key));
-                    }
-                }
-                cx.work.transition(transitions);
+                self.freezers.push((id, key));
             }
-            Err(LifecycleError::Busy { id, pending }) => self.send_reply(
-                key,
-                error(
-                    ErrorCode::Busy,
-                    pending,
-                    format!("freeze {id} is already in progress ({pending} participant(s) still to confirm); wait for it or thaw"),
-                ),
-                cx.watchers,
-            ),
-            Err(e) => self.send_reply(
-                key,
-                error(ErrorCode::Internal, 0, e.to_string()),
-                cx.watchers,
-            ),
+            Started::Answer(reply) => self.send_reply(key, reply, cx.watchers),
+            Started::Waiting { .. } => unreachable!("a freeze is never a barrier wait"),
         }
     }
 
@@ -756,9 +701,8 @@ impl SocketFrontend {
         if !self.check_privilege(key, "thawing", sender.as_ref(), cx.watchers) {
             return;
         }
-        cx.work.transition(cx.watchers.thaw());
-        let generation = cx.watchers.generation();
-        self.send_reply(key, Reply::Done { generation }, cx.watchers);
+        let reply = requests::thaw(cx.watchers, cx.work);
+        self.send_reply(key, reply, cx.watchers);
     }
 
     fn on_confirm(&mut self, key: usize, freeze: u32, cx: &mut Context<'_>) {
@@ -808,28 +752,7 @@ impl SocketFrontend {
             return;
         };
         conn.busy = false;
-        let reply = match outcome {
-            FreezeOutcome::Frozen => Reply::Done {
-                generation: cx.watchers.generation(),
-            },
-            FreezeOutcome::Aborted { pending, reason } => error(
-                ErrorCode::FreezeAborted,
-                pending,
-                match reason {
-                    AbortReason::TimedOut => format!(
-                        "the freeze timed out with {pending} participant(s) or hooks not confirmed; it was aborted and everything thawed"
-                    ),
-                    AbortReason::ThawRequested => {
-                        "the freeze was aborted by a thaw request; everything thawed".to_string()
-                    }
-                    AbortReason::Restored => {
-                        "the freeze was aborted: the generation changed (a restore); everything thawed"
-                            .to_string()
-                    }
-                    AbortReason::RequesterGone => "the freeze was aborted".to_string(),
-                },
-            ),
-        };
+        let reply = requests::freeze_outcome_reply(outcome, cx.watchers.generation());
         self.send_reply(key, reply, cx.watchers);
         self.schedule(key, cx.work);
     }
@@ -890,25 +813,13 @@ impl SocketFrontend {
 
     fn on_wait(&mut self, key: usize, timeout_ms: u32, cx: &mut Context<'_>) {
         let caller = self.conns[key].watcher;
-        match cx.watchers.barrier(caller) {
-            Ok(Barrier::Satisfied) => {
-                let generation = cx.watchers.generation();
-                self.send_reply(key, Reply::Done { generation }, cx.watchers);
-            }
-            Ok(Barrier::Interrupted { generation }) => {
-                self.send_reply(key, interrupted(generation), cx.watchers)
-            }
-            Ok(Barrier::Pending { .. }) => {
-                let deadline = (timeout_ms > 0)
-                    .then(|| Instant::now() + Duration::from_millis(u64::from(timeout_ms)));
+        match requests::wait(cx.watchers, caller, timeout_ms) {
+            Started::Waiting { deadline } => {
                 self.conns[key].busy = true;
                 self.waits.add(key, deadline);
             }
-            Err(e) => self.send_reply(
-                key,
-                error(ErrorCode::Internal, 0, e.to_string()),
-                cx.watchers,
-            ),
+            Started::Answer(reply) => self.send_reply(key, reply, cx.watchers),
+            Started::Freezing(_) => unreachable!("a wait never freezes"),
         }
     }
 
@@ -947,25 +858,7 @@ impl SocketFrontend {
             return;
         };
         conn.busy = false;
-        let reply = match result {
-            Ok(generation) => Reply::Done {
-                generation: *generation,
-            },
-            Err(BumpError::Core(CoreError::Overflow { current })) => error(
-                ErrorCode::Overflow,
-                *current,
-                format!(
-                    "generation {current} cannot be bumped: the next value would pass {}",
-                    u32::MAX
-                ),
-            ),
-            Err(BumpError::Core(e @ CoreError::WouldExhaust { current, .. })) => error(
-                ErrorCode::Overflow,
-                *current,
-                format!("refused: {e} (sysgenidctl bump --allow-exhaustion; the generation stays {current})"),
-            ),
-            Err(e) => error(ErrorCode::Internal, 0, e.to_string()),
-        };
+        let reply = requests::bump_reply(result);
         self.send_reply(key, reply, cx.watchers);
         self.schedule(key, cx.work);
     }
@@ -996,14 +889,7 @@ impl SocketFrontend {
             let Some(conn) = conns.get(key) else {
                 return Some(None);
             };
-            match watchers.barrier(conn.watcher) {
-                Ok(Barrier::Pending { .. }) => None,
-                Ok(Barrier::Satisfied) => Some(Some(Reply::Done {
-                    generation: watchers.generation(),
-                })),
-                Ok(Barrier::Interrupted { generation }) => Some(Some(interrupted(generation))),
-                Err(e) => Some(Some(error(ErrorCode::Internal, 0, e.to_string()))),
-            }
+            requests::wait_answer(watchers, conn.watcher).map(Some)
         });
         for (key, reply) in done {
             if let Some(reply) = reply {
@@ -1015,22 +901,8 @@ impl SocketFrontend {
     /// Ends waits whose deadline passed with `TimedOut`.
     pub fn expire(&mut self, now: Instant, cx: &mut Context<'_>) {
         for key in self.waits.expire(now) {
-            let outdated = cx.watchers.counts().outdated;
-            let mut message =
-                format!("timed out with {outdated} tracked watcher(s) still outdated");
-            // Name the hooks holding the change: the orchestrator's one
-            // clue to what did not renew.
-            let holding = (cx.status)(cx.watchers)
-                .hooks
-                .map(|h| h.holding)
-                .unwrap_or_default();
-            if !holding.is_empty() {
-                message.push_str(&format!(
-                    ", among them the hooks whose change run failed: {}",
-                    holding.join(", ")
-                ));
-            }
-            self.end_wait(key, error(ErrorCode::TimedOut, outdated, message), cx);
+            let reply = requests::wait_timed_out(cx.watchers, cx.status);
+            self.end_wait(key, reply, cx);
         }
         self.expire_silent_connections(now, cx.watchers.limits().hello_timeout);
     }

@@ -31,6 +31,10 @@ pub enum Requester {
     Socket(usize),
     /// A device `SYSGENID_FORCE_GEN_UPDATE`, by its FUSE `unique`.
     Device(u64),
+    /// A host channel connection's `restored`, by its key: a restore
+    /// signal from the host (source `host`, coalesced with a kernel
+    /// signal for the same restore), not a manual bump.
+    Host(usize),
 }
 
 /// A change asked for: what every frontend (the socket, the device, a

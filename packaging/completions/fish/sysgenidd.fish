@@ -20,6 +20,8 @@ complete -c sysgenidd -l hook-timeout-ms -d 'A hook still running after this lon
 complete -c sysgenidd -l max-frozen-ms -d 'The longest the system stays frozen: after this the daemon thaws by itself and logs it, so an orchestrator that died between freeze and thaw cannot leave every program quiesced' -r
 complete -c sysgenidd -l restore-thaw -d 'After a restore while frozen: `auto` thaws once every tracked watcher has acknowledged the new generation; `manual` leaves thawing to the orchestrator (or the freeze bound)' -r -f -a "auto\t''
 manual\t''"
+complete -c sysgenidd -l host-channel -d 'Serve the hypervisor host over vsock on PORT (off by default): one JSON request per line (docs/protocol.md, "The host channel"). Only the host (CID 2) is served; any other peer, such as a local process through vsock loopback, is refused and logged. The host may report a restore or clone (with entropy), freeze, thaw, wait for the watchers and read status: what a privileged local orchestrator may. `test-unix:PATH` serves the same protocol on a Unix socket whose every peer counts as the host: for tests only, never in production' -r
+complete -c sysgenidd -l host-channel-idle-ms -d 'A host channel connection with no request in progress that sends nothing (or reads nothing) for this long is closed' -r
 complete -c sysgenidd -l recover -d 'Continue from the generation shown in the page file when the saved state is missing or corrupt (the daemon refuses to start otherwise)'
 complete -c sysgenidd -s h -l help -d 'Print help (see more with \'--help\')'
 complete -c sysgenidd -s V -l version -d 'Print version'
