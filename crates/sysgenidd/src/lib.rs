@@ -9,8 +9,9 @@
 //!   per-uid accounting and the `manual` source's statistics;
 //! * [`work`]: the work list and the requests pending with a deadline,
 //!   which the frontends fill and the loop drains;
-//! * [`requests`]: the decisions the socket and the host channel share
-//!   (freeze, thaw, barrier waits, bump and freeze replies);
+//! * [`requests`]: the decisions every frontend shares (freeze, thaw,
+//!   barrier waits, bump and freeze replies; the device answers with
+//!   their errnos), so each frontend is its transport only;
 //! * [`socket`]: the socket frontend (accept, frames, outboxes);
 //! * [`device`]: `/dev/sysgenid`, the seed's device ABI served through
 //!   FUSE, its handles watchers in the same core;

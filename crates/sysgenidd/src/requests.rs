@@ -7,10 +7,15 @@
 //! converts it to a JSON line). So a rule changes in one place for both,
 //! and a new frontend needs no copy of it.
 //!
+//! The device is a transport too: it answers the kernel with errnos, so it
+//! takes the same [`Reply`] (a barrier wait's, a forced update's) and
+//! answers with [`errno`] of it. Privilege is judged in [`crate::peer`] for
+//! all three (a socket frame's sender, a device caller, the host channel's
+//! peer CID).
+//!
 //! Everything here goes through [`Watchers`] (which owns the service and
 //! the lifecycle) and queues what follows on the [`WorkList`]; nothing
-//! sends anything. The device keeps its own answers for now: it speaks
-//! errnos to the kernel, not replies.
+//! sends anything.
 
 use std::time::{Duration, Instant};
 
@@ -29,6 +34,15 @@ pub fn error(code: ErrorCode, value: u32, message: impl Into<String>) -> Reply {
         value,
         message: message.into(),
     })
+}
+
+/// The errno a reply stands for, as the seed's device returns it: 0 for a
+/// success, else the error code's errno (`EINTR`, `EOVERFLOW`, `EIO`...).
+pub fn errno(reply: &Reply) -> i32 {
+    match reply {
+        Reply::Error(e) => e.code.errno(),
+        _ => 0,
+    }
 }
 
 /// The caller's own watcher is outdated (`EINTR`).

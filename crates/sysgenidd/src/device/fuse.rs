@@ -397,6 +397,15 @@ impl<'a> Channel<'a> {
         self.ok(unique, &o);
     }
 
+    /// Ends an ioctl that returns 0 on success: `errno` 0 is that success,
+    /// anything else the error `ioctl(2)` fails with.
+    pub fn answer(&self, unique: u64, errno: i32) {
+        match errno {
+            0 => self.ioctl(unique, 0),
+            errno => self.error(unique, errno),
+        }
+    }
+
     /// Replies to POLL with `fuse_poll_out { revents, padding }`.
     pub fn poll(&self, unique: u64, revents: u32) {
         let mut o = [0u8; 8];

@@ -7,6 +7,11 @@
 //! barrier see both kinds alike. Design notes, the deviations from a real
 //! character device and measured latencies are in `docs/device.md`.
 //!
+//! Like the socket and the host channel, the device is a transport only
+//! (the FUSE protocol, the caller's credentials, parked requests): what a
+//! barrier wait or a forced update answers is decided in
+//! [`crate::requests`], and the device returns that reply's errno.
+//!
 //! # Threads
 //! With FUSE passthrough (the usual case, Linux 6.9+) the event loop reads
 //! `/dev/fuse` itself: the descriptor is non-blocking and registered in the
@@ -48,10 +53,11 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use sysgenid_core::{Barrier, CoreError, Generation, Tracking, WatcherId};
+use sysgenid_core::{Generation, Tracking, WatcherId};
 
 use sysgenid_page::{PageRecord, PageWriter};
 
+use crate::requests;
 use crate::runtime_dir::RuntimeDir;
 use crate::service::BumpError;
 use crate::watchers::Watchers;
@@ -690,14 +696,13 @@ impl Device {
         };
         match cmd {
             SYSGENID_GET_OUTDATED_WATCHERS => ch.ioctl(unique, watchers.counts().outdated as i32),
-            SYSGENID_WAIT_WATCHERS => match watchers.barrier(Some(id)) {
-                Ok(Barrier::Satisfied) => ch.ioctl(unique, 0),
-                Ok(Barrier::Interrupted { .. }) => ch.error(unique, libc::EINTR),
-                Ok(Barrier::Pending { .. }) => self.waits.add(
+            SYSGENID_WAIT_WATCHERS => match requests::wait_answer(watchers, Some(id)) {
+                Some(reply) => ch.answer(unique, requests::errno(&reply)),
+                // The seed's argument: a timeout in milliseconds, 0 none.
+                None => self.waits.add(
                     ParkedWait { unique, fh },
                     (arg > 0).then(|| Instant::now() + Duration::from_millis(arg)),
                 ),
-                Err(_) => ch.error(unique, libc::EIO),
             },
             SYSGENID_FORCE_GEN_UPDATE => {
                 if !crate::peer::process_may_bump(header.pid, header.uid) {
@@ -743,13 +748,9 @@ impl Device {
 
     /// Ends a forced update queued as [`Requester::Device`].
     pub fn answer_bump(&self, unique: u64, result: &Result<Generation, BumpError>) {
-        match result {
-            Ok(_) => self.channel().ioctl(unique, 0),
-            Err(BumpError::Core(CoreError::Overflow { .. } | CoreError::WouldExhaust { .. })) => {
-                self.channel().error(unique, libc::EOVERFLOW)
-            }
-            Err(_) => self.channel().error(unique, libc::EIO),
-        }
+        // Overflow and an exhausting minimum: EOVERFLOW; anything else EIO.
+        self.channel()
+            .answer(unique, requests::errno(&requests::bump_reply(result)));
     }
 
     /// After a bump (the page is published): make mappings current, then
@@ -788,18 +789,10 @@ impl Device {
             let Some(h) = handles.get(&w.fh) else {
                 return Some(libc::EBADF);
             };
-            match watchers.barrier(Some(h.watcher)) {
-                Ok(Barrier::Pending { .. }) => None,
-                Ok(Barrier::Satisfied) => Some(0),
-                Ok(Barrier::Interrupted { .. }) => Some(libc::EINTR),
-                Err(_) => Some(libc::EIO),
-            }
+            requests::wait_answer(watchers, Some(h.watcher)).map(|reply| requests::errno(&reply))
         });
         for (w, errno) in done {
-            match errno {
-                0 => ch.ioctl(w.unique, 0),
-                errno => ch.error(w.unique, errno),
-            }
+            ch.answer(w.unique, errno);
         }
     }
 
