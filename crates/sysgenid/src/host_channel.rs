@@ -22,7 +22,7 @@
 //! // ... snapshot, then restore a clone ...
 //! let restored = guest.restored(sysgenid::host_channel::RestoreKind::Clone, None, None)?;
 //! println!("clone at generation {}", restored.generation);
-//! # Ok::<(), sysgenid::Error>(())
+//! # Ok::<(), Box<dyn std::error::Error>>(())
 //! ```
 
 use std::io::{BufRead, BufReader, Read, Write};
