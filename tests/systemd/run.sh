@@ -240,8 +240,8 @@ rm -f /tmp/sysgenid-member.$$.log
 step "the journal"
 journal=$(inside journalctl -u sysgenidd.service -o cat --no-pager)
 # Extended regular expressions: the change line reads "generation changed
-# (kernel RNG ...) generation=3 ...".
-for needle in "ready: runtime dir /run/sysgenid" "generation changed .* generation=3( |$)" "permission denied" "device: /dev/sysgenid"; do
+# generation=3 source=... kernel_rng=...".
+for needle in "ready: runtime dir /run/sysgenid" "generation changed.* generation=3( |$)" "permission denied" "device: /dev/sysgenid"; do
 	grep -qE "$needle" <<<"$journal" || fail "the journal lacks '$needle'"
 	ok "journal: $needle"
 done
