@@ -42,45 +42,42 @@ fn print_line(line: std::fmt::Arguments<'_>) {
 
 fn main() -> ExitCode {
     let args = Args::parse();
-    if let Cmd::Hooks {
-        action,
-        shipped_dir,
-        hooks_dir,
-    } = &args.command
-    {
-        if args.host_channel.is_some() {
-            usage("hooks is a local command; over --host-channel use restored, freeze, thaw, wait-watchers, status or get");
-        }
-        return hooks(action.as_ref(), shipped_dir, hooks_dir);
-    }
-    if let Cmd::CriuHook {
-        inside,
-        action,
-        timeout_ms,
-        deadline_ms,
-    } = &args.command
-    {
-        if args.host_channel.is_some() {
-            usage("criu-hook is a local command (CRIU's action script on this machine); over --host-channel use restored, freeze, thaw, wait-watchers, status or get");
-        }
-        return match (inside, &args.runtime_dir) {
-            (None, _) => criu_hook::run(),
-            (Some(step), Some(dir)) => criu_hook::inside(
-                step,
+    let result = match (&args.host_channel, &args.command) {
+        // Refuses the local-only commands (watch, bump, hooks, criu-hook).
+        (Some(target), command) => host_channel(target, command),
+        (
+            None,
+            Cmd::Hooks {
                 action,
-                dir,
-                Duration::from_millis(*timeout_ms),
-                Duration::from_millis(*deadline_ms),
-            ),
-            (Some(_), None) => {
-                eprintln!("sysgenidctl: criu-hook --inside needs --runtime-dir");
-                ExitCode::from(2)
+                shipped_dir,
+                hooks_dir,
+            },
+        ) => return hooks(action.as_ref(), shipped_dir, hooks_dir),
+        (
+            None,
+            Cmd::CriuHook {
+                inside,
+                action,
+                timeout_ms,
+                deadline_ms,
+            },
+        ) => {
+            return match (inside, &args.runtime_dir) {
+                (None, _) => criu_hook::run(),
+                (Some(step), Some(dir)) => criu_hook::inside(
+                    step,
+                    action,
+                    dir,
+                    Duration::from_millis(*timeout_ms),
+                    Duration::from_millis(*deadline_ms),
+                ),
+                (Some(_), None) => {
+                    eprintln!("sysgenidctl: criu-hook --inside needs --runtime-dir");
+                    ExitCode::from(2)
+                }
             }
-        };
-    }
-    let result = match &args.host_channel {
-        Some(target) => host_channel(target, &args.command),
-        None => run(&args),
+        }
+        (None, _) => run(&args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
