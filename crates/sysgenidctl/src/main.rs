@@ -88,6 +88,19 @@ fn main() -> ExitCode {
     }
 }
 
+/// `status`: the report as pretty JSON with `--json`, else as lines.
+fn show_status(s: &sysgenid::StatusReport, json: bool) -> Result<(), Error> {
+    if json {
+        out!(
+            "{}",
+            serde_json::to_string_pretty(s).map_err(|e| Error::Protocol(e.to_string()))?
+        );
+    } else {
+        print_status(s);
+    }
+    Ok(())
+}
+
 /// A usage error (exit 2), as clap reports its own.
 fn usage(message: &str) -> ! {
     use clap::CommandFactory;
@@ -146,17 +159,7 @@ fn host_channel(target: &sysgenid::host_channel::Target, command: &Cmd) -> Resul
             let timeout = (*timeout_ms > 0).then(|| Duration::from_millis(u64::from(*timeout_ms)));
             guest.wait_watchers(timeout)?;
         }
-        Cmd::Status { json } => {
-            let s = guest.status()?;
-            if *json {
-                out!(
-                    "{}",
-                    serde_json::to_string_pretty(&s).map_err(|e| Error::Protocol(e.to_string()))?
-                );
-            } else {
-                print_status(&s);
-            }
-        }
+        Cmd::Status { json } => show_status(&guest.status()?, *json)?,
         Cmd::Watch { .. } | Cmd::Bump { .. } | Cmd::Hooks { .. } | Cmd::CriuHook { .. } => {
             unreachable!("refused above")
         }
@@ -263,17 +266,7 @@ fn run(args: &Args) -> Result<(), Error> {
         }
         // Handled before any connection (see `hooks`).
         Cmd::Hooks { .. } => {}
-        Cmd::Status { json } => {
-            let s = Control::connect(dir)?.status()?;
-            if *json {
-                out!(
-                    "{}",
-                    serde_json::to_string_pretty(&s).map_err(|e| Error::Protocol(e.to_string()))?
-                );
-            } else {
-                print_status(&s);
-            }
-        }
+        Cmd::Status { json } => show_status(&Control::connect(dir)?.status()?, *json)?,
         Cmd::CriuHook { .. } => unreachable!("handled in main"),
     }
     Ok(())
