@@ -157,6 +157,16 @@ def _module_index(moddir):
     return index
 
 
+def _builtin(moddir):
+    """Names (with `_`) of the modules MODDIR's modules.builtin lists."""
+    try:
+        with open(os.path.join(moddir, "modules.builtin")) as f:
+            lines = f.read().split()
+    except FileNotFoundError:
+        return set()
+    return {re.sub(r"\.ko$", "", os.path.basename(p)).replace("-", "_") for p in lines}
+
+
 def _closure(index, roots):
     """(name, uncompressed bytes) in load order: dependencies first."""
     order, seen, blobs = [], set(), {}
@@ -192,7 +202,14 @@ def kernel_modules(cache, kernel, roots=None):
     release = kernel_release(kernel)
     given = os.environ.get("SYSGENID_VM_MODULES_DIR")
     if given:
-        return release, _closure(_module_index(given), roots)
+        # A root the kernel has built in (its modules.builtin, when the
+        # tree has one) needs no .ko: the newest lane's 7.x kernel has
+        # virtio and virtio_pci built in, Debian 12's 6.1 has them as modules.
+        builtin = _builtin(given)
+        skipped = [r for r in roots if r in builtin]
+        if skipped:
+            log(f"built into {release}: {' '.join(skipped)}")
+        return release, _closure(_module_index(given), [r for r in roots if r not in builtin])
     keep = os.path.join(cache, "modules", release)
     done = os.path.join(keep, "COMPLETE")
     stamp = " ".join(roots) + "\n"

@@ -18,6 +18,12 @@ uds:PATH:1024`:
   renews, the daemon thaws by itself; wait-watchers answers; the clones'
   epochs and getrandom output differ.
 
+run.sh runs it once per lane: the stable kernel under the host's QEMU,
+and the newest kernel under the development suite's QEMU from a chroot
+(SYSGENID_VM_QEMU, SYSGENID_VM_MODULES_DIR, SYSGENID_VM_WORKDIR; the
+backend's sockets live in the work dir, which the chroot sees at the same
+path).
+
 Standard library only; reuses vmtest.py's initramfs writer, QMP client and
 VM runner, and guest_packages.py for the kernel modules.
 """
@@ -41,6 +47,8 @@ PORT = 1024
 GUEST_CID = 3
 DAEMON_CMD = f"sysgenidd --runtime-dir /run/sysgenid --source none --host-channel vsock:{PORT}"
 # virtio_ring first: Debian 6.1's virtio.ko uses it without naming it.
+# The newest lane's 7.x kernel has the first three built in
+# (guest_packages skips what its modules.builtin lists).
 MODULE_ROOTS = ["virtio_ring", "virtio", "virtio_pci", "vsock",
                 "vmw_vsock_virtio_transport_common", "vmw_vsock_virtio_transport",
                 "vsock_loopback"]
@@ -395,6 +403,8 @@ class Harness:
                  ("two clones: restored --clone thaws them, distinct epochs and getrandom",
                   self.scenario_clones)]
         ok = True
+        if vmtest.LANE:
+            log(f"lane {vmtest.LANE}")
         for name, fn in steps:
             log(f"== {name}")
             try:
@@ -406,6 +416,8 @@ class Harness:
                 ok = False
                 break
         vmtest.kill_all()
+        if vmtest.LANE:
+            print(f"==== host-channel lane {vmtest.LANE}")
         for name, verdict, _ in self.results:
             print(f"  {verdict}  {name}")
         print(f"host-channel vm: {sum(v == 'PASS' for _, v, _ in self.results)} passed, "

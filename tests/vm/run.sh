@@ -11,7 +11,7 @@
 #                                    # lane only; tests/vm/LIFECYCLE.md)
 #   ... tests/vm/run.sh --host-channel  # the host channel on a real virtio-vsock
 #                                    # device (vhost-device-vsock, hybrid vsock
-#                                    # socket; host_channel_vmtest.py, stable lane)
+#                                    # socket; host_channel_vmtest.py, both lanes)
 #
 # This script prepares the host (packages, cached Debian kernels, a cached
 # chroot with the development suite's QEMU) and hands over to vmtest.py,
@@ -34,9 +34,11 @@ usage: SYSGENIDD=BIN SYSGENIDCTL=BIN $0 [--keep] [--lifecycle|--host-channel]
                (lifecycle_vmtest.py, stable kernel and host QEMU) instead
   --host-channel
                run the host-channel proof on a vhost-user vsock device
-               (host_channel_vmtest.py, stable kernel and host QEMU; builds
+               (host_channel_vmtest.py) instead, in the lanes of
+               SYSGENID_VM_LANES like the default mode; last line
+               "host-channel lanes: stable=PASS newest=PASS" (builds
                vhost-device-vsock with cargo install into
-               $SYSGENID_VSOCK_CACHE, default /var/cache/sysgenid-vsock)
+               \$SYSGENID_VSOCK_CACHE, default /var/cache/sysgenid-vsock)
 
 environment: SYSGENIDD, SYSGENIDCTL, SYSGENID_VM_LANES (stable,newest),
              SYSGENID_VM_NEWEST_SUITE (sid), SYSGENID_VM_CACHE, SYSGENID_VM_KERNEL,
@@ -137,6 +139,18 @@ deb_extract() {
     [ -n "$found" ]
 }
 
+# Unpacks the directory DIR of PKG.deb (a path in the package, glob
+# allowed) into DEST/<basename of DIR>.
+deb_extract_tree() {
+    local deb=$1 pattern=$2 dest=$3 tmp found
+    tmp=$(mktemp -d)
+    dpkg-deb --fsys-tarfile "$deb" | tar -x -C "$tmp" --wildcards "$pattern" 2>/dev/null || true
+    found=$(find "$tmp" -path "*${pattern#./}" -type d | head -n1)
+    if [ -n "$found" ]; then mkdir -p "$dest" && cp -r "$found" "$dest/"; fi
+    rm -rf "$tmp"
+    [ -n "$found" ]
+}
+
 stable_kernel() {
     if [ -n "${SYSGENID_VM_KERNEL:-}" ]; then
         KERNEL=$SYSGENID_VM_KERNEL
@@ -214,7 +228,8 @@ newest_qemu() {
 # The development suite's newest kernel: vmlinuz, its config and the
 # ptp_vmclock module (decompressed), downloaded inside the chroot with apt.
 newest_kernel() {
-    if [ ! -f "$NEWEST_KDIR/vmlinuz" ] || [ ! -f "$NEWEST_KDIR/ptp_vmclock.ko" ]; then
+    if [ ! -f "$NEWEST_KDIR/vmlinuz" ] || [ ! -f "$NEWEST_KDIR/ptp_vmclock.ko" ] ||
+        [ ! -f "$NEWEST_KDIR/modules/modules.builtin" ]; then
         local pkg ver dl=/var/tmp/sgdl
         resolve() {
             chroot "$NEWEST_ROOT" apt-cache depends "$1" 2>/dev/null |
@@ -233,7 +248,7 @@ newest_kernel() {
         done
         chroot "$NEWEST_ROOT" sh -c "cd $dl && apt-get download -qq $want" >/dev/null 2>&1 ||
             die "apt-get download $want in the chroot failed"
-        mkdir -p "$NEWEST_KDIR.tmp"
+        rm -rf "$NEWEST_KDIR.tmp"; mkdir -p "$NEWEST_KDIR.tmp/modules"
         local d=$NEWEST_ROOT$dl found=0
         for deb in "$d"/*.deb; do
             deb_extract "$deb" './usr/lib/modules/*/vmlinuz' "$NEWEST_KDIR.tmp/vmlinuz" && found=1
@@ -242,8 +257,14 @@ newest_kernel() {
             deb_extract "$deb" './boot/config-*' "$NEWEST_KDIR.tmp/config" || true
             deb_extract "$deb" './usr/lib/modules/*/kernel/drivers/ptp/ptp_vmclock.ko*' \
                 "$NEWEST_KDIR.tmp/ptp_vmclock.ko.packed" || true
+            # The host-channel lane's vsock modules (virtio and virtio_pci
+            # are built in: modules.builtin says which roots need no .ko).
+            deb_extract_tree "$deb" './usr/lib/modules/*/kernel/net/vmw_vsock' "$NEWEST_KDIR.tmp/modules" || true
+            deb_extract "$deb" './usr/lib/modules/*/modules.builtin' "$NEWEST_KDIR.tmp/modules/modules.builtin" || true
         done
         [ "$found" = 1 ] || die "no vmlinuz in $want"
+        [ -f "$NEWEST_KDIR.tmp/modules/modules.builtin" ] && [ -d "$NEWEST_KDIR.tmp/modules/vmw_vsock" ] ||
+            die "no vsock modules (net/vmw_vsock) or modules.builtin in $want"
         [ -f "$NEWEST_KDIR.tmp/ptp_vmclock.ko.packed" ] || die "no ptp_vmclock module in $want"
         # busybox insmod wants the plain ELF module.
         python3 - "$NEWEST_KDIR.tmp/ptp_vmclock.ko.packed" "$NEWEST_KDIR.tmp/ptp_vmclock.ko" <<'PY'
@@ -274,7 +295,6 @@ if [ "$LIFECYCLE" = 1 ]; then
 fi
 if [ "$HOST_CHANNEL" = 1 ]; then
     [ "$SELF_TEST" = 0 ] || die "--host-channel needs the real binaries"
-    stable_kernel
     VSOCK_CACHE=${SYSGENID_VSOCK_CACHE:-/var/cache/sysgenid-vsock}
     BACKEND=$VSOCK_CACHE/bin/vhost-device-vsock
     if [ ! -x "$BACKEND" ]; then
@@ -283,8 +303,47 @@ if [ "$HOST_CHANNEL" = 1 ]; then
         cargo install --locked --root "$VSOCK_CACHE" vhost-device-vsock >"$VSOCK_CACHE.install.log" 2>&1 ||
             die "cargo install vhost-device-vsock failed, see $VSOCK_CACHE.install.log"
     fi
-    SYSGENID_VM_KERNEL=$KERNEL SYSGENID_VSOCK_CACHE=$VSOCK_CACHE SYSGENID_VSOCK_BACKEND=$BACKEND \
-        exec python3 "$HERE/host_channel_vmtest.py"
+    rc=0
+    verdicts=()
+    for lane in ${LANES//,/ }; do
+        t0=$(date +%s)
+        case $lane in
+            stable)
+                stable_kernel
+                SYSGENID_VM_LANE="stable: $(cat "$CACHE/kernel/PACKAGE" 2>/dev/null || basename "$KERNEL"), host QEMU" \
+                    SYSGENID_VM_KERNEL=$KERNEL SYSGENID_VSOCK_CACHE=$VSOCK_CACHE \
+                    SYSGENID_VSOCK_BACKEND=$BACKEND python3 "$HERE/host_channel_vmtest.py" && v=PASS || v=FAIL
+                ;;
+            newest)
+                newest_qemu
+                newest_kernel
+                # The chroot's QEMU reaches the backend's vhost-user socket
+                # in the work dir, bind-mounted at the same path (the
+                # memfd guest memory is passed over that socket). The
+                # guest's vsock modules come from the kernel's own package
+                # (virtio and virtio_pci are built in).
+                workdir=$(mktemp -d /tmp/sysgenid-vm-hostch-newest.XXXXXX)
+                SYSGENID_VM_LANE="newest: $(cat "$NEWEST_KDIR/PACKAGE"), $NEWEST_SUITE QEMU" \
+                    SYSGENID_VM_KERNEL=$NEWEST_KDIR/vmlinuz \
+                    SYSGENID_VM_MODULES_DIR=$NEWEST_KDIR/modules \
+                    SYSGENID_VM_WORKDIR=$workdir \
+                    SYSGENID_VM_QEMU="$HERE/qemu-chroot.sh $NEWEST_ROOT $workdir:$NEWEST_KDIR" \
+                    SYSGENID_VSOCK_CACHE=$VSOCK_CACHE SYSGENID_VSOCK_BACKEND=$BACKEND \
+                    python3 "$HERE/host_channel_vmtest.py" && v=PASS || v=FAIL
+                if [ "$v" = PASS ]; then
+                    [ "${SYSGENID_VM_KEEP:-}" = 1 ] || rm -rf "$workdir"
+                else
+                    log "kept $workdir for inspection"
+                fi
+                ;;
+            *) die "unknown lane $lane in SYSGENID_VM_LANES (stable, newest)" ;;
+        esac
+        log "host-channel lane $lane: $v ($(( $(date +%s) - t0 )) s)"
+        verdicts+=("$lane=$v")
+        [ "$v" = PASS ] || rc=1
+    done
+    echo "host-channel lanes: ${verdicts[*]}"
+    exit $rc
 fi
 rc=0
 verdicts=()
