@@ -156,7 +156,25 @@ esac
 log "userland: $SUITE root $ROOT, criu $CRIU_VERSION, $(chroot "$ROOT" dpkg-query -W -f '${Package} ${Version}, ' podman crun runc | sed 's/, $//')"
 
 WORK=$(mktemp -d /tmp/sysgenid-criu.XXXXXX)
+# The containers' cgroups outlive them (podman's cgroupfs manager leaves
+# libpod_parent/libpod-ID behind), and each CRIU restore recreates every
+# cgroup found below the dumped container's: left in place, one run's
+# cgroups are copied by the next, doubling run after run (331 775
+# directories after a dozen runs, and a dump spending minutes listing
+# them). Everything made since the stamp goes at the end, deepest first;
+# rmdir refuses a cgroup that still has tasks, so nothing running is
+# touched.
+CGROUP_STAMP=$WORK/cgroup-stamp
+touch "$CGROUP_STAMP"
+remove_cgroups() {
+    local parent
+    for parent in /sys/fs/cgroup/*/libpod_parent /sys/fs/cgroup/libpod_parent; do
+        [ -d "$parent" ] || continue
+        find "$parent" -mindepth 1 -depth -type d -newer "$CGROUP_STAMP" -exec rmdir {} + 2>/dev/null || true
+    done
+}
 cleanup() {
+    remove_cgroups
     if [ "$KEEP" = 1 ]; then
         log "work directory kept: $WORK"
     else
